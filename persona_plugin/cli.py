@@ -1,0 +1,282 @@
+"""The ``persona`` command line (Typer + Rich).
+
+Exit status: 0 ok; 2 the input was rejected (an invalid document, argument or setting);
+1 the operation failed (unknown user or version, a conflicting save, a database error).
+Errors print one clear message, never a traceback (set PERSONA_DEBUG=1 to see one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from persona_plugin.config import Settings
+from persona_plugin.errors import PersonaError
+from persona_plugin.persona import Persona, json_schema, load, loads
+
+app = typer.Typer(
+    name="persona",
+    help="Manage persona documents: create, inspect, edit, version, export and delete.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class _State:
+    config_file: Path | None = None
+    store_url: str | None = None
+
+    def settings(self) -> Settings:
+        overrides = {"store_url": self.store_url} if self.store_url else {}
+        return Settings.load(self.config_file, **overrides)
+
+    def store(self) -> Any:
+        from persona_plugin.store import PersonaStore
+
+        return PersonaStore.from_settings(self.settings())
+
+
+state = _State()
+
+UserArg = Annotated[str, typer.Argument(help="the user's id", show_default=False)]
+FormatOpt = Annotated[
+    str, typer.Option("--format", "-f", help="output format: yaml or json", case_sensitive=False)
+]
+
+
+@app.callback()
+def _main(
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="config file (TOML or YAML); default PERSONA_CONFIG"),
+    ] = None,
+    store: Annotated[
+        str | None, typer.Option("--store", help="store URL; default PERSONA_STORE_URL")
+    ] = None,
+) -> None:
+    state.config_file = config
+    state.store_url = store
+
+
+def _check_format(fmt: str) -> str:
+    fmt = fmt.lower()
+    if fmt not in ("yaml", "json"):
+        raise typer.BadParameter(
+            f"{fmt!r} is not a format; use yaml or json", param_hint="--format"
+        )
+    return fmt
+
+
+def _read_document(file: str, settings: Settings) -> Persona:
+    if file == "-":
+        return loads(sys.stdin.buffer.read(), source="<stdin>", limits=settings.limits)
+    return load(file, limits=settings.limits)
+
+
+@app.command()
+def init(
+    user_id: UserArg,
+    name: Annotated[str | None, typer.Option(help="the user's name")] = None,
+    from_file: Annotated[
+        str | None, typer.Option("--from", help="start from this persona file (- for stdin)")
+    ] = None,
+) -> None:
+    """Create USER's persona (version 1), empty or from a file."""
+    settings = state.settings()
+    persona = _read_document(from_file, settings) if from_file else Persona.new(user_id)
+    if name:
+        persona.identity.name = name
+    if persona.identity.user_id is None:
+        persona.identity.user_id = user_id
+    with state.store() as store:
+        record = store.create(user_id, persona, reason="persona init")
+    out.print(f"created persona of '{user_id}' at version {record.version}")
+
+
+@app.command()
+def show(
+    user_id: UserArg,
+    version: Annotated[int | None, typer.Option("--version", "-v", help="an older version")] = None,
+    fmt: FormatOpt = "yaml",
+) -> None:
+    """Print USER's persona (the current version unless --version)."""
+    fmt = _check_format(fmt)
+    with state.store() as store:
+        persona = store.get(user_id, version)
+    typer.echo(persona.dump(fmt).rstrip("\n"))
+
+
+@app.command()
+def validate(
+    file: Annotated[str, typer.Argument(help="persona file, YAML or JSON (- for stdin)")],
+) -> None:
+    """Check a persona file; print what is wrong (exit 2) or 'valid'."""
+    persona = _read_document(file, state.settings())
+    sections = [
+        s for s in Persona.SECTIONS if getattr(persona, s).model_dump(exclude_defaults=True)
+    ]
+    out.print(f"{file}: valid (sections: {', '.join(sections) or 'none'})")
+
+
+@app.command("set")
+def set_(
+    user_id: UserArg,
+    file: Annotated[str, typer.Argument(help="persona file, YAML or JSON (- for stdin)")],
+    reason: Annotated[str, typer.Option(help="why it changed (kept in history)")] = "",
+    expect_version: Annotated[
+        int | None,
+        typer.Option(help="refuse unless the store is at this version (compare-and-set)"),
+    ] = None,
+) -> None:
+    """Validate FILE and save it as USER's next version."""
+    settings = state.settings()
+    persona = _read_document(file, settings)
+    with state.store() as store:
+        expected = store.current_version(user_id) if expect_version is None else expect_version
+        record = store.save(
+            user_id, persona, expected_version=expected, source="user edit", reason=reason
+        )
+    out.print(
+        f"saved persona of '{user_id}' as version {record.version} ({len(record.change)} changes)"
+    )
+
+
+@app.command()
+def schema() -> None:
+    """Print the persona's JSON Schema."""
+    typer.echo(json.dumps(json_schema(), indent=2))
+
+
+@app.command()
+def history(user_id: UserArg) -> None:
+    """List USER's versions: when, by what, why, and what changed."""
+    with state.store() as store:
+        records = store.history(user_id)
+    table = Table(title=f"persona history of '{user_id}'")
+    for column in ("version", "time (UTC)", "source", "reason", "changes", "tokens"):
+        table.add_column(column, overflow="fold")
+    for record in records:
+        usage = record.details.get("token_usage")
+        tokens = str(usage.get("total_tokens", "")) if isinstance(usage, dict) else ""
+        table.add_row(
+            str(record.version),
+            record.created_at[:19].replace("T", " "),
+            record.source,
+            record.reason,
+            "\n".join(c.describe() for c in record.change[:5])
+            + (f"\n... {len(record.change) - 5} more" if len(record.change) > 5 else ""),
+            tokens,
+        )
+    out.print(table)
+
+
+_STYLES = {"add": "green", "remove": "red", "replace": "yellow"}
+
+
+@app.command()
+def diff(
+    user_id: UserArg,
+    old: Annotated[int, typer.Argument(help="older version")],
+    new: Annotated[int, typer.Argument(help="newer version")],
+) -> None:
+    """Show field-level changes from version OLD to NEW (coloured)."""
+    with state.store() as store:
+        changes = store.diff(user_id, old, new)
+    if not changes:
+        out.print(f"versions {old} and {new} of '{user_id}' have the same content")
+        return
+    for change in changes:
+        out.print(Text(change.describe(), style=_STYLES[change.op]))
+
+
+@app.command()
+def rollback(
+    user_id: UserArg,
+    version: Annotated[int, typer.Argument(help="the version to restore")],
+    reason: Annotated[str, typer.Option(help="why (kept in history)")] = "",
+) -> None:
+    """Save a new version of USER equal to VERSION (history is kept)."""
+    with state.store() as store:
+        record = store.rollback(user_id, version, reason=reason)
+    out.print(f"restored version {version} of '{user_id}' as version {record.version}")
+
+
+@app.command()
+def export(
+    user_id: UserArg,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="write to this file instead of stdout")
+    ] = None,
+) -> None:
+    """Export every version of USER's persona, with its history, as JSON."""
+    with state.store() as store:
+        data = store.export(user_id)
+    text = json.dumps(data, indent=2, ensure_ascii=False)
+    if output is None:
+        typer.echo(text)
+    else:
+        output.write_text(text + "\n", encoding="utf-8")
+        err.print(f"wrote {len(data['versions'])} versions of '{user_id}' to {output}")
+
+
+@app.command()
+def delete(
+    user_id: UserArg,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")] = False,
+) -> None:
+    """Delete every version of USER's persona, for good."""
+    if not yes:
+        if not sys.stdin.isatty():
+            raise typer.BadParameter("refusing to delete without --yes when not interactive")
+        typer.confirm(f"Delete every version of '{user_id}'s persona?", abort=True)
+    with state.store() as store:
+        rows = store.delete(user_id)
+    out.print(f"deleted persona of '{user_id}' ({rows} versions)")
+
+
+@app.command()
+def demo(
+    home: Annotated[
+        Path | None,
+        typer.Option(help="keep the demo's data here (default: a temporary directory)"),
+    ] = None,
+) -> None:
+    """Run the offline demo conversation on the embedded defaults."""
+    from persona_plugin.demo import run_demo
+
+    run_demo(home=home, console=out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, standalone_mode=False)
+    except PersonaError as exc:
+        if os.environ.get("PERSONA_DEBUG"):
+            raise
+        err.print(Text(f"error: {exc}", style="red"))
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err.print("aborted")
+        sys.exit(1)
+    except Exception as exc:
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if os.environ.get("PERSONA_DEBUG"):
+            raise
+        err.print(Text(f"error: {type(exc).__name__}: {exc}", style="red"))
+        sys.exit(1)
+    sys.exit(0)

@@ -1,0 +1,153 @@
+"""Settings: one object, read from ``PERSONA_*`` environment variables and a config file.
+
+Precedence, highest first: keyword arguments to :meth:`Settings.load`, environment
+variables, the config file, defaults. The config file is ``PERSONA_CONFIG`` if set, else
+``$PERSONA_HOME/config.toml`` / ``config.yaml`` when present. Everything the plugin keeps
+on disk lives under ``PERSONA_HOME`` (default ``~/.persona-plugin``) unless a setting
+points elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from persona_plugin.errors import PersonaConfigError
+from persona_plugin.persona import SECTION_NAMES, PersonaLimits
+
+DEFAULT_HOME = Path("~/.persona-plugin")
+
+#: higher survives a tight token budget longer
+DEFAULT_SECTION_PRIORITIES: dict[str, int] = {
+    "identity": 100,
+    "preference": 90,
+    "personality": 80,
+    "demographics": 70,
+    "pattern": 60,
+    "memory": 50,
+    "extensions": 40,
+    "tools": 30,
+}
+
+
+class Settings(BaseSettings):
+    """All of persona-plugin's settings. Build with :meth:`Settings.load`."""
+
+    model_config = SettingsConfigDict(env_prefix="PERSONA_", extra="forbid")
+
+    home: Path = Field(DEFAULT_HOME, description="data directory (store, memory, caches)")
+    store_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL of the persona store; default sqlite:///$PERSONA_HOME/"
+        "personas.db (e.g. postgresql+psycopg://host:5432/db)",
+    )
+    max_value_chars: int = Field(2000, ge=1, description="cap on any one value in a persona")
+    max_document_bytes: int = Field(65536, ge=256, description="cap on a persona, as JSON")
+    token_budget: int = Field(1024, ge=16, description="tokens the assembled persona may use")
+    section_priorities: dict[str, int] = Field(
+        default_factory=lambda: dict(DEFAULT_SECTION_PRIORITIES),
+        description="which sections survive a tight budget (JSON in the environment)",
+    )
+    templates_dir: Path | None = Field(
+        None, description="directory of <section>.j2 templates overriding the built-in ones"
+    )
+    cold_start: bool = Field(
+        False, description="serve unknown users with an empty persona instead of an error"
+    )
+
+    @field_validator("home", "templates_dir")
+    @classmethod
+    def _expand(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+    @field_validator("section_priorities")
+    @classmethod
+    def _known_sections(cls, value: dict[str, int]) -> dict[str, int]:
+        known = {*SECTION_NAMES, "extensions", "tools"}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown sections {unknown}; known: {sorted(known)}")
+        return {**DEFAULT_SECTION_PRIORITIES, **value}
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # init carries the config file's values, which the environment overrides
+        return (env_settings, init_settings)
+
+    @classmethod
+    def load(cls, config_file: str | Path | None = None, **overrides: Any) -> Settings:
+        """Settings from the environment and the config file, with ``overrides`` on top."""
+        file_values = _read_config_file(config_file)
+        try:
+            settings = cls(**file_values)
+        except ValidationError as exc:
+            raise _config_error(exc, "environment (PERSONA_*) or config file") from None
+        if overrides:
+            try:
+                settings = cls.model_validate({**settings.model_dump(), **overrides})
+            except ValidationError as exc:
+                raise _config_error(exc, "arguments") from None
+        return settings
+
+    # -- derived values -------------------------------------------------------------------
+
+    @property
+    def resolved_store_url(self) -> str:
+        return self.store_url or f"sqlite:///{self.home / 'personas.db'}"
+
+    @property
+    def limits(self) -> PersonaLimits:
+        return PersonaLimits(
+            max_value_chars=self.max_value_chars, max_document_bytes=self.max_document_bytes
+        )
+
+
+def _config_error(exc: ValidationError, where: str) -> PersonaConfigError:
+    err = exc.errors(include_url=False)[0]
+    field = ".".join(str(p) for p in err["loc"])
+    env = "PERSONA_" + str(err["loc"][0]).upper() if err["loc"] else "PERSONA_*"
+    return PersonaConfigError(
+        f"setting '{field}' from the {where} is invalid: {err['msg']}. Fix {env} or the "
+        "config file; README.md lists every setting."
+    )
+
+
+def _read_config_file(config_file: str | Path | None) -> dict[str, Any]:
+    path: Path | None
+    if config_file is not None:
+        path = Path(config_file).expanduser()
+    elif os.environ.get("PERSONA_CONFIG"):
+        path = Path(os.environ["PERSONA_CONFIG"]).expanduser()
+    else:
+        home = Path(os.environ.get("PERSONA_HOME") or DEFAULT_HOME).expanduser()
+        candidates = [home / "config.toml", home / "config.yaml", home / "config.yml"]
+        path = next((p for p in candidates if p.is_file()), None)
+        if path is None:
+            return {}
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except FileNotFoundError:
+        raise PersonaConfigError(
+            f"config file {path} does not exist. Create it or unset PERSONA_CONFIG."
+        ) from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise PersonaConfigError(f"config file {path} cannot be read: {exc}") from None
+    data = data or {}
+    if not isinstance(data, dict):
+        raise PersonaConfigError(f"config file {path} must hold a mapping of settings.")
+    # the file may group settings under [persona] so it can share a file with other tools
+    return data.get("persona", data)
