@@ -39,14 +39,19 @@ def _to_messages(value: LanguageModelInput) -> list[BaseMessage]:
 
 
 def merge_system_message(messages: list[BaseMessage], block: str) -> list[BaseMessage]:
-    """Put ``block`` after the app's own system message (or in a new one, first)."""
-    if messages and isinstance(messages[0], SystemMessage):
-        first = messages[0]
-        if isinstance(first.content, str):
-            content: Any = f"{first.content}\n\n{block}" if first.content else block
-        else:
-            content = [*first.content, {"type": "text", "text": block}]
-        return [first.model_copy(update={"content": content}), *messages[1:]]
+    """Append ``block`` to the app's first system message, or send it as a new first one.
+
+    The block joins an existing system message wherever it stands rather than adding a
+    second one: several providers reject more than one system message.
+    """
+    for index, message in enumerate(messages):
+        if isinstance(message, SystemMessage):
+            if isinstance(message.content, str):
+                content: Any = f"{message.content}\n\n{block}" if message.content else block
+            else:
+                content = [*message.content, {"type": "text", "text": block}]
+            merged = message.model_copy(update={"content": content})
+            return [*messages[:index], merged, *messages[index + 1 :]]
     return [SystemMessage(content=block), *messages]
 
 
@@ -94,7 +99,9 @@ class PersonaInjector:
 
     def inject(self, value: LanguageModelInput, config: RunnableConfig) -> list[BaseMessage]:
         messages = _to_messages(value)
-        return merge_system_message(messages, self.assemble(config).text)
+        block = self.assemble(config).text
+        # an empty block: the token budget cannot hold even the frame
+        return merge_system_message(messages, block) if block else messages
 
 
 def with_persona(
@@ -102,7 +109,7 @@ def with_persona(
     store: PersonaStore | None = None,
     *,
     assembler: PromptAssembler | None = None,
-    cold_start: bool | Persona = False,
+    cold_start: bool | Persona | None = None,
     user_id_key: str = "user_id",
     settings: Settings | None = None,
 ) -> Runnable[LanguageModelInput, BaseMessage]:
@@ -110,11 +117,15 @@ def with_persona(
 
     The user comes from ``config["configurable"][user_id_key]``. An unknown user raises
     :class:`PersonaNotFoundError` unless ``cold_start`` is set: ``True`` serves an empty
-    persona, a :class:`Persona` serves a copy of that template. Cold start never writes
+    persona, a :class:`Persona` serves a copy of that template; ``None`` (the default)
+    follows the ``cold_start`` setting (``PERSONA_COLD_START``). Cold start never writes
     to the store; creating the persona is the app's (or reflection's) decision.
     """
-    if store is None or assembler is None:
+    if store is None or assembler is None or cold_start is None:
         settings = settings or Settings.load()
+    if cold_start is None:
+        assert settings is not None
+        cold_start = settings.cold_start
     if store is None:
         store = PersonaStore.from_settings(settings)
     if assembler is None:

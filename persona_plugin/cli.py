@@ -107,7 +107,7 @@ def init(
 @app.command()
 def show(
     user_id: UserArg,
-    version: Annotated[int | None, typer.Option("--version", "-v", help="an older version")] = None,
+    version: Annotated[int | None, typer.Option("--version", help="an older version")] = None,
     fmt: FormatOpt = "yaml",
 ) -> None:
     """Print USER's persona (the current version unless --version)."""
@@ -126,7 +126,8 @@ def validate(
     sections = [
         s for s in Persona.SECTIONS if getattr(persona, s).model_dump(exclude_defaults=True)
     ]
-    out.print(f"{file}: valid (sections: {', '.join(sections) or 'none'})")
+    # markup=False: a file name such as "alice[draft].yaml" is not Rich markup
+    out.print(f"{file}: valid (sections: {', '.join(sections) or 'none'})", markup=False)
 
 
 @app.command("set")
@@ -227,7 +228,9 @@ def export(
         typer.echo(text)
     else:
         output.write_text(text + "\n", encoding="utf-8")
-        err.print(f"wrote {len(data['versions'])} versions of '{user_id}' to {output}")
+        err.print(
+            f"wrote {len(data['versions'])} versions of '{user_id}' to {output}", markup=False
+        )
 
 
 @app.command()
@@ -270,11 +273,12 @@ def main(argv: list[str] | None = None) -> None:
         err.print("aborted")
         sys.exit(1)
     except Exception as exc:
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
+        # a usage error (bad option, bad value): click's exceptions know how to show
+        # themselves; matched by shape because typer now vendors click privately
+        show, code = getattr(exc, "show", None), getattr(exc, "exit_code", None)
+        if callable(show) and isinstance(code, int):
+            show()
+            sys.exit(code)
         if os.environ.get("PERSONA_DEBUG"):
             raise
         err.print(Text(f"error: {type(exc).__name__}: {exc}", style="red"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from persona_plugin.errors import PersonaConfigError
-from persona_plugin.persona import SECTION_NAMES, PersonaLimits
+from persona_plugin.persona import PersonaLimits
 
 DEFAULT_HOME = Path("~/.persona-plugin")
 
@@ -32,6 +33,7 @@ DEFAULT_SECTION_PRIORITIES: dict[str, int] = {
     "pattern": 60,
     "memory": 50,
     "extensions": 40,
+    "context": 45,  # tool results of the turn (memory recall, knowledge base)
     "tools": 30,
 }
 
@@ -69,7 +71,7 @@ class Settings(BaseSettings):
     @field_validator("section_priorities")
     @classmethod
     def _known_sections(cls, value: dict[str, int]) -> dict[str, int]:
-        known = {*SECTION_NAMES, "extensions", "tools"}
+        known = set(DEFAULT_SECTION_PRIORITIES)
         unknown = sorted(set(value) - known)
         if unknown:
             raise ValueError(f"unknown sections {unknown}; known: {sorted(known)}")
@@ -84,23 +86,18 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # init carries the config file's values, which the environment overrides
-        return (env_settings, init_settings)
+        return (init_settings, env_settings, _ConfigFileSource(settings_cls))
 
     @classmethod
     def load(cls, config_file: str | Path | None = None, **overrides: Any) -> Settings:
         """Settings from the environment and the config file, with ``overrides`` on top."""
-        file_values = _read_config_file(config_file)
+        token = _config_file_values.set(_read_config_file(config_file))
         try:
-            settings = cls(**file_values)
+            return cls(**overrides)
         except ValidationError as exc:
-            raise _config_error(exc, "environment (PERSONA_*) or config file") from None
-        if overrides:
-            try:
-                settings = cls.model_validate({**settings.model_dump(), **overrides})
-            except ValidationError as exc:
-                raise _config_error(exc, "arguments") from None
-        return settings
+            raise _config_error(exc, "arguments, environment (PERSONA_*) or config file") from None
+        finally:
+            _config_file_values.reset(token)
 
     # -- derived values -------------------------------------------------------------------
 
@@ -113,6 +110,20 @@ class Settings(BaseSettings):
         return PersonaLimits(
             max_value_chars=self.max_value_chars, max_document_bytes=self.max_document_bytes
         )
+
+
+# the config file's values for the Settings being built (a ContextVar: thread-safe)
+_config_file_values: ContextVar[dict[str, Any] | None] = ContextVar(
+    "persona_config_file", default=None
+)
+
+
+class _ConfigFileSource(PydanticBaseSettingsSource):
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return (_config_file_values.get() or {}).get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_config_file_values.get() or {})
 
 
 def _config_error(exc: ValidationError, where: str) -> PersonaConfigError:

@@ -269,8 +269,12 @@ class Persona(_Model):
         return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(
-            self.to_dict(), sort_keys=False, allow_unicode=True, default_flow_style=False
+        return yaml.dump(
+            self.to_dict(),
+            Dumper=_SafeDumper,
+            sort_keys=False,
+            allow_unicode=True,
+            default_flow_style=False,
         )
 
     def dump(self, fmt: Literal["yaml", "json"] = "yaml") -> str:
@@ -327,14 +331,36 @@ def format_path(loc: tuple[Any, ...] | list[Any]) -> str:
     return path
 
 
+MAX_KEY_CHARS = 200
 _JSON_SCALARS = (str, int, float, bool, type(None))
 
 
 def check_limits(data: object, *, source: str, limits: PersonaLimits = DEFAULT_LIMITS) -> None:
     """Reject non-JSON values, over-long strings and oversized documents."""
 
+    def too_big(size: int | None = None) -> PersonaValidationError:
+        measured = f"{size} bytes" if size is not None else "larger"
+        return PersonaValidationError(
+            source,
+            "",
+            f"document is {measured} as JSON, over the cap of {limits.max_document_bytes} bytes",
+            "Move bulky material to long-term memory or a knowledge base, or raise "
+            "PERSONA_MAX_DOCUMENT_BYTES.",
+        )
+
+    # A running lower bound of the JSON size stops the walk early: YAML aliases can make
+    # a small file expand into a huge tree, which must not be walked (or dumped) whole.
+    seen = 0
+
+    def count(n: int) -> None:
+        nonlocal seen
+        seen += n
+        if seen > limits.max_document_bytes:
+            raise too_big()
+
     def walk(value: Any, loc: list[Any]) -> None:
         if isinstance(value, str):
+            count(len(value) + 2)
             if len(value) > limits.max_value_chars:
                 raise PersonaValidationError(
                     source,
@@ -343,6 +369,7 @@ def check_limits(data: object, *, source: str, limits: PersonaLimits = DEFAULT_L
                     "Shorten it, or raise PERSONA_MAX_VALUE_CHARS if such values are expected.",
                 )
         elif isinstance(value, Mapping):
+            count(2)
             for key, item in value.items():
                 if not isinstance(key, str):
                     raise PersonaValidationError(
@@ -351,15 +378,18 @@ def check_limits(data: object, *, source: str, limits: PersonaLimits = DEFAULT_L
                         f"key {key!r} is a {type(key).__name__}, not a string",
                         "Quote the key so it is text.",
                     )
-                if len(key) > limits.max_value_chars:
+                if len(key) > MAX_KEY_CHARS:
                     raise PersonaValidationError(
                         source,
                         format_path(loc),
-                        f"a key is {len(key)} characters, over the cap of {limits.max_value_chars}",
+                        f"a key is {len(key)} characters, over the cap of {MAX_KEY_CHARS}",
                         "Use a short key and put long text in its value.",
                     )
-                walk(item, [*loc, key])
+                count(len(key) + 3)
+                if loc or key != "meta":  # meta is the store's, of bounded size
+                    walk(item, [*loc, key])
         elif isinstance(value, list):
+            count(2)
             for index, item in enumerate(value):
                 walk(item, [*loc, index])
         elif isinstance(value, float) and value != value:  # NaN has no JSON form
@@ -374,17 +404,13 @@ def check_limits(data: object, *, source: str, limits: PersonaLimits = DEFAULT_L
                 "Use text, numbers, true/false, null, lists and mappings only "
                 "(quote dates and times so they stay text).",
             )
+        else:
+            count(1)
 
     walk(data, [])
     size = len(json.dumps(data, ensure_ascii=False).encode("utf-8"))
     if size > limits.max_document_bytes:
-        raise PersonaValidationError(
-            source,
-            "",
-            f"document is {size} bytes as JSON, over the cap of {limits.max_document_bytes}",
-            "Move bulky material to long-term memory or a knowledge base, or raise "
-            "PERSONA_MAX_DOCUMENT_BYTES.",
-        )
+        raise too_big(size)
 
 
 def _hint_for(error_type: str, loc: tuple[Any, ...]) -> str:
@@ -474,6 +500,25 @@ def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[
 _StrictSafeLoader.add_constructor(
     yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping
 )
+
+
+class _SafeDumper(yaml.SafeDumper):
+    """``yaml.SafeDumper`` that double-quotes strings it would otherwise mangle."""
+
+
+# PyYAML writes NEL and the Unicode line/paragraph separators raw inside plain or single-
+# quoted scalars, where its own reader then folds them into spaces: a silent data change.
+# Double quotes make it escape them (\N, \L, \P).
+_YAML_LINE_BREAKS = ("\x85", "\u2028", "\u2029")
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    if any(char in value for char in _YAML_LINE_BREAKS):
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style='"')
+    return dumper.represent_str(value)
+
+
+_SafeDumper.add_representer(str, _represent_str)
 
 
 def _decode(raw: bytes | str, source: str, limits: PersonaLimits) -> str:

@@ -58,7 +58,6 @@ RENDER_ORDER: tuple[str, ...] = (
     "pattern",
     "memory",
 )
-CONTEXT_PRIORITY = 45
 
 
 def estimate_tokens(text: str) -> int:
@@ -80,6 +79,9 @@ def token_counter_for(model: Any) -> TokenCounter:
     """
     from langchain_core.language_models.base import BaseLanguageModel
 
+    # model.bind(...) / bind_tools(...) wrap the model: count with the model inside
+    while getattr(model, "bound", None) is not None:
+        model = model.bound
     if model is None:
         return estimate_tokens
     if getattr(model, "custom_get_token_ids", None) is not None:
@@ -197,6 +199,11 @@ class PromptAssembler:
         self.token_budget = token_budget
         self.token_counter = token_counter or estimate_tokens
         directory = Path(templates_dir).expanduser() if templates_dir is not None else None
+        if directory is not None and not directory.is_dir():
+            raise PersonaConfigError(
+                f"templates directory {directory} does not exist. Create it or fix "
+                "PERSONA_TEMPLATES_DIR."
+            )
         self._env = SandboxedEnvironment(
             loader=_TemplateLoader(templates or {}, directory),
             finalize=quote,
@@ -205,12 +212,16 @@ class PromptAssembler:
         )
         self._env.filters["label"] = label
         self._templates: dict[str, Any] = {}
+        self._missing: set[str] = set()
         # compile eagerly so a broken override fails at construction, not mid-conversation
         for name in (*SECTION_NAMES, "tools", "extension"):
             self._template(name)
         for name in templates or {}:
             if name.startswith("extension_"):
                 self._template(name)
+        if directory is not None:
+            for path in sorted(directory.glob("extension_*.j2")):
+                self._template(path.stem)
 
     @classmethod
     def from_settings(
@@ -235,9 +246,12 @@ class PromptAssembler:
         return self._templates[name]
 
     def _has_template(self, name: str) -> bool:
+        if name in self._missing:
+            return False
         try:
             self._template(name)
         except TemplateNotFound:
+            self._missing.add(name)  # asked for on every assemble(): remember the miss
             return False
         return True
 
@@ -297,32 +311,55 @@ class PromptAssembler:
             if items:
                 lines = "\n".join(f"- {quote(item)}" for item in items)
                 text = f"## Retrieved: {label(source)}\n{lines}"
-                blocks.append(_Block(f"context.{source}", CONTEXT_PRIORITY, text))
+                blocks.append(_Block(f"context.{source}", self.priorities["context"], text))
+        if not blocks:
+            text = self._wrap("")
+            return AssembledPersona(text=text, tokens=self.token_counter(text))
+        # drop lowest priority first; among equals, the later-rendered block goes first
+        order = sorted(range(len(blocks)), key=lambda i: (blocks[i].priority, -i))
+        if self.token_counter(self._wrap(None)) > budget:
+            # not even the frame fits: send nothing rather than break the budget
+            return AssembledPersona(text="", tokens=0, dropped=[blocks[i].name for i in order])
+        kept = set(range(len(blocks)))
+        dropped: list[int] = []
+
+        def render(indices: set[int]) -> tuple[str, int]:
+            body = "\n".join(blocks[i].text for i in sorted(indices))
+            text = self._wrap(body or None)
+            return text, self.token_counter(text)
+
+        # a cheap first cut on per-block counts, then exact counts of the whole text
         for block in blocks:
             block.tokens = self.token_counter(block.text + "\n")
-        frame_tokens = self.token_counter(self._wrap(""))
-        kept = list(blocks)
-        dropped: list[str] = []
-        # drop lowest priority first; among equals, the later-rendered block goes first
-        by_priority = sorted(kept, key=lambda b: (b.priority, -blocks.index(b)))
-        while kept and frame_tokens + sum(b.tokens for b in kept) > budget:
-            victim = by_priority.pop(0)
-            kept.remove(victim)
-            dropped.append(victim.name)
-        text = self._wrap("\n".join(b.text for b in kept))
-        tokens = self.token_counter(text)
-        # the sum of parts can miss the whole by a token or two at the joins
+        frame_tokens = self.token_counter(self._wrap(None))
+        while kept and frame_tokens + sum(blocks[i].tokens for i in kept) > budget:
+            dropped.append(order.pop(0))
+            kept.discard(dropped[-1])
+        text, tokens = render(kept)
         while kept and tokens > budget:
-            victim = by_priority.pop(0)
-            kept.remove(victim)
-            dropped.append(victim.name)
-            text = self._wrap("\n".join(b.text for b in kept))
-            tokens = self.token_counter(text)
+            dropped.append(order.pop(0))
+            kept.discard(dropped[-1])
+            text, tokens = render(kept)
+        # per-block counts round up, so the cut may have gone too far: take back what fits,
+        # most important first
+        while dropped:
+            trial_text, trial_tokens = render(kept | {dropped[-1]})
+            if trial_tokens > budget:
+                break
+            kept.add(dropped.pop())
+            text, tokens = trial_text, trial_tokens
         return AssembledPersona(
-            text=text, tokens=tokens, included=[b.name for b in kept], dropped=dropped
+            text=text,
+            tokens=tokens,
+            included=[blocks[i].name for i in sorted(kept)],
+            dropped=[blocks[i].name for i in dropped],
         )
 
     @staticmethod
-    def _wrap(body: str) -> str:
-        inner = f"{body}\n" if body else "(nothing is known about the user yet)\n"
+    def _wrap(body: str | None) -> str:
+        """The block around ``body``; ``""`` says nothing is known, ``None`` is bare."""
+        if body is None:
+            inner = ""
+        else:
+            inner = f"{body}\n" if body else "(nothing is known about the user yet)\n"
         return f"{PREAMBLE}\n<{BLOCK_TAG}>\n{inner}</{BLOCK_TAG}>"

@@ -38,6 +38,8 @@ from persona_plugin.persona import (
     validate_user_id,
 )
 
+_NO_CAPS = PersonaLimits(max_value_chars=2**31, max_document_bytes=2**31)
+
 _metadata = sa.MetaData()
 
 versions_table = sa.Table(
@@ -345,12 +347,13 @@ class PersonaStore:
     def _record(self, row: Any, *, with_persona: bool) -> VersionRecord:
         persona = None
         if with_persona:
-            # stored documents were validated on save; validate again so a corrupted row
-            # is reported, not served
+            # validate again so a corrupted row is reported, not served; but not against
+            # today's caps: lowering a cap must not lock users out of what they have (the
+            # caps apply again when the persona is next saved)
             persona = parse_persona(
                 row["document"],
                 source=f"store ({row['user_id']} v{row['version']})",
-                limits=self.limits,
+                limits=_NO_CAPS,
             )
         return VersionRecord(
             user_id=row["user_id"],
