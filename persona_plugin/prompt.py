@@ -341,7 +341,8 @@ class PromptAssembler:
             kept.discard(dropped[-1])
             text, tokens = render(kept)
         # per-block counts round up, so the cut may have gone too far: take back what fits,
-        # most important first
+        # most important first. Strictly by priority: a less important block is never kept
+        # while a more important one is left out.
         while dropped:
             trial_text, trial_tokens = render(kept | {dropped[-1]})
             if trial_tokens > budget:
