@@ -62,8 +62,20 @@ class Settings(BaseSettings):
     cold_start: bool = Field(
         False, description="serve unknown users with an empty persona instead of an error"
     )
+    memory_path: Path | None = Field(
+        None, description="embedded Chroma directory; default $PERSONA_HOME/memory"
+    )
+    memory_url: str | None = Field(
+        None, description="Chroma server URL (chroma run); overrides memory_path"
+    )
+    memory_collection: str = Field(
+        "persona_memory", min_length=3, max_length=63, description="Chroma collection name"
+    )
+    short_term_window: int = Field(
+        10, ge=0, le=200, description="recent turns kept in the persona's memory section"
+    )
 
-    @field_validator("home", "templates_dir")
+    @field_validator("home", "templates_dir", "memory_path")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
@@ -104,6 +116,10 @@ class Settings(BaseSettings):
     @property
     def resolved_store_url(self) -> str:
         return self.store_url or f"sqlite:///{self.home / 'personas.db'}"
+
+    @property
+    def resolved_memory_path(self) -> Path:
+        return self.memory_path or self.home / "memory"
 
     @property
     def limits(self) -> PersonaLimits:
