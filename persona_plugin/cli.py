@@ -261,6 +261,61 @@ def demo(
     run_demo(home=home, console=out)
 
 
+eval_app = typer.Typer(help="Benchmarks of the plugin's parts, on public data sets.")
+app.add_typer(eval_app, name="eval")
+
+
+def _parse_ks(text: str) -> list[int]:
+    try:
+        ks = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise typer.BadParameter(
+            f"{text!r} is not a list of numbers like 1,5,10", param_hint="--k"
+        ) from None
+    if not ks or ks[0] < 1:
+        raise typer.BadParameter("k values must be positive, e.g. 1,5,10,20", param_hint="--k")
+    return ks
+
+
+@eval_app.command("locomo")
+def eval_locomo(
+    files: Annotated[list[Path], typer.Argument(help="LoCoMo conversation JSON files")],
+    k: Annotated[str, typer.Option("--k", help="comma-separated k values")] = "1,5,10,20",
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Recall@k of evidence turns: long-term memory vs the naive vector baseline."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from persona_plugin.locomo import evaluate
+
+    ks = _parse_ks(k)
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=as_json,
+    ) as bar:
+        task = bar.add_task("ingesting", total=None)
+
+        def progress(name: str, done: int, total: int) -> None:
+            bar.update(task, description=f"conversation {name}", completed=done, total=total)
+
+        result = evaluate(files, ks, progress=progress)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    table = Table(title=f"LoCoMo recall@k of evidence turns ({result['questions']} questions)")
+    table.add_column("k", justify="right")
+    for column in ("memory (hybrid)", "naive baseline", "difference"):
+        table.add_column(column, justify="right")
+    for kk in ks:
+        ours, base = result["memory"][kk], result["baseline"][kk]
+        table.add_row(str(kk), f"{ours:.3f}", f"{base:.3f}", f"{(ours - base) * 100:+.1f} pts")
+    out.print(table)
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=False)
