@@ -13,7 +13,7 @@ import os
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator
@@ -71,6 +71,17 @@ class Settings(BaseSettings):
     memory_collection: str = Field(
         "persona_memory", min_length=3, max_length=63, description="Chroma collection name"
     )
+    chat_model: str = Field(
+        "echo", description="chat model of deployable graphs: 'echo' or 'provider:model'"
+    )
+    reflection: Literal["inline", "background", "every_n_turns", "off"] = Field(
+        "inline", description="when the persona graph reflects on a turn"
+    )
+    checkpointer_url: str | None = Field(
+        None,
+        description="LangGraph checkpointer: sqlite:///path or postgresql://...; "
+        "default sqlite:///$PERSONA_HOME/checkpoints.db",
+    )
     short_term_window: int = Field(
         10, ge=0, le=200, description="recent turns kept in the persona's memory section"
     )
@@ -116,6 +127,10 @@ class Settings(BaseSettings):
     @property
     def resolved_store_url(self) -> str:
         return self.store_url or f"sqlite:///{self.home / 'personas.db'}"
+
+    @property
+    def resolved_checkpointer_url(self) -> str:
+        return self.checkpointer_url or f"sqlite:///{self.home / 'checkpoints.db'}"
 
     @property
     def resolved_memory_path(self) -> Path:

@@ -263,7 +263,7 @@ class PersonaStore:
         *,
         source: str = "user edit",
         reason: str = "",
-        details: dict[str, Any] | None = None,
+        details: dict[str, Any] | Callable[[], dict[str, Any]] | None = None,
         create_missing: bool = False,
         max_attempts: int = 200,
     ) -> VersionRecord:
@@ -271,6 +271,8 @@ class PersonaStore:
 
         ``fn`` gets a private copy; it may change it in place (returning ``None``) or
         return a new persona. It may run several times, so it should only compute.
+        ``details`` may be a callable, called after each run of ``fn``, for details that
+        depend on what ``fn`` found.
         """
         delay = 0.002
         for _attempt in range(max_attempts):
@@ -289,7 +291,7 @@ class PersonaStore:
                     expected_version=persona.meta.version,
                     source=source,
                     reason=reason,
-                    details=details,
+                    details=details() if callable(details) else details,
                 )
             except PersonaConflictError:
                 # jittered backoff keeps many writers from colliding in lockstep

@@ -1,0 +1,374 @@
+"""The persona graph: load persona -> recall -> assemble -> generate -> reflect -> save.
+
+``build_persona_graph(chat_model, store=..., memory=...)`` returns a compiled LangGraph
+graph. Input is ``{"messages": [...]}`` (the new user message); the user comes from
+``config["configurable"]["user_id"]``, the conversation from ``thread_id`` (with a
+checkpointer, earlier turns of the thread are in ``messages``). Also configurable per
+call: ``model`` (a name among ``models``) and ``reflection`` (``inline``,
+``background``, ``every_n_turns``, ``off``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import sqlite3
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, TypedDict
+
+from langchain_core.messages import AnyMessage, BaseMessage, HumanMessage
+from langchain_core.runnables import RunnableConfig
+from langgraph.graph import END, START, StateGraph, add_messages
+
+from persona_plugin.chat import merge_system_message
+from persona_plugin.config import Settings
+from persona_plugin.errors import PersonaConfigError, PersonaNotFoundError, PersonaValidationError
+from persona_plugin.persona import Persona, Turn, validate_user_id
+from persona_plugin.prompt import PromptAssembler, token_counter_for
+from persona_plugin.reflection import (
+    BackgroundReflector,
+    ReflectionMode,
+    ReflectionTurn,
+    Reflector,
+    reflect_and_save,
+)
+from persona_plugin.store import PersonaStore
+
+log = logging.getLogger(__name__)
+
+MODES: tuple[str, ...] = ("inline", "background", "every_n_turns", "off")
+
+
+class PersonaState(TypedDict, total=False):
+    """The graph's state; ``messages`` accumulate over a thread."""
+
+    messages: Annotated[list[AnyMessage], add_messages]
+    user_id: str
+    turn_id: str
+    persona: dict[str, Any]
+    persona_exists: bool
+    context: dict[str, list[str]]
+    system_prompt: str
+    reflection: dict[str, Any] | None
+    pending_turns: list[dict[str, str]]
+
+
+def _configurable(config: RunnableConfig | None) -> dict[str, Any]:
+    return dict((config or {}).get("configurable") or {})
+
+
+class PersonaGraph:
+    """The nodes, bound to their parts. Use :func:`build_persona_graph`."""
+
+    def __init__(
+        self,
+        chat_model: Any,
+        *,
+        store: PersonaStore,
+        memory: Any = None,
+        assembler: PromptAssembler | None = None,
+        reflector: Reflector | None = None,
+        models: Mapping[str, Any] | None = None,
+        reflection: ReflectionMode = "inline",
+        every_n_turns: int = 3,
+        debounce_s: float = 1.0,
+        recall_k: int = 5,
+        max_message_chars: int = 16000,
+        short_term_window: int = 10,
+        cold_start: bool = True,
+    ) -> None:
+        if reflection not in MODES:
+            raise PersonaConfigError(f"reflection mode {reflection!r} is not one of {MODES}")
+        self.chat_model = chat_model
+        self.models = dict(models or {})
+        self.store = store
+        self.memory = memory
+        self.assembler = assembler or PromptAssembler(token_counter=token_counter_for(chat_model))
+        self.reflector = reflector or Reflector(chat_model, limits=store.limits)
+        self.reflection = reflection
+        self.every_n_turns = every_n_turns
+        self.recall_k = recall_k
+        self.max_message_chars = max_message_chars
+        self.short_term_window = short_term_window
+        self.cold_start = cold_start
+        self._kb_clients: dict[str, Any] = {}
+        self.background = BackgroundReflector(self._reflect_job, debounce_s=debounce_s)
+
+    # -- nodes ----------------------------------------------------------------------------
+
+    def load_persona(self, state: PersonaState, config: RunnableConfig) -> dict[str, Any]:
+        configurable = _configurable(config)
+        user_id = configurable.get("user_id") or state.get("user_id")
+        if not user_id:
+            raise PersonaConfigError(
+                "config['configurable']['user_id'] is missing: pass config={'configurable': "
+                "{'user_id': '<user id>', 'thread_id': '<conversation id>'}}."
+            )
+        validate_user_id(user_id, source="config['configurable']['user_id']")
+        self._last_user_message(state)  # refuses empty and oversized input up front
+        try:
+            persona, exists = self.store.get(user_id), True
+        except PersonaNotFoundError:
+            if not self.cold_start:
+                raise
+            persona, exists = Persona.new(user_id), False
+        turn_id = str(configurable.get("turn_id") or f"t{uuid.uuid4().hex[:10]}")
+        return {
+            "user_id": user_id,
+            "turn_id": turn_id,
+            "persona": persona.model_dump(mode="json"),
+            "persona_exists": exists,
+            "reflection": None,
+        }
+
+    def _last_user_message(self, state: PersonaState) -> BaseMessage:
+        messages = state.get("messages") or []
+        if not messages or not isinstance(messages[-1], HumanMessage):
+            raise PersonaValidationError(
+                "graph input",
+                "messages",
+                "the last message is not a user message",
+                "Invoke with {'messages': [('user', 'your text')]}.",
+            )
+        message = messages[-1]
+        text = message.text
+        if not text.strip():
+            raise PersonaValidationError(
+                "graph input", "messages[-1]", "the user message is empty", "Send some text."
+            )
+        if len(text) > self.max_message_chars:
+            raise PersonaValidationError(
+                "graph input",
+                "messages[-1]",
+                f"the user message is {len(text)} characters, over the cap of "
+                f"{self.max_message_chars}",
+                "Shorten it, or raise max_message_chars.",
+            )
+        return message
+
+    def recall(self, state: PersonaState, config: RunnableConfig) -> dict[str, Any]:
+        query = state["messages"][-1].text
+        context: dict[str, list[str]] = {}
+        if self.memory is not None and state.get("persona_exists"):
+            items = self.memory.recall(state["user_id"], query, k=self.recall_k)
+            context["memory"] = [
+                f"({item.timestamp[:10]}) {item.text}" if item.timestamp else item.text
+                for item in items
+            ]
+        persona = Persona.model_validate(state["persona"])
+        for name, tool in persona.tools.items():
+            if tool.type != "knowledge_base" or not tool.collection:
+                continue
+            try:
+                context[f"knowledge_base {name}"] = self._search_knowledge_base(
+                    tool.address, tool.collection, query
+                )
+            except Exception as exc:  # a tool's failure must not cost the user the reply
+                log.warning("knowledge base %r (%s) failed: %s", name, tool.address, exc)
+        return {"context": context}
+
+    def _search_knowledge_base(self, address: str | None, collection: str, query: str) -> list[str]:
+        import chromadb
+
+        from persona_plugin.memory import _http_client
+
+        key = address or ""
+        if key not in self._kb_clients:
+            if address and address.startswith(("http://", "https://")):
+                self._kb_clients[key] = _http_client(address)
+            elif address:
+                self._kb_clients[key] = chromadb.PersistentClient(path=str(Path(address)))
+            elif self.memory is not None:
+                self._kb_clients[key] = self.memory.client
+            else:
+                raise PersonaConfigError("knowledge base without an address and no memory")
+        found = self._kb_clients[key].get_collection(collection)
+        hits = found.query(query_texts=[query], n_results=3, include=["documents"])
+        return [doc for doc in hits["documents"][0] if doc]
+
+    def assemble(self, state: PersonaState, config: RunnableConfig) -> dict[str, Any]:
+        persona = Persona.model_validate(state["persona"])
+        assembled = self.assembler.assemble(persona, context=state.get("context") or {})
+        return {"system_prompt": assembled.text}
+
+    def generate(self, state: PersonaState, config: RunnableConfig) -> dict[str, Any]:
+        name = _configurable(config).get("model")
+        model = self.chat_model
+        if name:
+            if name not in self.models:
+                raise PersonaConfigError(
+                    f"model {name!r} is not configured; choose one of {sorted(self.models)}."
+                )
+            model = self.models[name]
+        messages = list(state["messages"])
+        if state.get("system_prompt"):
+            messages = merge_system_message(messages, state["system_prompt"])
+        reply = model.invoke(messages, config)
+        return {"messages": [reply]}
+
+    def reflect(self, state: PersonaState, config: RunnableConfig) -> dict[str, Any]:
+        mode = _configurable(config).get("reflection", self.reflection)
+        if mode not in MODES:
+            raise PersonaConfigError(f"reflection mode {mode!r} is not one of {MODES}")
+        turn = ReflectionTurn(
+            turn_id=state["turn_id"],
+            user=state["messages"][-2].text,
+            assistant=state["messages"][-1].text,
+        )
+        if mode == "off":
+            return {}
+        if mode == "background":
+            self.background.submit(state["user_id"], turn, self._short_term([turn]))
+            return {"reflection": {"queued": True}}
+        turns = [turn]
+        if mode == "every_n_turns":
+            pending = [*state.get("pending_turns", []), turn.__dict__]
+            if len(pending) < self.every_n_turns:
+                return {"pending_turns": pending}
+            turns = [ReflectionTurn(**t) for t in pending]
+        outcome = self._reflect_job(state["user_id"], turns, self._short_term(turns))
+        update: dict[str, Any] = {"reflection": outcome.model_dump() if outcome else None}
+        if mode == "every_n_turns":
+            update["pending_turns"] = []
+        return update
+
+    def _short_term(self, turns: list[ReflectionTurn]) -> list[Turn]:
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        out = []
+        for t in turns:
+            out.append(Turn(role="user", content=t.user[:2000], turn_id=t.turn_id, timestamp=now))
+            out.append(
+                Turn(role="assistant", content=t.assistant[:2000], turn_id=t.turn_id, timestamp=now)
+            )
+        return out
+
+    def _reflect_job(
+        self, user_id: str, turns: list[ReflectionTurn], short_term: list[Turn]
+    ) -> Any:
+        try:
+            return reflect_and_save(
+                store=self.store,
+                reflector=self.reflector,
+                user_id=user_id,
+                turns=turns,
+                memory=self.memory,
+                short_term=short_term,
+                short_term_window=self.short_term_window,
+                memory_link=self.memory.link() if self.memory is not None else None,
+            )
+        except Exception:
+            # the reply has been produced: a failed reflection must not take it away
+            log.warning("reflection for user %s failed; persona unchanged", user_id, exc_info=True)
+            return None
+
+    def save(self, state: PersonaState, config: RunnableConfig) -> dict[str, Any]:
+        user_id, turn_id = state["user_id"], state["turn_id"]
+        user_msg, reply = state["messages"][-2], state["messages"][-1]
+        if self.memory is not None:
+            now = datetime.now(UTC)
+            self.memory.remember(
+                user_id,
+                [
+                    {
+                        "turn_id": f"{turn_id}:user",
+                        "speaker": "user",
+                        "text": user_msg.text,
+                        "timestamp": now,
+                        "session": _configurable(config).get("thread_id"),
+                    },
+                    {
+                        "turn_id": f"{turn_id}:assistant",
+                        "speaker": "assistant",
+                        "text": reply.text or "(no text)",
+                        "timestamp": now,
+                        "session": _configurable(config).get("thread_id"),
+                    },
+                ],
+            )
+        if not self.store.exists(user_id):
+            # cold start with no reflection yet: the user gets version 1 now
+            persona = Persona.model_validate(state["persona"])
+            if self.memory is not None:
+                persona.memory.long_term = self.memory.link()
+            try:
+                self.store.create(user_id, persona, source="first turn", reason=f"turn {turn_id}")
+            except Exception as exc:
+                log.info("persona of %s created concurrently: %s", user_id, exc)
+        return {"persona_exists": True}
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Drain background reflections (call on shutdown)."""
+        return self.background.close(timeout)
+
+
+def build_persona_graph(
+    chat_model: Any,
+    *,
+    store: PersonaStore,
+    memory: Any = None,
+    checkpointer: Any = None,
+    **options: Any,
+) -> Any:
+    """The compiled persona graph; ``options`` go to :class:`PersonaGraph`.
+
+    The compiled graph carries its :class:`PersonaGraph` as ``graph.persona`` (for
+    ``graph.persona.close()`` on shutdown, which drains background reflections).
+    """
+    nodes = PersonaGraph(chat_model, store=store, memory=memory, **options)
+    builder = StateGraph(PersonaState)
+    order = ["load_persona", "recall", "assemble", "generate", "reflect", "save"]
+    for name in order:
+        builder.add_node(name, getattr(nodes, name))
+    builder.add_edge(START, order[0])
+    for first, second in itertools.pairwise(order):
+        builder.add_edge(first, second)
+    builder.add_edge(order[-1], END)
+    graph = builder.compile(checkpointer=checkpointer, name="persona_chat")
+    graph.persona = nodes  # type: ignore[attr-defined]
+    return graph
+
+
+def make_checkpointer(url: str) -> Any:
+    """LangGraph's SQLite checkpointer for ``sqlite:///path``, Postgres's for postgresql URLs."""
+    if url.startswith("sqlite:///"):
+        from langgraph.checkpoint.sqlite import SqliteSaver
+
+        path = Path(url.removeprefix("sqlite:///")).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return SqliteSaver(sqlite3.connect(str(path), check_same_thread=False))
+    if url.startswith(("postgresql://", "postgresql+psycopg://", "postgres://")):
+        import psycopg
+        from langgraph.checkpoint.postgres import PostgresSaver
+        from psycopg.rows import dict_row
+
+        conninfo = url.replace("postgresql+psycopg://", "postgresql://")
+        conn = psycopg.connect(conninfo, autocommit=True, prepare_threshold=0, row_factory=dict_row)
+        saver = PostgresSaver(conn)
+        saver.setup()
+        return saver
+    raise PersonaConfigError(
+        f"checkpointer URL {url!r} is not supported: use sqlite:///path or postgresql://..."
+    )
+
+
+def build_persona_graph_from_settings(
+    settings: Settings | None = None, *, checkpointer: Any = None, chat_model: Any = None
+) -> Any:
+    """The persona graph on the configured store, memory and chat model."""
+    from persona_plugin.memory import LongTermMemory
+    from persona_plugin.models import resolve_chat_model
+
+    settings = settings or Settings.load()
+    model = chat_model or resolve_chat_model(settings.chat_model)
+    return build_persona_graph(
+        model,
+        store=PersonaStore.from_settings(settings),
+        memory=LongTermMemory.from_settings(settings),
+        checkpointer=checkpointer,
+        assembler=PromptAssembler.from_settings(settings, token_counter=token_counter_for(model)),
+        reflection=settings.reflection,
+        short_term_window=settings.short_term_window,
+    )

@@ -1,0 +1,96 @@
+"""The guard: text that instructs the assistant never becomes part of a persona.
+
+A persona describes the user in the third person. A value that addresses the assistant
+("ignore previous instructions", "you are now ...", "from now on respond only ..."), that
+carries chat-template role tags, or that looks like a system prompt is an attempt to
+smuggle instructions into every future prompt, whoever wrote it: the user, a document,
+or the reflection model itself. The guard is a list of patterns on purpose: it is
+predictable, fast, and its refusals are explainable in the version history.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from typing import Any
+
+_PATTERNS: list[tuple[str, re.Pattern[str]]] = [
+    (name, re.compile(pattern, re.IGNORECASE))
+    for name, pattern in [
+        (
+            "override of instructions",
+            r"\b(ignore|disregard|forget|override|bypass|skip)\b[^.]{0,40}\b(previous|prior|"
+            r"above|earlier|all|any|your|the|system|safety)\b[^.]{0,30}\b(instructions?|"
+            r"prompts?|rules?|guidelines?|directives?|polic(y|ies)|constraints?|messages?)",
+        ),
+        (
+            "new instructions",
+            r"\b(new|updated|real|actual|hidden|secret)\s+(system\s+)?(instructions?|prompt|rules)\b",
+        ),
+        (
+            "role reassignment",
+            r"\byou\s+(are|will\s+be|shall\s+be|must\s+be)\s+now\b|\byou\s+are\s+now\b|"
+            r"\bfrom\s+now\s+on,?\s+(you|the\s+assistant|always|never|respond|reply|answer|act)\b|"
+            r"\b(act|behave|pretend|roleplay)\s+(as|like|to\s+be)\s+(an?\s+)?"
+            r"(unrestricted|unfiltered|jailbroken|evil|different|dan\b|developer|admin|root|system)",
+        ),
+        (
+            "command to the assistant",
+            r"\b(you|assistant|ai|model|chatbot|bot)\s+(must|should|shall|have\s+to|need\s+to|"
+            r"will)\s+(always|never|now|only|ignore|obey|comply|reveal|respond|reply|answer|"
+            r"say|output|print|tell|include|disregard)\b",
+        ),
+        (
+            "system prompt reference",
+            r"\b(system|developer)\s*(prompt|message|instructions?|mode)\b|"
+            r"\b(reveal|print|show|leak|repeat)\b[^.]{0,30}\b(prompt|instructions)\b",
+        ),
+        (
+            "role tag",
+            r"<\|?\s*/?\s*(im_start|im_end|system|assistant|user|endoftext|eot_id|"
+            r"start_header_id|end_header_id)\s*\|?>|\[/?(INST|SYS)\]|<</?SYS>>|"
+            r"</?\s*(system|assistant|user_profile|instructions?)\s*>",
+        ),
+        (
+            "role label",
+            r"(^|\n)\s*#{0,4}\s*(system|assistant|developer)\s*(:|\]|#)",
+        ),
+        (
+            "jailbreak",
+            r"\b(jailbreak|jailbroken|do\s+anything\s+now|dan\s+mode|developer\s+mode\s+"
+            r"enabled|no\s+restrictions|without\s+(any\s+)?restrictions|unfiltered\s+mode)\b",
+        ),
+    ]
+]
+
+
+def _normalise(text: str) -> str:
+    # full-width and other compatibility forms must not slip past the patterns
+    text = unicodedata.normalize("NFKC", text)
+    return re.sub(r"[\u200b-\u200f\u2060\ufeff]", "", text)
+
+
+def instruction_reason(text: str) -> str | None:
+    """Why ``text`` reads as an instruction to the assistant, or ``None`` if it does not."""
+    clean = _normalise(text)
+    for name, pattern in _PATTERNS:
+        if pattern.search(clean):
+            return name
+    return None
+
+
+def find_instruction(value: Any) -> str | None:
+    """The guard's reason for the first instruction-like string anywhere in ``value``."""
+    if isinstance(value, str):
+        return instruction_reason(value)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            reason = find_instruction(key) or find_instruction(item)
+            if reason:
+                return reason
+    if isinstance(value, list):
+        for item in value:
+            reason = find_instruction(item)
+            if reason:
+                return reason
+    return None
