@@ -254,6 +254,15 @@ class ReflectionOutcome(BaseModel):
     error: str | None = None
 
 
+WITHHELD = "(withheld: the message read as instructions to the assistant)"
+
+
+def _guarded(turn: Turn) -> Turn:
+    if instruction_reason(turn.content):
+        return turn.model_copy(update={"content": WITHHELD})
+    return turn
+
+
 def reflect_and_save(
     *,
     store: PersonaStore,
@@ -299,7 +308,8 @@ def reflect_and_save(
         results["last"] = result
         updated = result.persona
         if short_term:
-            recent = [*updated.memory.short_term, *short_term]
+            # the window is part of the persona, so the guard reads it too
+            recent = [*updated.memory.short_term, *(_guarded(t) for t in short_term)]
             updated.memory.short_term = recent[-short_term_window:] if short_term_window else []
         if memory_link is not None and updated.memory.long_term is None:
             updated.memory.long_term = memory_link
