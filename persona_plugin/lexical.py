@@ -33,15 +33,22 @@ STOPWORDS = frozenset(
 
 def _stem(token: str) -> str:
     # a light suffix stripper: enough to match "hiking"/"hike", "paintings"/"painting"
+    # plural first, then the verb ending, then a silent final e, so that every form of a
+    # word meets: "paintings"/"painting"/"paint" -> "paint", "hike"/"hikes"/"hiked" -> "hik"
     if token.endswith("'s"):
         token = token[:-2]
-    for suffix, min_len in (("ies", 5), ("ing", 6), ("ed", 5), ("es", 5), ("s", 4)):
-        if token.endswith(suffix) and len(token) >= min_len:
-            if suffix == "ies":
-                return token[:-3] + "y"
-            if suffix == "s" and token.endswith("ss"):
-                return token
-            return token[: -len(suffix)]
+    if token.endswith("ies") and len(token) >= 5:
+        token = token[:-3] + "y"
+    elif token.endswith("es") and len(token) >= 5:
+        token = token[:-2]
+    elif token.endswith("s") and not token.endswith("ss") and len(token) >= 4:
+        token = token[:-1]
+    if token.endswith("ing") and len(token) >= 6:
+        token = token[:-3]
+    elif token.endswith("ed") and len(token) >= 5:
+        token = token[:-2]
+    if token.endswith("e") and len(token) >= 4:
+        token = token[:-1]
     return token
 
 

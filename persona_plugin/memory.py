@@ -87,6 +87,11 @@ def _spoken_time(when: datetime) -> str:
     return f"{hour}:{when.minute:02d} {half} on {when.day} {when:%B, %Y}"
 
 
+def _bad_unicode(text: str) -> bool:
+    """NUL or a lone surrogate: text that cannot be stored (or encoded as UTF-8)."""
+    return "\x00" in text or any("\ud800" <= ch <= "\udfff" for ch in text)
+
+
 def _item_id(user_id: str, kind: str, key: str) -> str:
     return hashlib.sha256(f"{user_id}\x1f{kind}\x1f{key}".encode()).hexdigest()[:32]
 
@@ -226,6 +231,10 @@ class LongTermMemory:
             raise PersonaValidationError(
                 "memory", "kind", f"{kind!r} is not a kind for facts", "Use e.g. 'fact'."
             )
+        if isinstance(facts, str):
+            raise PersonaValidationError(
+                "memory", "facts", "one string, not a list of facts", "Pass [fact, ...]."
+            )
         when = _parse_time(timestamp, "timestamp") or datetime.now(UTC)
         records = []
         for index, fact in enumerate(facts):
@@ -255,7 +264,7 @@ class LongTermMemory:
                 f"text is {len(text)} characters, over the cap of {self.max_text_chars}",
                 "Split it into smaller items, or raise the memory's max_text_chars.",
             )
-        if "\x00" in text or any("\ud800" <= ch <= "\udfff" for ch in text):
+        if _bad_unicode(text):
             raise PersonaValidationError(
                 "memory", where, "text is not valid Unicode", "Decode the input as UTF-8."
             )
@@ -278,6 +287,12 @@ class LongTermMemory:
                     "Each turn needs turn_id, speaker and text.",
                 ) from None
         self._check_text(turn.text, f"turns[{index}].text")
+        for name in ("turn_id", "speaker", "session"):
+            value = getattr(turn, name)
+            if isinstance(value, str) and _bad_unicode(value):
+                raise PersonaValidationError(
+                    "memory", f"turns[{index}].{name}", "not valid Unicode", "Decode it as UTF-8."
+                )
         return turn
 
     def _record(
@@ -315,6 +330,8 @@ class LongTermMemory:
     def _write(self, user_id: str, records: list[dict[str, Any]]) -> list[str]:
         if not records:
             return []
+        # the same turn (or fact) twice in one call: keep the last, as a re-run would
+        records = list({r["id"]: r for r in records}.values())
         for start in range(0, len(records), _UPSERT_BATCH):
             chunk = records[start : start + _UPSERT_BATCH]
             vectors = self.embedding_function([r["embed_text"] for r in chunk])
@@ -374,11 +391,15 @@ class LongTermMemory:
         ``kinds`` limits the item kinds; ``since``/``until`` bound item time;
         ``half_life_days`` halves an item's score for each such age (relative to ``now``);
         ``dedupe`` drops an item whose word set overlaps a better one's by at least that
-        Jaccard similarity (1.0 keeps all but exact repeats).
+        Jaccard similarity (1.0 turns it off and keeps every item).
         """
         validate_user_id(user_id)
         if not isinstance(query, str) or not query.strip():
             raise PersonaValidationError("memory", "query", "query is empty", "Pass some text.")
+        if _bad_unicode(query):
+            raise PersonaValidationError(
+                "memory", "query", "query is not valid Unicode", "Decode it as UTF-8."
+            )
         if k <= 0:
             return []
         filters: dict[str, Any] = {}
