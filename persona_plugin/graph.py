@@ -17,18 +17,21 @@ import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, TypedDict
+from typing import Annotated, Any
 
-from langchain_core.messages import AnyMessage, BaseMessage, HumanMessage
+from langchain_core.messages import AnyMessage, BaseMessage, HumanMessage, RemoveMessage
 from langchain_core.runnables import RunnableConfig
 from langgraph.graph import END, START, StateGraph, add_messages
+from typing_extensions import TypedDict  # pydantic reads only this one on Python < 3.12
 
 from persona_plugin.chat import merge_system_message
 from persona_plugin.config import Settings
 from persona_plugin.errors import PersonaConfigError, PersonaNotFoundError, PersonaValidationError
+from persona_plugin.guard import instruction_reason
 from persona_plugin.persona import Persona, Turn, validate_user_id
 from persona_plugin.prompt import PromptAssembler, token_counter_for
 from persona_plugin.reflection import (
+    WITHHELD,
     BackgroundReflector,
     ReflectionMode,
     ReflectionTurn,
@@ -95,6 +98,7 @@ class PersonaGraph:
         self.short_term_window = short_term_window
         self.cold_start = cold_start
         self._kb_clients: dict[str, Any] = {}
+        self.has_checkpointer = True  # build_persona_graph says otherwise
         self.background = BackgroundReflector(self._reflect_job, debounce_s=debounce_s)
 
     # -- nodes ----------------------------------------------------------------------------
@@ -116,13 +120,26 @@ class PersonaGraph:
                 raise
             persona, exists = Persona.new(user_id), False
         turn_id = str(configurable.get("turn_id") or f"t{uuid.uuid4().hex[:10]}")
-        return {
+        update: dict[str, Any] = {
             "user_id": user_id,
             "turn_id": turn_id,
             "persona": persona.model_dump(mode="json"),
             "persona_exists": exists,
             "reflection": None,
         }
+        # A checkpointer keeps a thread's input even when this node refused it; a refused
+        # (empty or oversized) message must not reach the model with the next turn.
+        refused = [
+            m
+            for m in (state.get("messages") or [])[:-1]
+            if isinstance(m, HumanMessage) and m.id and not self._acceptable(m.text)
+        ]
+        if refused:
+            update["messages"] = [RemoveMessage(id=m.id) for m in refused]
+        return update
+
+    def _acceptable(self, text: str) -> bool:
+        return bool(text.strip()) and len(text) <= self.max_message_chars
 
     def _last_user_message(self, state: PersonaState) -> BaseMessage:
         messages = state.get("messages") or []
@@ -224,6 +241,11 @@ class PersonaGraph:
             self.background.submit(state["user_id"], turn, self._short_term([turn]))
             return {"reflection": {"queued": True}}
         turns = [turn]
+        if mode == "every_n_turns" and not self.has_checkpointer:
+            # pending turns live in the thread's state, which only a checkpointer keeps:
+            # without one they would pile up nowhere and reflection would never run
+            log.warning("every_n_turns needs a checkpointer; reflecting on this turn now")
+            mode = "inline"
         if mode == "every_n_turns":
             pending = [*state.get("pending_turns", []), turn.__dict__]
             if len(pending) < self.every_n_turns:
@@ -269,20 +291,24 @@ class PersonaGraph:
         user_msg, reply = state["messages"][-2], state["messages"][-1]
         if self.memory is not None:
             now = datetime.now(UTC)
+            # recalled turns reach later prompts, so the guard reads them as it reads the
+            # persona's short-term window: instructions are withheld, not remembered
+            user_text = WITHHELD if instruction_reason(user_msg.text) else user_msg.text
+            reply_text = WITHHELD if instruction_reason(reply.text) else reply.text
             self.memory.remember(
                 user_id,
                 [
                     {
                         "turn_id": f"{turn_id}:user",
                         "speaker": "user",
-                        "text": user_msg.text,
+                        "text": user_text,
                         "timestamp": now,
                         "session": _configurable(config).get("thread_id"),
                     },
                     {
                         "turn_id": f"{turn_id}:assistant",
                         "speaker": "assistant",
-                        "text": reply.text or "(no text)",
+                        "text": reply_text or "(no text)",
                         "timestamp": now,
                         "session": _configurable(config).get("thread_id"),
                     },
@@ -318,6 +344,7 @@ def build_persona_graph(
     ``graph.persona.close()`` on shutdown, which drains background reflections).
     """
     nodes = PersonaGraph(chat_model, store=store, memory=memory, **options)
+    nodes.has_checkpointer = checkpointer is not None
     builder = StateGraph(PersonaState)
     order = ["load_persona", "recall", "assemble", "generate", "reflect", "save"]
     for name in order:

@@ -21,7 +21,9 @@ _PATTERNS: list[tuple[str, re.Pattern[str]]] = [
             "override of instructions",
             r"\b(ignore|disregard|forget|override|bypass|skip)\b[^.]{0,40}\b(previous|prior|"
             r"above|earlier|all|any|your|the|system|safety)\b[^.]{0,30}\b(instructions?|"
-            r"prompts?|rules?|guidelines?|directives?|polic(y|ies)|constraints?|messages?)",
+            r"prompts?|rules?|guidelines?|directives?|polic(y|ies)|constraints?|messages?)|"
+            r"\b(ignore|disregard|forget)\s+(all\s+|everything\s+)?(of\s+)?(the\s+|that\s+)?"
+            r"above\b",
         ),
         (
             "new instructions",
@@ -30,7 +32,10 @@ _PATTERNS: list[tuple[str, re.Pattern[str]]] = [
         (
             "role reassignment",
             r"\byou\s+(are|will\s+be|shall\s+be|must\s+be)\s+now\b|\byou\s+are\s+now\b|"
-            r"\bfrom\s+now\s+on,?\s+(you|the\s+assistant|always|never|respond|reply|answer|act)\b|"
+            r"\byou\s*['’]re\s+now\b|"
+            r"\b(from\s+(now|this\s+(moment|point))\s+on(wards?)?|henceforth),?\s+(you|the\s+"
+            r"assistant|always|never|respond|reply|answer|act|speak|write)\b|"
+            r"(^|[.!;:\n]\s*)(respond|reply|answer|speak|write)\b[^.]{0,40}\bfrom\s+now\s+on\b|"
             r"\b(act|behave|pretend|roleplay)\s+(as|like|to\s+be)\s+(an?\s+)?"
             r"(unrestricted|unfiltered|jailbroken|evil|different|dan\b|developer|admin|root|system)",
         ),
@@ -42,7 +47,7 @@ _PATTERNS: list[tuple[str, re.Pattern[str]]] = [
         ),
         (
             "system prompt reference",
-            r"\b(system|developer)\s*(prompt|message|instructions?|mode)\b|"
+            r"\b(system|developer)\s*(prompt|message|instructions?)\b|\bsystem\s+mode\b|"
             r"\b(reveal|print|show|leak|repeat)\b[^.]{0,30}\b(prompt|instructions)\b",
         ),
         (
@@ -57,24 +62,31 @@ _PATTERNS: list[tuple[str, re.Pattern[str]]] = [
         ),
         (
             "jailbreak",
-            r"\b(jailbreak|jailbroken|do\s+anything\s+now|dan\s+mode|developer\s+mode\s+"
-            r"enabled|no\s+restrictions|without\s+(any\s+)?restrictions|unfiltered\s+mode)\b",
+            r"\b(jailbreak|jailbroken|do\s+anything\s+now|dan\s+mode|developer\s+mode\s*"
+            r"(enabled|activated|[:=]\s*on)|no\s+restrictions|without\s+(any\s+)?restrictions|"
+            r"unfiltered\s+mode)\b|(^|[.!;:\n]\s*)(enable|enter|activate|switch\s+to)\s+"
+            r"(developer|dan|god)\s+mode\b|\b(you|assistant)\b[^.]{0,20}\bin\s+developer\s+mode\b",
         ),
     ]
 ]
 
 
 def _normalise(text: str) -> str:
-    # full-width and other compatibility forms must not slip past the patterns
+    # full-width and other compatibility forms must not slip past the patterns, nor must
+    # invisible format characters (zero-width spaces and joiners, soft hyphens, bidi
+    # controls, tag characters: Unicode category Cf) split a word
     text = unicodedata.normalize("NFKC", text)
-    return re.sub(r"[\u200b-\u200f\u2060\ufeff]", "", text)
+    return "".join(c for c in text if c != "\u034f" and unicodedata.category(c) != "Cf")
 
 
 def instruction_reason(text: str) -> str | None:
     """Why ``text`` reads as an instruction to the assistant, or ``None`` if it does not."""
     clean = _normalise(text)
+    # keys such as "ignore_previous_instructions" are rendered as words ("Ignore previous
+    # instructions"), so they are read as words too (role tags keep their underscores)
+    spaced = clean.replace("_", " ")
     for name, pattern in _PATTERNS:
-        if pattern.search(clean):
+        if pattern.search(clean) or (spaced != clean and pattern.search(spaced)):
             return name
     return None
 

@@ -186,7 +186,9 @@ def apply_operations(
     limits: PersonaLimits = DEFAULT_LIMITS,
 ) -> OptimizerResult:
     """Apply every operation that passes the checks, one at a time, to a copy."""
-    data = persona.model_dump(mode="json")
+    # the compact form, as the store saves and measures it: the document cap must not
+    # count the empty defaults a full dump carries
+    data = persona.to_dict()
     applied: list[AppliedOperation] = []
     refused: list[RefusedOperation] = []
     for op in operations:
@@ -206,7 +208,12 @@ def apply_operations(
                 RefusedOperation(operation=op, reason="evidence must cite this reflection's turns")
             )
             continue
-        reason = find_instruction(op.value) or find_instruction(op.replaces)
+        # the path's keys are rendered into the prompt as labels, so the guard reads them too
+        reason = (
+            find_instruction(op.path.split("."))
+            or find_instruction(op.value)
+            or find_instruction(op.replaces)
+        )
         if reason:
             refused.append(RefusedOperation(operation=op, reason=f"guard: {reason}"))
             continue

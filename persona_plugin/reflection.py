@@ -28,11 +28,12 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal
 
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 from pydantic import BaseModel, Field, ValidationError
+from typing_extensions import TypedDict  # pydantic reads only this one on Python < 3.12
 
 from persona_plugin.errors import PersonaValidationError
 from persona_plugin.guard import instruction_reason
@@ -297,6 +298,21 @@ def reflect_and_save(
     outcome.loss, outcome.gradients = output.loss, output.gradients
     results: dict[str, Any] = {}
 
+    # memory facts pass the same checks as operations; refusals go into the version's
+    # details with their reason, like refused operations
+    accepted: list[MemoryFact] = []
+    refused_facts: list[dict[str, str]] = []
+    for fact in output.memories:
+        reason = instruction_reason(fact.text)
+        if reason:
+            refused_facts.append({"text": fact.text, "reason": f"guard: {reason}"})
+        elif not fact.evidence or not set(fact.evidence) <= turn_ids:
+            refused_facts.append(
+                {"text": fact.text, "reason": "evidence must cite this reflection's turns"}
+            )
+        else:
+            accepted.append(fact)
+
     def update(current: Persona) -> Persona:
         result = apply_operations(
             current,
@@ -325,6 +341,8 @@ def reflect_and_save(
                 "gradients": [g.model_dump() for g in output.gradients],
                 "applied": [a.model_dump() for a in result.applied],
                 "refused": [r.model_dump() for r in result.refused],
+                "memories": [f.model_dump() for f in accepted],
+                "refused_memories": refused_facts,
             },
         }
 
@@ -343,17 +361,12 @@ def reflect_and_save(
         record.version,
     )
 
-    for fact in output.memories:
-        reason = instruction_reason(fact.text)
-        if reason or not set(fact.evidence) <= turn_ids or not fact.evidence:
-            outcome.refused_memories.append(fact.text)
-            continue
-        outcome.memories.append(fact.text)
-    if memory is not None and outcome.memories:
+    outcome.memories = [fact.text for fact in accepted]
+    outcome.refused_memories = [fact["text"] for fact in refused_facts]
+    if memory is not None and accepted:
         by_evidence: dict[tuple[str, ...], list[str]] = {}
-        for fact in output.memories:
-            if fact.text in outcome.memories:
-                by_evidence.setdefault(tuple(sorted(fact.evidence)), []).append(fact.text)
+        for fact in accepted:
+            by_evidence.setdefault(tuple(sorted(fact.evidence)), []).append(fact.text)
         for evidence, texts in by_evidence.items():
             memory.add_facts(user_id, texts, kind="fact", source_turn_ids=list(evidence))
     return outcome
