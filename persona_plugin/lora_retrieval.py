@@ -1,0 +1,437 @@
+"""LoRA retrieval: the persona (and the turn's input) picks a weighted mixture of adapters.
+
+After LoraRetriever (Zhao et al., 2024): each adapter is represented by the embedding of
+what it is for, here the mean of the embeddings of its card's description (with its tags)
+and of its ``sample_inputs``; the query is the embedding of the persona's text blended with
+the embedding of the current input; the ``top_k`` adapters by cosine similarity are
+returned with softmax weights (``temperature``: low is peaked on the best match, high is
+close to uniform). The weights sum to 1 and go to a backend as ``[(id, weight), ...]``.
+
+Fast adaptation comes for free: a reflection step that rewrites the persona saves a new
+version, the new version has a new text, and the next turn retrieves a new mixture.
+
+Caching, so that a turn costs one input embedding at most:
+
+* card vectors are kept per card *content* (editing a card re-embeds only that card);
+* the persona's vector per ``(user_id, version)`` of a stored persona (a persona that was
+  never saved, or plain text, is keyed by its text);
+* the input's vector per input text, and the whole result per (persona key, input,
+  options, cards), in bounded LRU maps.
+
+The persona and the input are embedded separately (then blended) rather than as one
+string because the embedding model reads 256 tokens at most: a long profile would push
+the input out of its window.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from persona_plugin.errors import PersonaConfigError
+from persona_plugin.lora_hub import ADAPTER_KINDS, AdapterCard, LoraHub
+from persona_plugin.persona import Persona
+
+PersonaTextMode = Literal["compact", "assembled"]
+
+
+@dataclass(frozen=True, slots=True)
+class RetrievedAdapter:
+    id: str
+    weight: float
+    score: float  # cosine similarity to the query
+    kind: str
+
+
+@dataclass(frozen=True, slots=True)
+class LoraMixture:
+    """The adapters retrieved for one (persona, input), best first; weights sum to 1."""
+
+    adapters: tuple[RetrievedAdapter, ...]
+    #: whether this came from the result cache
+    cached: bool = False
+
+    def pairs(self) -> list[tuple[str, float]]:
+        """``[(id, weight), ...]``: what a backend's request takes."""
+        return [(a.id, a.weight) for a in self.adapters]
+
+    @property
+    def ids(self) -> list[str]:
+        return [a.id for a in self.adapters]
+
+    def __len__(self) -> int:
+        return len(self.adapters)
+
+    def __bool__(self) -> bool:
+        return bool(self.adapters)
+
+
+def compact_persona_text(persona: Persona) -> str:
+    """The parts of a persona that say which adapters fit: preferences, personality, patterns.
+
+    Identity, demographics and memory are left out: they rarely say anything about style or
+    skills, and every word dilutes the embedding.
+    """
+    parts: list[str] = []
+    pref = persona.preference
+    for label, values in (
+        ("Preferred style", pref.style),
+        ("Preferred content", pref.content),
+        ("Preferred format", pref.format),
+        ("Reasoning", pref.reasoning),
+    ):
+        if values:
+            parts.append(f"{label}: {', '.join(values)}.")
+    parts.extend(_free_values(pref.model_extra))
+    pers = persona.personality
+    if pers.description:
+        parts.append(pers.description.rstrip(".") + ".")
+    if pers.values:
+        parts.append(f"Values: {', '.join(pers.values)}.")
+    if pers.interests:
+        parts.append(f"Interests: {', '.join(pers.interests)}.")
+    if pers.mbti:
+        parts.append(f"MBTI {pers.mbti}.")
+    parts.extend(_free_values(pers.model_extra))
+    patterns = [item.description for item in persona.pattern.items[:5]]
+    if patterns:
+        parts.append(f"Patterns: {'; '.join(patterns)}.")
+    return " ".join(parts)
+
+
+def _free_values(extra: dict[str, Any] | None) -> list[str]:
+    out = []
+    for key, value in (extra or {}).items():
+        if isinstance(value, str) and value.strip():
+            out.append(f"{key.replace('_', ' ').capitalize()}: {value}.")
+        elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            out.append(f"{key.replace('_', ' ').capitalize()}: {', '.join(value)}.")
+    return out
+
+
+class _Embedder:
+    """Any embedder as ``texts -> unit rows``: ``.embed`` (MiniLMEmbeddingFunction), a
+    LangChain ``Embeddings`` (``embed_documents``) or a callable (a Chroma function)."""
+
+    def __init__(self, embedder: Any) -> None:
+        if embedder is None:
+            from persona_plugin.embeddings import MiniLMEmbeddingFunction
+
+            embedder = MiniLMEmbeddingFunction()
+        if hasattr(embedder, "embed") and callable(embedder.embed):
+            self._fn = embedder.embed
+        elif hasattr(embedder, "embed_documents"):
+            self._fn = embedder.embed_documents
+        elif callable(embedder):
+            self._fn = embedder
+        else:
+            raise PersonaConfigError(
+                f"{type(embedder).__name__} cannot embed: pass an object with .embed(texts), "
+                "a LangChain Embeddings, or a callable texts -> vectors."
+            )
+        self.embedder = embedder
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        rows = np.asarray(self._fn(list(texts)), dtype=np.float32)
+        if rows.ndim != 2 or rows.shape[0] != len(texts):
+            raise PersonaConfigError(
+                f"the embedder returned shape {rows.shape} for {len(texts)} texts; it must "
+                "return one vector per text."
+            )
+        return rows / np.clip(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12, None)
+
+
+class _LRU:
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.data: OrderedDict[Hashable, Any] = OrderedDict()
+
+    def get(self, key: Hashable) -> Any:
+        value = self.data.get(key)
+        if value is not None:
+            self.data.move_to_end(key)
+        return value
+
+    def put(self, key: Hashable, value: Any) -> None:
+        self.data[key] = value
+        self.data.move_to_end(key)
+        while len(self.data) > self.size:
+            self.data.popitem(last=False)
+
+
+class LoraRetriever:
+    """Retrieves a weighted mixture of adapters for a persona and an input.
+
+    ``hub`` is a :class:`LoraHub` (re-read on every call, cheaply, so new cards count at
+    once) or a fixed list of cards. ``exclude_kinds`` defaults to ``("reflection",)``: the
+    reflection adapter serves the reflection step, not the user's reply. Pre-merged cards
+    are never candidates (they are how a server serves a mixture, not a skill of their
+    own). ``base_model`` keeps only adapters trained on that model.
+
+    ``persona_text``: ``"compact"`` (preferences, personality, patterns; the default),
+    ``"assembled"`` (the full profile block a :class:`PromptAssembler` renders), or a
+    function ``Persona -> str``. ``input_weight`` is the input's share of the query (0:
+    persona only, 1: input only).
+    """
+
+    def __init__(
+        self,
+        hub: LoraHub | Sequence[AdapterCard],
+        *,
+        embedder: Any = None,
+        top_k: int = 3,
+        temperature: float = 0.1,
+        exclude_kinds: Collection[str] = ("reflection",),
+        kinds: Collection[str] | None = None,
+        base_model: str | None = None,
+        input_weight: float = 0.5,
+        persona_text: PersonaTextMode | Callable[[Persona], str] = "compact",
+        assembler: Any = None,
+        cache_size: int = 4096,
+    ) -> None:
+        self.hub = hub
+        self._embed = _Embedder(embedder)
+        self.top_k = _check_top_k(top_k)
+        self.temperature = _check_temperature(temperature)
+        self.exclude_kinds = _check_kinds(exclude_kinds, "exclude_kinds")
+        self.kinds = _check_kinds(kinds, "kinds") if kinds is not None else None
+        self.base_model = base_model
+        if not 0.0 <= input_weight <= 1.0:
+            raise PersonaConfigError(f"input_weight must be in [0, 1], not {input_weight}.")
+        self.input_weight = input_weight
+        if not callable(persona_text) and persona_text not in ("compact", "assembled"):
+            raise PersonaConfigError(
+                f"persona_text {persona_text!r} is not 'compact', 'assembled' or a function."
+            )
+        self.persona_text_mode = persona_text
+        self._assembler = assembler
+        self._card_vectors: dict[str, np.ndarray] = {}
+        self._persona_vectors = _LRU(cache_size)
+        self._input_vectors = _LRU(cache_size)
+        self._results = _LRU(cache_size)
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    # -- texts ----------------------------------------------------------------------------
+
+    def persona_text(self, persona: Persona | str | None) -> str:
+        """The text the persona is embedded as."""
+        if persona is None:
+            return ""
+        if isinstance(persona, str):
+            return persona
+        mode = self.persona_text_mode
+        if callable(mode):
+            return mode(persona)
+        if mode == "assembled":
+            if self._assembler is None:
+                from persona_plugin.prompt import PromptAssembler
+
+                self._assembler = PromptAssembler()
+            return str(self._assembler.assemble(persona).text)
+        return compact_persona_text(persona)
+
+    def _persona_key(self, persona: Persona | str | None) -> tuple[Hashable, str | None]:
+        """A cache key, and the text when it had to be computed for the key."""
+        if isinstance(persona, Persona):
+            user_id = persona.meta.user_id or persona.identity.user_id
+            if user_id and persona.meta.version > 0:
+                return ("version", user_id, persona.meta.version), None
+        text = self.persona_text(persona)
+        return ("text", hashlib.sha256(text.encode()).hexdigest()), text
+
+    # -- vectors --------------------------------------------------------------------------
+
+    def _candidates(
+        self,
+        kinds: frozenset[str] | None,
+        exclude: frozenset[str],
+        allowed: frozenset[str] | None,
+    ) -> list[AdapterCard]:
+        cards = self.hub.cards() if isinstance(self.hub, LoraHub) else list(self.hub)
+        return [
+            c
+            for c in cards
+            if not c.is_premerged
+            and c.kind not in exclude
+            and (kinds is None or c.kind in kinds)
+            and (self.base_model is None or c.base_model == self.base_model)
+            and (allowed is None or c.id in allowed)
+        ]
+
+    def _card_matrix(self, cards: list[AdapterCard], hashes: list[str]) -> np.ndarray:
+        with self._lock:
+            missing = [
+                (c, h) for c, h in zip(cards, hashes, strict=True) if h not in self._card_vectors
+            ]
+        if missing:
+            texts: list[str] = []
+            spans: list[tuple[int, int]] = []
+            for card, _ in missing:
+                card_texts = card.embedding_texts()
+                spans.append((len(texts), len(texts) + len(card_texts)))
+                texts.extend(card_texts)
+            rows = self._embed(texts)
+            with self._lock:
+                for (_, digest), (start, end) in zip(missing, spans, strict=True):
+                    mean = rows[start:end].mean(axis=0)
+                    self._card_vectors[digest] = mean / max(float(np.linalg.norm(mean)), 1e-12)
+        with self._lock:
+            return np.stack([self._card_vectors[h] for h in hashes])
+
+    def _query_vectors(
+        self,
+        persona: Persona | str | None,
+        persona_key: Hashable,
+        persona_text: str | None,
+        input: str,
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The persona's and the input's vectors (None for an empty text), embedded together
+        in one call when both are new."""
+        with self._lock:
+            p_vec = self._persona_vectors.get(persona_key)
+            i_vec = self._input_vectors.get(input)
+        todo: list[tuple[_LRU, Hashable, str]] = []
+        if p_vec is None:
+            text = self.persona_text(persona) if persona_text is None else persona_text
+            todo.append((self._persona_vectors, persona_key, text))
+        if i_vec is None:
+            todo.append((self._input_vectors, input, input))
+        texts = [text for _, _, text in todo if text.strip()]
+        rows = iter(self._embed(texts)) if texts else iter(())
+        found = {}
+        with self._lock:
+            for cache, key, text in todo:
+                vector = next(rows) if text.strip() else np.zeros(0, dtype=np.float32)
+                cache.put(key, vector)
+                found[id(cache)] = vector
+        p_vec = found.get(id(self._persona_vectors), p_vec)
+        i_vec = found.get(id(self._input_vectors), i_vec)
+        return (p_vec if p_vec.size else None), (i_vec if i_vec.size else None)
+
+    # -- retrieval ------------------------------------------------------------------------
+
+    def retrieve(
+        self,
+        persona: Persona | str | None = None,
+        input: str = "",
+        *,
+        top_k: int | None = None,
+        temperature: float | None = None,
+        kinds: Collection[str] | None = None,
+        exclude_kinds: Collection[str] | None = None,
+        allowed: Collection[str] | None = None,
+    ) -> LoraMixture:
+        """The ``top_k`` adapters for ``persona`` (a persona or its text) and ``input``.
+
+        ``allowed`` limits the candidates to adapters a backend can serve. An empty mixture
+        means: no candidates, or nothing to retrieve with (no persona text and no input).
+        """
+        k = self.top_k if top_k is None else _check_top_k(top_k)
+        temp = self.temperature if temperature is None else _check_temperature(temperature)
+        kind_set = self.kinds if kinds is None else _check_kinds(kinds, "kinds")
+        exclude = self.exclude_kinds if exclude_kinds is None else _check_kinds(exclude_kinds)
+        allowed_set = frozenset(allowed) if allowed is not None else None
+        cards = self._candidates(kind_set, exclude, allowed_set)
+        hashes = [c.content_hash for c in cards]
+        persona_key, persona_text = self._persona_key(persona)
+        key = (persona_key, input, k, temp, kind_set, exclude, allowed_set, tuple(hashes))
+        with self._lock:
+            hit = self._results.get(key)
+            if hit is not None:
+                self.hits += 1
+                return LoraMixture(hit, cached=True)
+            self.misses += 1
+        adapters = self._score(cards, hashes, persona, persona_key, persona_text, input, k, temp)
+        with self._lock:
+            self._results.put(key, adapters)
+        return LoraMixture(adapters)
+
+    def _score(
+        self,
+        cards: list[AdapterCard],
+        hashes: list[str],
+        persona: Persona | str | None,
+        persona_key: Hashable,
+        persona_text: str | None,
+        input: str,
+        k: int,
+        temperature: float,
+    ) -> tuple[RetrievedAdapter, ...]:
+        if not cards:
+            return ()
+        p_vec, i_vec = self._query_vectors(persona, persona_key, persona_text, input)
+        if p_vec is None and i_vec is None:
+            return ()
+        if p_vec is None or (self.input_weight == 1.0 and i_vec is not None):
+            query = i_vec
+        elif i_vec is None or self.input_weight == 0.0:
+            query = p_vec
+        else:
+            query = (1 - self.input_weight) * p_vec + self.input_weight * i_vec
+        query = query / max(float(np.linalg.norm(query)), 1e-12)
+        scores = self._card_matrix(cards, hashes) @ query
+        order = np.argsort(-scores, kind="stable")[: min(k, len(cards))]
+        top = scores[order].astype(np.float64)
+        logits = (top - top.max()) / temperature
+        weights = np.exp(logits)
+        weights /= weights.sum()
+        return tuple(
+            RetrievedAdapter(cards[i].id, float(w), float(s), cards[i].kind)
+            for i, w, s in zip(order, weights, top, strict=True)
+        )
+
+    # -- cache ----------------------------------------------------------------------------
+
+    def cache_info(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "hits": self.hits,
+                "misses": self.misses,
+                "results": len(self._results.data),
+                "personas": len(self._persona_vectors.data),
+                "inputs": len(self._input_vectors.data),
+                "cards": len(self._card_vectors),
+            }
+
+    def clear_cache(self) -> None:
+        with self._lock:
+            self._card_vectors.clear()
+            for cache in (self._persona_vectors, self._input_vectors, self._results):
+                cache.data.clear()
+            self.hits = self.misses = 0
+
+
+def _check_top_k(top_k: int) -> int:
+    if not isinstance(top_k, int) or top_k < 1:
+        raise PersonaConfigError(f"top_k must be a positive integer, not {top_k!r}.")
+    return top_k
+
+
+def _check_temperature(temperature: float) -> float:
+    if not temperature > 0 or not np.isfinite(temperature):
+        raise PersonaConfigError(
+            f"temperature must be a positive number, not {temperature!r}: low values put "
+            "nearly all the weight on the best adapter, high values spread it evenly."
+        )
+    return float(temperature)
+
+
+def _check_kinds(kinds: Collection[str] | None, what: str = "exclude_kinds") -> frozenset[str]:
+    if kinds is None:
+        return frozenset()
+    if isinstance(kinds, str):
+        kinds = [kinds]
+    unknown = sorted(set(kinds) - set(ADAPTER_KINDS))
+    if unknown:
+        raise PersonaConfigError(
+            f"{what}: unknown adapter kinds {unknown}; known: {', '.join(ADAPTER_KINDS)}."
+        )
+    return frozenset(kinds)
