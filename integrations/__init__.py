@@ -1,0 +1,1 @@
+"""App-facing adapters of persona-plugin (servers and bot templates); see README.md."""

@@ -1,0 +1,1 @@
+"""Discord bot template: every Discord user gets a persona; see README.md."""

@@ -1,0 +1,323 @@
+"""A Discord bot on the persona graph: every Discord user gets a persona of their own.
+
+The logic is in plain functions that take what discord.py hands over, so it is tested
+without a connection:
+
+- :func:`handle_message` answers a direct message, or a server message that mentions the
+  bot (the mention removed from the text), through the persona graph, with background
+  reflection; it ignores bots (itself included), system messages (joins, pins, ...) and
+  server messages that do not mention the bot, and returns the reply text or ``None``;
+- :func:`handle_persona_command` serves ``/persona show`` (the persona as a YAML code
+  block, or as an attached file when it does not fit a message) and ``/persona forget``
+  (deletes the persona, every version, and the long-term memory, and confirms).
+
+:class:`PersonaBot` is the thin discord.py wiring: intents, ``on_message``, the ``/persona``
+app command (answered ephemerally, only the caller sees it).
+
+Identity: the Discord user ``123`` is the persona user ``discord:123`` (Discord user ids
+are global, so the persona follows the user across servers and DMs). The conversation
+(LangGraph ``thread_id``) is ``discord:<channel id>:<user id>``: per channel (a Discord
+thread is a channel) and per user, so users of one channel never share graph state.
+
+Run it: ``DISCORD_BOT_TOKEN=... python -m integrations.discord.bot`` (``DISCORD_GUILD_ID``
+registers ``/persona`` in that server at once, instead of globally); the graph is built
+from the ``PERSONA_*`` settings. See ``integrations/discord/README.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import discord
+from discord import app_commands
+from langchain_core.messages import HumanMessage
+
+from persona_plugin.errors import PersonaNotFoundError, PersonaValidationError
+from persona_plugin.persona import validate_user_id
+
+log = logging.getLogger(__name__)
+
+#: Discord's limit on a message's content
+MAX_MESSAGE_CHARS = 2000
+
+#: message types written by people (everything else is a system message: joins, pins, ...)
+PERSON_MESSAGE_TYPES = (discord.MessageType.default, discord.MessageType.reply)
+
+USAGE = (
+    "Use `/persona show` to see what I know about you, or `/persona forget` to delete it "
+    "(your persona and my long-term memory of you)."
+)
+SORRY = "Sorry, something went wrong while answering. Please try again later."
+
+
+def persona_user_id(discord_user_id: int | str) -> str:
+    """The persona user id of a Discord user: ``discord:<user id>``."""
+    if not str(discord_user_id).isdigit():
+        raise ValueError(f"{discord_user_id!r} is not a Discord user id (a snowflake)")
+    return validate_user_id(f"discord:{discord_user_id}", source="Discord user")
+
+
+def is_direct_message(message: Any) -> bool:
+    """A DM: a message outside any server."""
+    return message.guild is None
+
+
+def mentions_bot(message: Any, bot_user_id: int) -> bool:
+    """The bot is mentioned by name (a reply to the bot that pings it counts too)."""
+    return any(user.id == bot_user_id for user in message.mentions)
+
+
+def strip_mentions(content: str, bot_user_id: int) -> str:
+    """``content`` without the bot's mentions (``<@id>`` and the old ``<@!id>``)."""
+    text = re.sub(rf"<@!?{bot_user_id}>", " ", content)
+    return re.sub(r"[ \t]{2,}", " ", text).strip()
+
+
+def should_answer(message: Any, bot_user_id: int) -> bool:
+    """A person wrote to the bot: a DM, or a server message that mentions it."""
+    if message.author.bot or message.author.id == bot_user_id:
+        return False
+    if getattr(message, "webhook_id", None) is not None:
+        return False
+    if getattr(message, "type", discord.MessageType.default) not in PERSON_MESSAGE_TYPES:
+        return False
+    return is_direct_message(message) or mentions_bot(message, bot_user_id)
+
+
+def answer(
+    graph: Any, *, user_id: str, thread_id: str, turn_id: str, text: str, reflection: str
+) -> str:
+    """The graph's reply to ``text`` (blocking); errors become a short apology."""
+    config = {
+        "configurable": {
+            "user_id": user_id,
+            "thread_id": thread_id,
+            "turn_id": turn_id,
+            "reflection": reflection,
+        }
+    }
+    try:
+        state = graph.invoke({"messages": [HumanMessage(content=text)]}, config)
+    except PersonaValidationError as exc:
+        return f"Sorry, I can't answer that: {exc.problem}."
+    except Exception:
+        log.exception("the persona graph failed for %s", user_id)
+        return SORRY
+    return state["messages"][-1].text or "(no answer)"
+
+
+async def handle_message(
+    graph: Any, message: Any, bot_user_id: int, *, reflection: str = "background"
+) -> str | None:
+    """The reply to a ``discord.Message``, or ``None`` when the bot should stay silent.
+
+    Reads ``message.author.id``/``.bot``, ``.content``, ``.guild`` (``None`` in a DM),
+    ``.mentions``, ``.type``, ``.webhook_id``, ``.id`` and ``.channel.id``. The graph runs
+    in a worker thread, so the event loop stays free.
+    """
+    if not should_answer(message, bot_user_id):
+        return None
+    text = strip_mentions(message.content or "", bot_user_id)
+    if not text:
+        return "Hi! Write your message after the mention. " + USAGE
+    return await asyncio.to_thread(
+        answer,
+        graph,
+        user_id=persona_user_id(message.author.id),
+        thread_id=f"discord:{message.channel.id}:{message.author.id}",
+        turn_id=f"discord-{message.id}",
+        text=text,
+        reflection=reflection,
+    )
+
+
+@dataclass
+class CommandReply:
+    """A ``/persona`` answer: the text, and a file when the persona does not fit it."""
+
+    text: str
+    file_name: str | None = None
+    file_content: str | None = None
+
+
+def _code_block(text: str, language: str = "") -> str:
+    body = text.replace("```", "`\u200b``")  # a fence inside would end the block
+    return f"```{language}\n{body}\n```"
+
+
+def show_persona(store: Any, user_id: str) -> CommandReply:
+    try:
+        persona = store.get(user_id)
+    except PersonaNotFoundError:
+        return CommandReply("I have no persona for you yet. Talk to me and I'll start learning.")
+    heading = f"Your persona (version {persona.meta.version}):"
+    document = persona.to_yaml()
+    text = f"{heading}\n{_code_block(document, 'yaml')}"
+    if len(text) <= MAX_MESSAGE_CHARS:
+        return CommandReply(text)
+    return CommandReply(
+        f"{heading} it is {len(document)} characters, so it is attached as a file.",
+        file_name="persona.yaml",
+        file_content=document,
+    )
+
+
+def forget_user(store: Any, memory: Any, user_id: str, graph: Any = None) -> CommandReply:
+    # Background reflections still queued are finished first (for every user: the
+    # reflector has no per-user cancel), so none of them writes the persona back later.
+    background = getattr(getattr(graph, "persona", None), "background", None)
+    if background is not None and not background.drain(timeout=120):
+        log.warning("background reflections did not finish before forgetting %s", user_id)
+    try:
+        versions = store.delete(user_id)
+    except PersonaNotFoundError:
+        versions = 0
+    items = memory.delete_user(user_id) if memory is not None else 0
+    if not versions and not items:
+        return CommandReply("I had nothing stored about you: no persona, no memories.")
+    return CommandReply(
+        f"Done: I forgot your persona ({versions} version{'s' if versions != 1 else ''}) "
+        f"and {items} long-term memor{'ies' if items != 1 else 'y'}."
+    )
+
+
+def handle_persona_command(
+    store: Any, memory: Any, user_id: int | str, action: str, *, graph: Any = None
+) -> CommandReply:
+    """``/persona show|forget`` for the Discord user ``user_id`` (their snowflake).
+
+    Blocking (database and memory calls): run it in a worker thread from async code.
+    Pass ``graph`` so that ``forget`` first finishes its queued background reflections.
+    """
+    persona_id = persona_user_id(user_id)
+    action = (action or "show").strip().lower()
+    if action == "show":
+        return show_persona(store, persona_id)
+    if action == "forget":
+        return forget_user(store, memory, persona_id, graph)
+    return CommandReply(USAGE)
+
+
+def split_message(text: str, limit: int = MAX_MESSAGE_CHARS) -> list[str]:
+    """``text`` in pieces of at most ``limit`` characters, cut at line ends where possible."""
+    pieces = []
+    while len(text) > limit:
+        cut = text.rfind("\n", 0, limit + 1)
+        if cut <= 0:
+            cut = text.rfind(" ", 0, limit + 1)
+        if cut <= 0:
+            cut = limit
+        pieces.append(text[:cut])
+        text = text[cut:].lstrip("\n ")
+    if text:
+        pieces.append(text)
+    return pieces
+
+
+async def deliver(message: Any, reply: str) -> None:
+    """Send ``reply`` as a reply to ``message`` (more messages if it is long)."""
+    for index, piece in enumerate(split_message(reply)):
+        if index == 0:
+            await message.reply(piece, mention_author=False)
+        else:
+            await message.channel.send(piece)
+
+
+class PersonaBot(discord.Client):
+    """The discord.py client: DMs and mentions through the graph, and ``/persona``.
+
+    Needs no privileged intent: the content of DMs and of messages that mention the bot
+    reaches it without ``message_content``. Nothing it sends can ping anyone.
+    """
+
+    def __init__(
+        self,
+        graph: Any,
+        store: Any,
+        memory: Any,
+        *,
+        guild_id: int | None = None,
+        reflection: str = "background",
+    ) -> None:
+        intents = discord.Intents.default()  # guild_messages and dm_messages included
+        super().__init__(intents=intents, allowed_mentions=discord.AllowedMentions.none())
+        self.graph, self.store, self.memory = graph, store, memory
+        self.guild_id = guild_id
+        self.reflection = reflection
+        self.tree = app_commands.CommandTree(self)
+
+        @self.tree.command(name="persona", description="See or delete what the bot knows about you")
+        @app_commands.describe(action="show: see your persona; forget: delete it and your memory")
+        async def persona(
+            interaction: discord.Interaction, action: Literal["show", "forget"] = "show"
+        ) -> None:
+            await interaction.response.defer(ephemeral=True, thinking=True)
+            reply = await asyncio.to_thread(
+                handle_persona_command,
+                self.store,
+                self.memory,
+                interaction.user.id,
+                action,
+                graph=self.graph,
+            )
+            extra: dict[str, Any] = {}
+            if reply.file_content is not None:
+                data = io.BytesIO(reply.file_content.encode())
+                extra["file"] = discord.File(data, filename=reply.file_name or "persona.yaml")
+            await interaction.followup.send(reply.text, ephemeral=True, **extra)
+
+    async def setup_hook(self) -> None:
+        if self.guild_id:
+            guild = discord.Object(id=self.guild_id)
+            self.tree.copy_global_to(guild=guild)
+            await self.tree.sync(guild=guild)  # at once, in that server
+        else:
+            await self.tree.sync()  # global: may take a while to appear
+
+    async def on_message(self, message: discord.Message) -> None:
+        if self.user is None or not should_answer(message, self.user.id):
+            return
+        async with message.channel.typing():
+            reply = await handle_message(
+                self.graph, message, self.user.id, reflection=self.reflection
+            )
+        if reply:
+            await deliver(message, reply)
+
+    async def close(self) -> None:
+        try:
+            await super().close()
+        finally:
+            await asyncio.to_thread(self.graph.persona.close, 30)
+
+
+def main() -> None:
+    """Run the bot from the environment (see the module doc)."""
+    from persona_plugin.config import Settings
+    from persona_plugin.graph import build_persona_graph_from_settings, make_checkpointer
+
+    token = os.environ.get("DISCORD_BOT_TOKEN")
+    if not token:
+        raise SystemExit("Set DISCORD_BOT_TOKEN; see integrations/discord/README.md.")
+    guild = os.environ.get("DISCORD_GUILD_ID")
+    settings = Settings.load()
+    graph = build_persona_graph_from_settings(
+        settings, checkpointer=make_checkpointer(settings.resolved_checkpointer_url)
+    )
+    bot = PersonaBot(
+        graph,
+        graph.persona.store,
+        graph.persona.memory,
+        guild_id=int(guild) if guild else None,
+    )
+    bot.run(token, log_level=logging.getLevelName(os.environ.get("LOG_LEVEL", "INFO")))
+
+
+if __name__ == "__main__":
+    main()

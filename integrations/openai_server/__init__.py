@@ -1,0 +1,1 @@
+"""The OpenAI-compatible persona server as a deployable app; see README.md."""

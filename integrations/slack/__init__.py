@@ -1,0 +1,1 @@
+"""Slack bot template: every Slack user gets a persona; see README.md."""
