@@ -85,8 +85,17 @@ class Settings(BaseSettings):
     short_term_window: int = Field(
         10, ge=0, le=200, description="recent turns kept in the persona's memory section"
     )
+    server_tokens: dict[str, dict[str, list[str] | str]] = Field(
+        default_factory=dict,
+        description="bearer tokens of `persona serve` (the OpenAI-compatible server), JSON: "
+        '{"<token>": {"users": ["alice", "bob"]}, "<token>": {"tenant": "acme"}}; a tenant '
+        "token acts on user ids acme:...",
+    )
+    lora_dir: Path | None = Field(
+        None, description="LoRA hub: directory of adapter cards; default $PERSONA_HOME/lora"
+    )
 
-    @field_validator("home", "templates_dir", "memory_path")
+    @field_validator("home", "templates_dir", "memory_path", "lora_dir")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
@@ -135,6 +144,10 @@ class Settings(BaseSettings):
     @property
     def resolved_memory_path(self) -> Path:
         return self.memory_path or self.home / "memory"
+
+    @property
+    def resolved_lora_dir(self) -> Path:
+        return self.lora_dir or self.home / "lora"
 
     @property
     def limits(self) -> PersonaLimits:
