@@ -60,6 +60,8 @@ def ingest_memory(ef: Any, conversations: list[Conversation], record: bool = Fal
         memory = LongTermMemory(Path(tmp) / "memory", embedding_function=ef, collection="bench")
         recorder = Recorder(ef) if record else None
         if recorder:
+            for conv in conversations:  # Chroma needs the real function to create these
+                memory.collection_for(conv.name)
             memory.embedding_function = recorder  # what _write embeds; negligible overhead
         start = time.perf_counter()
         for conv in conversations:

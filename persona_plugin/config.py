@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     cold_start: bool = Field(
         False, description="serve unknown users with an empty persona instead of an error"
     )
+    cache_dir: Path | None = Field(
+        None, description="built models (the fast embedder); default $PERSONA_HOME/cache"
+    )
     memory_path: Path | None = Field(
         None, description="embedded Chroma directory; default $PERSONA_HOME/memory"
     )
@@ -95,7 +98,7 @@ class Settings(BaseSettings):
         None, description="LoRA hub: directory of adapter cards; default $PERSONA_HOME/lora"
     )
 
-    @field_validator("home", "templates_dir", "memory_path", "lora_dir")
+    @field_validator("home", "templates_dir", "memory_path", "lora_dir", "cache_dir")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None

@@ -50,11 +50,12 @@ from persona_plugin.errors import PersonaConfigError
 
 logger = logging.getLogger(__name__)
 
+log = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZE = 64
 MAX_TOKENS = 256  # the model's max_seq_length
 DIMENSIONS = 384
 VARIANTS = ("shipped", "fast")
-DEFAULT_VARIANT = "shipped"
+DEFAULT_VARIANT = "fast"  # ~2x the shipped file's speed, cosine >= 0.997 to it
 
 #: bump whenever the fast model's build recipe changes: its cache file name changes with it
 FAST_MODEL_RECIPE = 1
@@ -109,9 +110,12 @@ _input_digests: dict[tuple[str, int, int], str] = {}
 
 
 def default_model_cache_dir() -> Path:
-    """``$PERSONA_HOME/cache/models``, where the fast model is cached unless told otherwise."""
+    """Where the fast model is cached unless told otherwise: ``$PERSONA_CACHE_DIR/models``,
+    else ``$PERSONA_HOME/cache/models``."""
     from persona_plugin.config import DEFAULT_HOME
 
+    if os.environ.get("PERSONA_CACHE_DIR"):
+        return Path(os.environ["PERSONA_CACHE_DIR"]).expanduser() / "models"
     return Path(os.environ.get("PERSONA_HOME") or DEFAULT_HOME).expanduser() / "cache" / "models"
 
 
@@ -574,9 +578,12 @@ class MiniLMEmbeddingFunction(EmbeddingFunction[Documents]):
         tokenizer_path: str | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         threads: int = 0,
-        variant: str = DEFAULT_VARIANT,
+        variant: str | None = None,
         cache_dir: str | None = None,
     ) -> None:
+        if variant is None:
+            # a given model file is used as is; otherwise the default variant
+            variant = "shipped" if model_path else DEFAULT_VARIANT
         if variant not in VARIANTS:
             raise PersonaConfigError(
                 f"unknown embedding variant {variant!r}: use one of {', '.join(VARIANTS)}."
@@ -614,7 +621,8 @@ class MiniLMEmbeddingFunction(EmbeddingFunction[Documents]):
 
     @staticmethod
     def build_from_config(config: dict[str, Any]) -> MiniLMEmbeddingFunction:
-        return MiniLMEmbeddingFunction(**config)
+        # collections made before variants existed stored none: they used the shipped file
+        return MiniLMEmbeddingFunction(**{"variant": "shipped", **config})
 
     def default_space(self) -> str:  # type: ignore[override]
         return "cosine"
@@ -634,7 +642,12 @@ class MiniLMEmbeddingFunction(EmbeddingFunction[Documents]):
             if self.model_path:
                 model = Path(self.model_path)
             elif self.variant == "fast":
-                model = ensure_fast_model(self.cache_dir)
+                try:
+                    model = ensure_fast_model(self.cache_dir)
+                except PersonaConfigError as exc:
+                    # the shipped file is the same model (cosine >= 0.997): slower, not wrong
+                    log.warning("fast embedding model unavailable (%s); using the shipped one", exc)
+                    model = _default_model_path()
             else:
                 model = _default_model_path()
             vocab = Path(self.tokenizer_path) if self.tokenizer_path else _default_tokenizer_path()

@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
 from persona_plugin.store import PersonaStore
 
+MODEL_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "test"
 POSTGRES_URL = os.environ.get(
     "PERSONA_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
@@ -25,6 +27,8 @@ def _isolated_home(
         if name.startswith("PERSONA_") and not name.startswith("PERSONA_TEST_"):
             monkeypatch.delenv(name)
     monkeypatch.setenv("PERSONA_HOME", str(tmp_path_factory.mktemp("persona-home")))
+    # built models (the fast embedder) are cached across tests and runs, not per home
+    monkeypatch.setenv("PERSONA_CACHE_DIR", str(MODEL_CACHE))
 
 
 @pytest.fixture

@@ -108,7 +108,7 @@ def fast_cache(racing_build: tuple[Path, list[dict]]) -> Path:
 @pytest.fixture(scope="session")
 def functions(fast_cache: Path) -> dict[str, MiniLMEmbeddingFunction]:
     return {
-        "shipped": MiniLMEmbeddingFunction(),
+        "shipped": MiniLMEmbeddingFunction(variant="shipped"),
         "fast": MiniLMEmbeddingFunction(variant="fast", cache_dir=str(fast_cache)),
     }
 
@@ -197,7 +197,7 @@ def test_config_round_trip(fast_cache: Path) -> None:
         config = function.get_config()
         rebuilt = MiniLMEmbeddingFunction.build_from_config(config)
         assert rebuilt.get_config() == config
-    assert MiniLMEmbeddingFunction().get_config()["variant"] == "shipped"
+    assert MiniLMEmbeddingFunction().get_config()["variant"] == "fast"
     # collections made before variants existed stored no variant: the shipped model
     old = {"model_path": None, "tokenizer_path": None, "batch_size": 64, "threads": 0}
     assert MiniLMEmbeddingFunction.build_from_config(old).variant == "shipped"
@@ -210,7 +210,15 @@ def test_bad_variant_settings_are_refused() -> None:
         MiniLMEmbeddingFunction(variant="fast", model_path="/some/model.onnx")
 
 
-def test_fast_model_is_cached_under_persona_home_by_default() -> None:
+def test_fast_model_cache_follows_persona_cache_dir(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PERSONA_CACHE_DIR", "/srv/persona-cache")
+    assert default_model_cache_dir() == Path("/srv/persona-cache/models")
+
+
+def test_fast_model_is_cached_under_persona_home_by_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("PERSONA_CACHE_DIR", raising=False)
     expected = Path(os.environ["PERSONA_HOME"]) / "cache" / "models"
     assert default_model_cache_dir() == expected
     assert fast_model_path().parent == expected

@@ -339,7 +339,8 @@ def test_recall_returns_scores(memory: LongTermMemory) -> None:
     top = items[0]
     assert set(top.scores) == {"vector", "lexical", "fused"}
     assert -1.0 <= top.scores["vector"] <= 1.0 and top.scores["lexical"] > 0
-    assert top.score == top.scores["fused"] == pytest.approx(2 / 61)  # rank 1 in both lists
+    # first or second in both lists (a turn's vector carries its neighbours' context)
+    assert top.score == top.scores["fused"] >= 1 / 61 + 1 / 62 - 1e-9
     assert [i.score for i in items] == sorted((i.score for i in items), reverse=True)
     assert memory.recall("cy", "anything", k=0) == []
     assert len(memory.recall("cy", "bread", k=1)) == 1
