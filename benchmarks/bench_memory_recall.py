@@ -9,7 +9,7 @@ asked twice, alternately:
 * ``recall(user, query, k=5)``: the full hybrid path (query embedding, Chroma vector
   query, BM25, fusion, dedupe);
 * baseline: the pure Chroma vector query of the same collection, the same user filter and
-  the same depth (``collection.query(query_texts=..., where={"user_id": ...})``).
+  the same depth (``collection.query(query_texts=...)`` on the user's own collection).
 
 The first recall, which builds the user's BM25 index from Chroma, is timed and reported
 separately. The turns are independent statements, so they are embedded without dialogue
@@ -155,11 +155,12 @@ def main() -> int:
 
         depth = max(2 * args.k, 10)  # recall's vector depth
 
+        collection = memory.collection_for(USER)
+
         def vector_only(query: str) -> list[str]:
-            hits = memory.collection.query(
+            hits = collection.query(
                 query_texts=[query],
                 n_results=depth,
-                where={"user_id": USER},
                 include=["documents", "metadatas", "distances"],
             )
             return hits["ids"][0]
