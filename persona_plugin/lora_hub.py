@@ -50,7 +50,7 @@ from pydantic import (
 )
 
 from persona_plugin.errors import PersonaNotFoundError, PersonaValidationError
-from persona_plugin.persona import _SafeDumper, _StrictSafeLoader, format_path
+from persona_plugin.persona import _SafeDumper, _StrictSafeLoader, format_path, yaml_error
 
 AdapterKind = Literal[
     "knowledge", "personality", "memory", "style", "reflection", "preference", "task", "other"
@@ -270,15 +270,7 @@ def loads_card(text: str | bytes, *, source: str = "<string>") -> AdapterCard:
     try:
         data = yaml.load(text, Loader=_StrictSafeLoader)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise PersonaValidationError(
-            source,
-            "",
-            f"malformed YAML{where}: {problem}",
-            "Fix the syntax; check indentation and quote values that contain ': ' or '#'.",
-        ) from None
+        raise yaml_error(exc, source) from None
     if data is None:
         raise PersonaValidationError(source, "", "card is empty", f"Write the keys {_CARD_KEYS}.")
     return parse_card(data, source=source)

@@ -568,15 +568,7 @@ def loads(
             "Fix the syntax (a linter such as `python -m json.tool` points at it).",
         ) from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise PersonaValidationError(
-            source,
-            "",
-            f"malformed YAML{where}: {problem}",
-            "Fix the syntax; check indentation and quote values that contain ': ' or '#'.",
-        ) from None
+        raise yaml_error(exc, source) from None
     except ValueError as exc:
         raise PersonaValidationError(source, "", str(exc), "Use a finite number.") from None
     if data is None:
@@ -584,6 +576,19 @@ def loads(
             source, "", "document is empty", "Write at least one section, e.g. 'identity: {}'."
         )
     return parse_persona(data, source=source, limits=limits)
+
+
+def yaml_error(exc: yaml.YAMLError, source: str) -> PersonaValidationError:
+    """A YAML syntax error as the clear error: where, what, and what to do."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(exc, "problem", None) or str(exc)
+    return PersonaValidationError(
+        source,
+        "",
+        f"malformed YAML{where}: {problem}",
+        "Fix the syntax; check indentation and quote values that contain ': ' or '#'.",
+    )
 
 
 def _reject_constant(name: str) -> Any:

@@ -36,9 +36,9 @@ from typing import Any, Literal
 
 import discord
 from discord import app_commands
-from langchain_core.messages import HumanMessage
 
-from persona_plugin.errors import PersonaNotFoundError, PersonaValidationError
+from integrations.common import answer
+from persona_plugin.errors import PersonaNotFoundError
 from persona_plugin.persona import validate_user_id
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,6 @@ USAGE = (
     "Use `/persona show` to see what I know about you, or `/persona forget` to delete it "
     "(your persona and my long-term memory of you)."
 )
-SORRY = "Sorry, something went wrong while answering. Please try again later."
 
 
 def persona_user_id(discord_user_id: int | str) -> str:
@@ -88,28 +87,6 @@ def should_answer(message: Any, bot_user_id: int) -> bool:
     if getattr(message, "type", discord.MessageType.default) not in PERSON_MESSAGE_TYPES:
         return False
     return is_direct_message(message) or mentions_bot(message, bot_user_id)
-
-
-def answer(
-    graph: Any, *, user_id: str, thread_id: str, turn_id: str, text: str, reflection: str
-) -> str:
-    """The graph's reply to ``text`` (blocking); errors become a short apology."""
-    config = {
-        "configurable": {
-            "user_id": user_id,
-            "thread_id": thread_id,
-            "turn_id": turn_id,
-            "reflection": reflection,
-        }
-    }
-    try:
-        state = graph.invoke({"messages": [HumanMessage(content=text)]}, config)
-    except PersonaValidationError as exc:
-        return f"Sorry, I can't answer that: {exc.problem}."
-    except Exception:
-        log.exception("the persona graph failed for %s", user_id)
-        return SORRY
-    return state["messages"][-1].text or "(no answer)"
 
 
 async def handle_message(

@@ -39,11 +39,11 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
-from langchain_core.messages import HumanMessage
 from slack_bolt import App
 from slack_sdk import WebClient
 
-from persona_plugin.errors import PersonaNotFoundError, PersonaValidationError
+from integrations.common import answer
+from persona_plugin.errors import PersonaNotFoundError
 from persona_plugin.persona import validate_user_id
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,6 @@ USAGE = (
     "Usage: `/persona` or `/persona show` shows what I know about you; "
     "`/persona forget` deletes it (your persona and my long-term memory of you)."
 )
-SORRY = "Sorry, something went wrong while answering. Please try again later."
 
 
 def persona_user_id(team_id: str | None, slack_user_id: str) -> str:
@@ -143,28 +142,6 @@ def forget_user(graph: Any, store: Any, memory: Any, user_id: str) -> str:
         f"Done: I forgot your persona ({versions} version{'s' if versions != 1 else ''}) "
         f"and {items} long-term memor{'ies' if items != 1 else 'y'}."
     )
-
-
-def answer(
-    graph: Any, *, user_id: str, thread_id: str, turn_id: str, text: str, reflection: str
-) -> str:
-    """The graph's reply to ``text``; errors become a short apology, never an exception."""
-    config = {
-        "configurable": {
-            "user_id": user_id,
-            "thread_id": thread_id,
-            "turn_id": turn_id,
-            "reflection": reflection,
-        }
-    }
-    try:
-        state = graph.invoke({"messages": [HumanMessage(content=text)]}, config)
-    except PersonaValidationError as exc:
-        return f"Sorry, I can't answer that: {exc.problem}."
-    except Exception:
-        log.exception("the persona graph failed for %s", user_id)
-        return SORRY
-    return state["messages"][-1].text or "(no answer)"
 
 
 def create_slack_app(

@@ -1,0 +1,36 @@
+"""What the bot templates share: one turn through the persona graph, errors as apologies."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from langchain_core.messages import HumanMessage
+
+from persona_plugin.errors import PersonaValidationError
+
+log = logging.getLogger(__name__)
+
+SORRY = "Sorry, something went wrong while answering. Please try again later."
+
+
+def answer(
+    graph: Any, *, user_id: str, thread_id: str, turn_id: str, text: str, reflection: str
+) -> str:
+    """The graph's reply to ``text`` (blocking); errors become a short apology, never raise."""
+    config = {
+        "configurable": {
+            "user_id": user_id,
+            "thread_id": thread_id,
+            "turn_id": turn_id,
+            "reflection": reflection,
+        }
+    }
+    try:
+        state = graph.invoke({"messages": [HumanMessage(content=text)]}, config)
+    except PersonaValidationError as exc:
+        return f"Sorry, I can't answer that: {exc.problem}."
+    except Exception:
+        log.exception("the persona graph failed for %s", user_id)
+        return SORRY
+    return state["messages"][-1].text or "(no answer)"
