@@ -317,6 +317,65 @@ def eval_locomo(
 
 
 @app.command()
+def chat(
+    user_id: UserArg,
+    thread: Annotated[str, typer.Option(help="conversation id (kept by the checkpointer)")] = (
+        "terminal"
+    ),
+    reflection: Annotated[
+        str | None,
+        typer.Option(help="inline, background, every_n_turns or off (default: the setting)"),
+    ] = None,
+) -> None:
+    """Chat as USER with the configured model; after each turn, the persona diff.
+
+    Type /quit (or end the input) to leave. Offline by default: PERSONA_CHAT_MODEL=echo,
+    which cannot reflect, so reflection is off unless another model is configured.
+    """
+    from persona_plugin.graph import MODES, build_persona_graph_from_settings, make_checkpointer
+
+    settings = state.settings()
+    mode = reflection or ("off" if settings.chat_model == "echo" else settings.reflection)
+    if mode not in MODES:
+        raise typer.BadParameter(
+            f"{mode!r} is not one of {', '.join(MODES)}", param_hint="--reflection"
+        )
+    graph = build_persona_graph_from_settings(
+        settings, checkpointer=make_checkpointer(settings.resolved_checkpointer_url)
+    )
+    store = graph.persona.store
+    config = {"configurable": {"user_id": user_id, "thread_id": thread, "reflection": mode}}
+    out.print(f"chatting as '{user_id}' with {settings.chat_model} (reflection: {mode}); /quit")
+    try:
+        while True:
+            try:
+                line = input("you> ")
+            except EOFError:
+                break
+            if line.strip() in ("/quit", "/exit"):
+                break
+            if not line.strip():
+                continue
+            before = store.current_version(user_id)
+            result = graph.invoke({"messages": [("user", line)]}, config)
+            out.print(Text(f"assistant> {result['messages'][-1].text}", style="magenta"))
+            if mode == "background":
+                graph.persona.background.drain()
+            after = store.current_version(user_id)
+            if after > before:
+                changes = [
+                    c
+                    for c in (store.diff(user_id, before, after) if before else [])
+                    if not c.path.startswith("memory.short_term")
+                ]
+                out.print(f"persona v{before} -> v{after}" + (":" if changes else ""))
+                for change in changes:
+                    out.print(Text(f"  {change.describe()}", style=_STYLES[change.op]))
+    finally:
+        graph.persona.close()
+
+
+@app.command()
 def serve(
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on", min=1, max=65535)] = 8000,

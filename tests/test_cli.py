@@ -582,3 +582,28 @@ def test_executable_help_and_success(tmp_path):
     proc = run_exe("validate", "-", stdin=ALICE.read_bytes())
     assert proc.returncode == 0, proc.stderr
     assert "valid" in proc.stdout
+
+
+# -- persona chat ---------------------------------------------------------------------------
+
+
+def test_chat_runs_offline_and_creates_the_persona(tmp_path: Path) -> None:
+    """The terminal chat on the embedded defaults: echo model, SQLite, Chroma."""
+    result = run_exe("chat", "carol", stdin=b"I live in Porto\nWhere do I live?\n/quit\n")
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert 'assistant> You said: "I live in Porto"' in result.stdout
+    # the second turn's prompt carried what long-term memory recalled from the first
+    second = next(line for line in result.stdout.splitlines() if "Where do I live?" in line)
+    assert "0 facts" not in second
+    assert "persona v0 -> v1" in result.stdout  # the first turn created the persona
+    from persona_plugin import PersonaStore, Settings
+
+    with PersonaStore.from_settings(Settings.load()) as store:
+        assert store.current_version("carol") == 1
+
+
+def test_chat_rejects_an_unknown_reflection_mode() -> None:
+    result = run_exe("chat", "carol", "--reflection", "sometimes", stdin=b"/quit\n")
+    assert result.returncode == 2
+    assert "sometimes" in result.stderr and "Traceback" not in result.stderr
