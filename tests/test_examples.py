@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
@@ -22,3 +25,83 @@ def test_drop_in_chat_model_example_shows_the_injected_persona():
     assert lines[0] == "You are a travel assistant."
     assert "<user_profile>" in lines and "</user_profile>" in lines
     assert '- Name: "Alice"' in lines and '- Style: "concise"' in lines
+
+
+def run_example(name: str, *, drop: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    """Run examples/<name> as documented; ``drop`` leaves those variables out of its env."""
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    return subprocess.run(
+        [sys.executable, str(EXAMPLES / name)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        env=env,
+    )
+
+
+def load_example(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quickstart_openai_without_a_key_prints_the_notice(monkeypatch, capsys):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    example = load_example("quickstart_openai")
+    example.main()
+    assert capsys.readouterr().out.strip() == example.NOTICE
+
+
+def test_persona_graph_example_prints_what_two_turns_taught():
+    lines = run_example("persona_graph.py").stdout.splitlines()
+    assert lines[:4] == [
+        "user: Hi, I'm Ana and I live in Lisbon.",
+        "assistant: Welcome, Ana!",
+        "user: I love fado. Where can I hear it?",
+        "assistant: Try Lisbon's Alfama.",
+    ]
+    assert lines[4:] == [
+        "persona diff, version 1 -> 3:",
+        '  + demographics.location: "Lisbon"',
+        '  + personality.interests[0]: "fado"',
+        "long-term memories: lives in Lisbon, loves fado music",
+    ]
+
+
+def test_openai_server_client_example_talks_through_the_openai_client():
+    lines = run_example("openai_server_client.py").stdout.splitlines()
+    reply = 'You said: "Plan my weekend.". (echo model; 2 facts about you in my prompt)'
+    assert lines == [f"reply: {reply}", f"streamed: {reply}", "server stopped"]
+
+
+SLACK_VARS = ("SLACK_BOT_TOKEN", "SLACK_SIGNING_SECRET", "SLACK_APP_TOKEN")
+
+
+def test_slack_example_without_tokens_says_what_to_set():
+    out = run_example("slack_bot.py", drop=SLACK_VARS).stdout
+    assert out.startswith("Set SLACK_BOT_TOKEN and SLACK_SIGNING_SECRET to run the Slack bot")
+
+
+def test_discord_example_without_a_token_says_what_to_set():
+    out = run_example("discord_bot.py", drop=("DISCORD_BOT_TOKEN",)).stdout
+    assert out == "Set DISCORD_BOT_TOKEN to run the Discord bot (see the docstring).\n"
+
+
+def test_bot_examples_build_from_settings_and_tokens():
+    """What the examples run with real tokens, built offline (no connection is made)."""
+    from slack_bolt import App
+
+    from integrations.discord.bot import PersonaBot
+    from persona_plugin.config import Settings
+
+    settings = Settings.load()  # PERSONA_HOME is a temporary directory here (conftest)
+    app = load_example("slack_bot").build_app(
+        settings, "xoxb-not-a-token", "not-a-secret", token_verification_enabled=False
+    )
+    assert isinstance(app, App)
+    bot = load_example("discord_bot").build_bot(settings, guild_id=123)
+    assert isinstance(bot, PersonaBot) and bot.guild_id == 123
+    bot.graph.persona.close()
