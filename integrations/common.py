@@ -7,7 +7,7 @@ from typing import Any
 
 from langchain_core.messages import HumanMessage
 
-from persona_plugin.errors import PersonaValidationError
+from persona_plugin.errors import PersonaNotFoundError, PersonaValidationError
 
 log = logging.getLogger(__name__)
 
@@ -34,3 +34,26 @@ def answer(
         log.exception("the persona graph failed for %s", user_id)
         return SORRY
     return state["messages"][-1].text or "(no answer)"
+
+
+def forget(graph: Any, store: Any, memory: Any, user_id: str) -> str:
+    """Delete the user's persona and long-term memory; the ``/persona forget`` answer.
+
+    Background reflections still queued are finished first (for every user: the
+    reflector has no per-user cancel), so that none of them writes the persona back
+    after it was deleted.
+    """
+    background = getattr(getattr(graph, "persona", None), "background", None)
+    if background is not None and not background.drain(timeout=120):
+        log.warning("background reflections did not finish before forgetting %s", user_id)
+    try:
+        versions = store.delete(user_id)
+    except PersonaNotFoundError:
+        versions = 0
+    items = memory.delete_user(user_id) if memory is not None else 0
+    if not versions and not items:
+        return "I had nothing stored about you: no persona, no memories."
+    return (
+        f"Done: I forgot your persona ({versions} version{'s' if versions != 1 else ''}) "
+        f"and {items} long-term memor{'ies' if items != 1 else 'y'}."
+    )

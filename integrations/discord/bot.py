@@ -37,7 +37,7 @@ from typing import Any, Literal
 import discord
 from discord import app_commands
 
-from integrations.common import answer
+from integrations.common import answer, forget
 from persona_plugin.errors import PersonaNotFoundError
 from persona_plugin.persona import validate_user_id
 
@@ -146,22 +146,7 @@ def show_persona(store: Any, user_id: str) -> CommandReply:
 
 
 def forget_user(store: Any, memory: Any, user_id: str, graph: Any = None) -> CommandReply:
-    # Background reflections still queued are finished first (for every user: the
-    # reflector has no per-user cancel), so none of them writes the persona back later.
-    background = getattr(getattr(graph, "persona", None), "background", None)
-    if background is not None and not background.drain(timeout=120):
-        log.warning("background reflections did not finish before forgetting %s", user_id)
-    try:
-        versions = store.delete(user_id)
-    except PersonaNotFoundError:
-        versions = 0
-    items = memory.delete_user(user_id) if memory is not None else 0
-    if not versions and not items:
-        return CommandReply("I had nothing stored about you: no persona, no memories.")
-    return CommandReply(
-        f"Done: I forgot your persona ({versions} version{'s' if versions != 1 else ''}) "
-        f"and {items} long-term memor{'ies' if items != 1 else 'y'}."
-    )
+    return CommandReply(forget(graph, store, memory, user_id))
 
 
 def handle_persona_command(

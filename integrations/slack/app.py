@@ -42,7 +42,7 @@ from typing import Any
 from slack_bolt import App
 from slack_sdk import WebClient
 
-from integrations.common import answer
+from integrations.common import answer, forget
 from persona_plugin.errors import PersonaNotFoundError
 from persona_plugin.persona import validate_user_id
 
@@ -122,26 +122,8 @@ def show_persona(store: Any, user_id: str) -> str:
 
 
 def forget_user(graph: Any, store: Any, memory: Any, user_id: str) -> str:
-    """Delete the user's persona and long-term memory; the ``/persona forget`` answer.
-
-    Background reflections still queued are finished first (for every user: the
-    reflector has no per-user cancel), so that none of them writes the persona back
-    after it was deleted.
-    """
-    background = getattr(getattr(graph, "persona", None), "background", None)
-    if background is not None and not background.drain(timeout=120):
-        log.warning("background reflections did not finish before forgetting %s", user_id)
-    try:
-        versions = store.delete(user_id)
-    except PersonaNotFoundError:
-        versions = 0
-    items = memory.delete_user(user_id) if memory is not None else 0
-    if not versions and not items:
-        return "I had nothing stored about you: no persona, no memories."
-    return (
-        f"Done: I forgot your persona ({versions} version{'s' if versions != 1 else ''}) "
-        f"and {items} long-term memor{'ies' if items != 1 else 'y'}."
-    )
+    """Delete the user's persona and long-term memory; the ``/persona forget`` answer."""
+    return forget(graph, store, memory, user_id)
 
 
 def create_slack_app(
