@@ -697,6 +697,26 @@ def _cut(backend: str, where: str, exc: BaseException, partial: str) -> BackendS
     )
 
 
+def _stream_retry_delay(
+    exc: Exception,
+    partial: list[str],
+    retrier: _Retrier,
+    classify: Classifier,
+    backend: str,
+    where: str,
+) -> float:
+    """How long to wait before reopening a failed stream; raises if it must not be retried."""
+    if partial:
+        raise _cut(backend, where, exc, "".join(partial)) from exc
+    failure = exc if isinstance(exc, Failure) else classify(exc)
+    if failure is None:
+        raise exc
+    try:
+        return retrier.next_delay(failure)
+    except BackendError as final:
+        raise final from exc
+
+
 def stream_with_retries(
     open_stream: Callable[[], Iterator[GenerationChunk]],
     policy: RetryPolicy,
@@ -716,15 +736,7 @@ def stream_with_retries(
         except BackendError:
             raise
         except Exception as exc:
-            if partial:
-                raise _cut(backend, where, exc, "".join(partial)) from exc
-            failure = exc if isinstance(exc, Failure) else classify(exc)
-            if failure is None:
-                raise
-            try:
-                delay = retrier.next_delay(failure)
-            except BackendError as final:
-                raise final from exc
+            delay = _stream_retry_delay(exc, partial, retrier, classify, backend, where)
         policy.sleep(delay)
 
 
@@ -746,15 +758,7 @@ async def astream_with_retries(
         except BackendError:
             raise
         except Exception as exc:
-            if partial:
-                raise _cut(backend, where, exc, "".join(partial)) from exc
-            failure = exc if isinstance(exc, Failure) else classify(exc)
-            if failure is None:
-                raise
-            try:
-                delay = retrier.next_delay(failure)
-            except BackendError as final:
-                raise final from exc
+            delay = _stream_retry_delay(exc, partial, retrier, classify, backend, where)
         await policy.asleep(delay)
 
 
