@@ -147,6 +147,14 @@ class LongTermMemory:
         cls, settings: Settings | None = None, *, embedding_function: Any = None
     ) -> LongTermMemory:
         settings = settings or Settings.load()
+        if embedding_function is None and settings.cache_dir is not None:
+            # a cache_dir from a config file must reach the embedder, which otherwise reads
+            # only PERSONA_CACHE_DIR / PERSONA_HOME from the environment
+            from persona_plugin.embeddings import MiniLMEmbeddingFunction
+
+            embedding_function = MiniLMEmbeddingFunction(
+                cache_dir=str(settings.cache_dir / "models")
+            )
         return cls(
             settings.resolved_memory_path if not settings.memory_url else None,
             url=settings.memory_url,

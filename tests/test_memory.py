@@ -881,6 +881,18 @@ def test_from_settings_default_path_is_under_home(embedding_function: Any) -> No
     assert memory.link().path == str(settings.home / "memory")
 
 
+def test_from_settings_passes_a_configured_cache_dir_to_the_embedder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PERSONA_CACHE_DIR")  # the environment would win over the file
+    config = tmp_path / "persona.toml"
+    config.write_text(f'cache_dir = "{tmp_path / "built"}"\n')
+    memory = LongTermMemory.from_settings(Settings.load(config_file=config))
+    assert memory.embedding_function.cache_dir == str(tmp_path / "built" / "models")
+    # without one, the embedder keeps its own default (the environment's cache)
+    assert LongTermMemory.from_settings(Settings.load()).embedding_function.cache_dir is None
+
+
 def test_update_short_term_keeps_the_last_n_turns() -> None:
     persona = Persona()
     persona.memory.short_term = [
