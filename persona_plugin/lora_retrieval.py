@@ -115,11 +115,13 @@ def _free_values(extra: dict[str, Any] | None) -> list[str]:
     return out
 
 
-class _Embedder:
+class TextEmbedder:
     """Any embedder as ``texts -> unit rows``: ``.embed`` (MiniLMEmbeddingFunction), a
     LangChain ``Embeddings`` (``embed_documents``) or a callable (a Chroma function)."""
 
     def __init__(self, embedder: Any) -> None:
+        if isinstance(embedder, TextEmbedder):
+            embedder = embedder.embedder
         if embedder is None:
             from persona_plugin.embeddings import MiniLMEmbeddingFunction
 
@@ -147,7 +149,9 @@ class _Embedder:
         return rows / np.clip(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12, None)
 
 
-class _LRU:
+class LRUCache:
+    """A bounded map that drops the least recently used entry (not thread-safe alone)."""
+
     def __init__(self, size: int) -> None:
         self.size = size
         self.data: OrderedDict[Hashable, Any] = OrderedDict()
@@ -165,19 +169,204 @@ class _LRU:
             self.data.popitem(last=False)
 
 
-class LoraRetriever:
+class CardRetriever:
+    """What retrieving cards by a persona shares, whatever the cards are (LoRA adapters,
+    preference models): the persona's text and its cache key, the query vector (persona
+    blended with the input), card vectors cached per content, a result cache, softmax
+    weights. Subclasses pick the candidates and shape the result.
+
+    ``persona_text``: ``"compact"`` (what :meth:`compact_text` keeps; the default),
+    ``"assembled"`` (the full profile block a :class:`PromptAssembler` renders), or a
+    function ``Persona -> str``. ``input_weight`` is the input's share of the query (0:
+    persona only, 1: input only).
+    """
+
+    def __init__(
+        self,
+        *,
+        embedder: Any = None,
+        top_k: int = 3,
+        temperature: float = 0.1,
+        input_weight: float = 0.5,
+        persona_text: PersonaTextMode | Callable[[Persona], str] = "compact",
+        assembler: Any = None,
+        cache_size: int = 4096,
+    ) -> None:
+        self._embed = TextEmbedder(embedder)
+        self.top_k = _check_top_k(top_k)
+        self.temperature = _check_temperature(temperature)
+        if not 0.0 <= input_weight <= 1.0:
+            raise PersonaConfigError(f"input_weight must be in [0, 1], not {input_weight}.")
+        self.input_weight = input_weight
+        if not callable(persona_text) and persona_text not in ("compact", "assembled"):
+            raise PersonaConfigError(
+                f"persona_text {persona_text!r} is not 'compact', 'assembled' or a function."
+            )
+        self.persona_text_mode = persona_text
+        self._assembler = assembler
+        self._card_vectors: dict[str, np.ndarray] = {}
+        self._persona_vectors = LRUCache(cache_size)
+        self._input_vectors = LRUCache(cache_size)
+        self._results = LRUCache(cache_size)
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    # -- texts ----------------------------------------------------------------------------
+
+    def compact_text(self, persona: Persona) -> str:
+        """The persona's text in ``"compact"`` mode."""
+        return compact_persona_text(persona)
+
+    def persona_text(self, persona: Persona | str | None) -> str:
+        """The text the persona is embedded as."""
+        if persona is None:
+            return ""
+        if isinstance(persona, str):
+            return persona
+        mode = self.persona_text_mode
+        if callable(mode):
+            return mode(persona)
+        if mode == "assembled":
+            if self._assembler is None:
+                from persona_plugin.prompt import PromptAssembler
+
+                self._assembler = PromptAssembler()
+            return str(self._assembler.assemble(persona).text)
+        return self.compact_text(persona)
+
+    def _persona_key(self, persona: Persona | str | None) -> tuple[Hashable, str | None]:
+        """A cache key, and the text when it had to be computed for the key."""
+        if isinstance(persona, Persona):
+            user_id = persona.meta.user_id or persona.identity.user_id
+            if user_id and persona.meta.version > 0:
+                return ("version", user_id, persona.meta.version), None
+        text = self.persona_text(persona)
+        return ("text", hashlib.sha256(text.encode()).hexdigest()), text
+
+    # -- vectors --------------------------------------------------------------------------
+
+    def _mean_vectors(self, groups: Sequence[tuple[str, list[str]]]) -> np.ndarray:
+        """One unit vector per ``(digest, texts)``: the mean of the texts' embeddings, kept
+        per digest so that a card is embedded once per content."""
+        with self._lock:
+            missing = [(d, t) for d, t in groups if d not in self._card_vectors]
+        if missing:
+            texts: list[str] = []
+            spans: list[tuple[int, int]] = []
+            for _, group_texts in missing:
+                spans.append((len(texts), len(texts) + len(group_texts)))
+                texts.extend(group_texts)
+            rows = self._embed(texts)
+            with self._lock:
+                for (digest, _), (start, end) in zip(missing, spans, strict=True):
+                    mean = rows[start:end].mean(axis=0)
+                    self._card_vectors[digest] = mean / max(float(np.linalg.norm(mean)), 1e-12)
+        with self._lock:
+            return np.stack([self._card_vectors[d] for d, _ in groups])
+
+    def _query_vectors(
+        self,
+        persona: Persona | str | None,
+        persona_key: Hashable,
+        persona_text: str | None,
+        input: str,
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The persona's and the input's vectors (None for an empty text), embedded together
+        in one call when both are new."""
+        with self._lock:
+            p_vec = self._persona_vectors.get(persona_key)
+            i_vec = self._input_vectors.get(input)
+        todo: list[tuple[LRUCache, Hashable, str]] = []
+        if p_vec is None:
+            text = self.persona_text(persona) if persona_text is None else persona_text
+            todo.append((self._persona_vectors, persona_key, text))
+        if i_vec is None:
+            todo.append((self._input_vectors, input, input))
+        texts = [text for _, _, text in todo if text.strip()]
+        rows = iter(self._embed(texts)) if texts else iter(())
+        found = {}
+        with self._lock:
+            for cache, key, text in todo:
+                vector = next(rows) if text.strip() else np.zeros(0, dtype=np.float32)
+                cache.put(key, vector)
+                found[id(cache)] = vector
+        p_vec = found.get(id(self._persona_vectors), p_vec)
+        i_vec = found.get(id(self._input_vectors), i_vec)
+        return (p_vec if p_vec.size else None), (i_vec if i_vec.size else None)
+
+    def _query(
+        self,
+        persona: Persona | str | None,
+        persona_key: Hashable,
+        persona_text: str | None,
+        input: str,
+    ) -> np.ndarray | None:
+        """The unit query vector: the persona's and the input's blended by ``input_weight``
+        (None: nothing to retrieve with)."""
+        p_vec, i_vec = self._query_vectors(persona, persona_key, persona_text, input)
+        if p_vec is None and i_vec is None:
+            return None
+        if p_vec is None or (self.input_weight == 1.0 and i_vec is not None):
+            query = i_vec
+        elif i_vec is None or self.input_weight == 0.0:
+            query = p_vec
+        else:
+            query = (1 - self.input_weight) * p_vec + self.input_weight * i_vec
+        assert query is not None
+        return query / max(float(np.linalg.norm(query)), 1e-12)
+
+    @staticmethod
+    def _softmax_top(scores: np.ndarray, k: int, temperature: float) -> tuple[Any, np.ndarray]:
+        """The indices of the ``k`` best scores, best first, and their softmax weights."""
+        order = np.argsort(-scores, kind="stable")[: min(k, len(scores))]
+        top = scores[order].astype(np.float64)
+        weights = np.exp((top - top.max()) / temperature)
+        return order, weights / weights.sum()
+
+    # -- cache ----------------------------------------------------------------------------
+
+    def _cached(self, key: Hashable) -> Any:
+        with self._lock:
+            hit = self._results.get(key)
+            if hit is not None:
+                self.hits += 1
+            else:
+                self.misses += 1
+            return hit
+
+    def _remember(self, key: Hashable, value: Any) -> None:
+        with self._lock:
+            self._results.put(key, value)
+
+    def cache_info(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "hits": self.hits,
+                "misses": self.misses,
+                "results": len(self._results.data),
+                "personas": len(self._persona_vectors.data),
+                "inputs": len(self._input_vectors.data),
+                "cards": len(self._card_vectors),
+            }
+
+    def clear_cache(self) -> None:
+        with self._lock:
+            self._card_vectors.clear()
+            for cache in (self._persona_vectors, self._input_vectors, self._results):
+                cache.data.clear()
+            self.hits = self.misses = 0
+
+
+class LoraRetriever(CardRetriever):
     """Retrieves a weighted mixture of adapters for a persona and an input.
 
     ``hub`` is a :class:`LoraHub` (re-read on every call, cheaply, so new cards count at
     once) or a fixed list of cards. ``exclude_kinds`` defaults to ``("reflection",)``: the
     reflection adapter serves the reflection step, not the user's reply. Pre-merged cards
     are never candidates (they are how a server serves a mixture, not a skill of their
-    own). ``base_model`` keeps only adapters trained on that model.
-
-    ``persona_text``: ``"compact"`` (preferences, personality, patterns; the default),
-    ``"assembled"`` (the full profile block a :class:`PromptAssembler` renders), or a
-    function ``Persona -> str``. ``input_weight`` is the input's share of the query (0:
-    persona only, 1: input only).
+    own). ``base_model`` keeps only adapters trained on that model. The other options are
+    :class:`CardRetriever`'s.
     """
 
     def __init__(
@@ -195,59 +384,19 @@ class LoraRetriever:
         assembler: Any = None,
         cache_size: int = 4096,
     ) -> None:
+        super().__init__(
+            embedder=embedder,
+            top_k=top_k,
+            temperature=temperature,
+            input_weight=input_weight,
+            persona_text=persona_text,
+            assembler=assembler,
+            cache_size=cache_size,
+        )
         self.hub = hub
-        self._embed = _Embedder(embedder)
-        self.top_k = _check_top_k(top_k)
-        self.temperature = _check_temperature(temperature)
         self.exclude_kinds = _check_kinds(exclude_kinds, "exclude_kinds")
         self.kinds = _check_kinds(kinds, "kinds") if kinds is not None else None
         self.base_model = base_model
-        if not 0.0 <= input_weight <= 1.0:
-            raise PersonaConfigError(f"input_weight must be in [0, 1], not {input_weight}.")
-        self.input_weight = input_weight
-        if not callable(persona_text) and persona_text not in ("compact", "assembled"):
-            raise PersonaConfigError(
-                f"persona_text {persona_text!r} is not 'compact', 'assembled' or a function."
-            )
-        self.persona_text_mode = persona_text
-        self._assembler = assembler
-        self._card_vectors: dict[str, np.ndarray] = {}
-        self._persona_vectors = _LRU(cache_size)
-        self._input_vectors = _LRU(cache_size)
-        self._results = _LRU(cache_size)
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
-
-    # -- texts ----------------------------------------------------------------------------
-
-    def persona_text(self, persona: Persona | str | None) -> str:
-        """The text the persona is embedded as."""
-        if persona is None:
-            return ""
-        if isinstance(persona, str):
-            return persona
-        mode = self.persona_text_mode
-        if callable(mode):
-            return mode(persona)
-        if mode == "assembled":
-            if self._assembler is None:
-                from persona_plugin.prompt import PromptAssembler
-
-                self._assembler = PromptAssembler()
-            return str(self._assembler.assemble(persona).text)
-        return compact_persona_text(persona)
-
-    def _persona_key(self, persona: Persona | str | None) -> tuple[Hashable, str | None]:
-        """A cache key, and the text when it had to be computed for the key."""
-        if isinstance(persona, Persona):
-            user_id = persona.meta.user_id or persona.identity.user_id
-            if user_id and persona.meta.version > 0:
-                return ("version", user_id, persona.meta.version), None
-        text = self.persona_text(persona)
-        return ("text", hashlib.sha256(text.encode()).hexdigest()), text
-
-    # -- vectors --------------------------------------------------------------------------
 
     def _candidates(
         self,
@@ -265,56 +414,6 @@ class LoraRetriever:
             and (self.base_model is None or c.base_model == self.base_model)
             and (allowed is None or c.id in allowed)
         ]
-
-    def _card_matrix(self, cards: list[AdapterCard], hashes: list[str]) -> np.ndarray:
-        with self._lock:
-            missing = [
-                (c, h) for c, h in zip(cards, hashes, strict=True) if h not in self._card_vectors
-            ]
-        if missing:
-            texts: list[str] = []
-            spans: list[tuple[int, int]] = []
-            for card, _ in missing:
-                card_texts = card.embedding_texts()
-                spans.append((len(texts), len(texts) + len(card_texts)))
-                texts.extend(card_texts)
-            rows = self._embed(texts)
-            with self._lock:
-                for (_, digest), (start, end) in zip(missing, spans, strict=True):
-                    mean = rows[start:end].mean(axis=0)
-                    self._card_vectors[digest] = mean / max(float(np.linalg.norm(mean)), 1e-12)
-        with self._lock:
-            return np.stack([self._card_vectors[h] for h in hashes])
-
-    def _query_vectors(
-        self,
-        persona: Persona | str | None,
-        persona_key: Hashable,
-        persona_text: str | None,
-        input: str,
-    ) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """The persona's and the input's vectors (None for an empty text), embedded together
-        in one call when both are new."""
-        with self._lock:
-            p_vec = self._persona_vectors.get(persona_key)
-            i_vec = self._input_vectors.get(input)
-        todo: list[tuple[_LRU, Hashable, str]] = []
-        if p_vec is None:
-            text = self.persona_text(persona) if persona_text is None else persona_text
-            todo.append((self._persona_vectors, persona_key, text))
-        if i_vec is None:
-            todo.append((self._input_vectors, input, input))
-        texts = [text for _, _, text in todo if text.strip()]
-        rows = iter(self._embed(texts)) if texts else iter(())
-        found = {}
-        with self._lock:
-            for cache, key, text in todo:
-                vector = next(rows) if text.strip() else np.zeros(0, dtype=np.float32)
-                cache.put(key, vector)
-                found[id(cache)] = vector
-        p_vec = found.get(id(self._persona_vectors), p_vec)
-        i_vec = found.get(id(self._input_vectors), i_vec)
-        return (p_vec if p_vec.size else None), (i_vec if i_vec.size else None)
 
     # -- retrieval ------------------------------------------------------------------------
 
@@ -343,15 +442,11 @@ class LoraRetriever:
         hashes = [c.content_hash for c in cards]
         persona_key, persona_text = self._persona_key(persona)
         key = (persona_key, input, k, temp, kind_set, exclude, allowed_set, tuple(hashes))
-        with self._lock:
-            hit = self._results.get(key)
-            if hit is not None:
-                self.hits += 1
-                return LoraMixture(hit, cached=True)
-            self.misses += 1
+        hit = self._cached(key)
+        if hit is not None:
+            return LoraMixture(hit, cached=True)
         adapters = self._score(cards, hashes, persona, persona_key, persona_text, input, k, temp)
-        with self._lock:
-            self._results.put(key, adapters)
+        self._remember(key, adapters)
         return LoraMixture(adapters)
 
     def _score(
@@ -367,46 +462,16 @@ class LoraRetriever:
     ) -> tuple[RetrievedAdapter, ...]:
         if not cards:
             return ()
-        p_vec, i_vec = self._query_vectors(persona, persona_key, persona_text, input)
-        if p_vec is None and i_vec is None:
+        query = self._query(persona, persona_key, persona_text, input)
+        if query is None:
             return ()
-        if p_vec is None or (self.input_weight == 1.0 and i_vec is not None):
-            query = i_vec
-        elif i_vec is None or self.input_weight == 0.0:
-            query = p_vec
-        else:
-            query = (1 - self.input_weight) * p_vec + self.input_weight * i_vec
-        query = query / max(float(np.linalg.norm(query)), 1e-12)
-        scores = self._card_matrix(cards, hashes) @ query
-        order = np.argsort(-scores, kind="stable")[: min(k, len(cards))]
-        top = scores[order].astype(np.float64)
-        logits = (top - top.max()) / temperature
-        weights = np.exp(logits)
-        weights /= weights.sum()
+        groups = [(h, c.embedding_texts()) for c, h in zip(cards, hashes, strict=True)]
+        scores = self._mean_vectors(groups) @ query
+        order, weights = self._softmax_top(scores, k, temperature)
         return tuple(
-            RetrievedAdapter(cards[i].id, float(w), float(s), cards[i].kind)
-            for i, w, s in zip(order, weights, top, strict=True)
+            RetrievedAdapter(cards[i].id, float(w), float(scores[i]), cards[i].kind)
+            for i, w in zip(order, weights, strict=True)
         )
-
-    # -- cache ----------------------------------------------------------------------------
-
-    def cache_info(self) -> dict[str, int]:
-        with self._lock:
-            return {
-                "hits": self.hits,
-                "misses": self.misses,
-                "results": len(self._results.data),
-                "personas": len(self._persona_vectors.data),
-                "inputs": len(self._input_vectors.data),
-                "cards": len(self._card_vectors),
-            }
-
-    def clear_cache(self) -> None:
-        with self._lock:
-            self._card_vectors.clear()
-            for cache in (self._persona_vectors, self._input_vectors, self._results):
-                cache.data.clear()
-            self.hits = self.misses = 0
 
 
 def _check_top_k(top_k: int) -> int:
