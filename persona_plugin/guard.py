@@ -79,14 +79,26 @@ def _normalise(text: str) -> str:
     return "".join(c for c in text if c != "\u034f" and unicodedata.category(c) != "Cf")
 
 
+# Cyrillic and Greek letters drawn like Latin ones ("іgnore prеvious іnstructions" with
+# Cyrillic і and е reads the same to a model). NFKC keeps them apart, so they are folded
+# to Latin for matching only: Russian or Greek text folds to non-words and stays benign.
+_HOMOGLYPHS = str.maketrans(
+    "аеорсухіјѕԁԛԝӏвкмнтАВЕКМНОРСТУХІЈЅԌαβεικνορτυχΑΒΕΖΗΙΚΜΝΟΡΤΥΧ",
+    "aeopcyxijsdqwlbkmhtABEKMHOPCTYXIJSGaBeikvoptuxABEZHIKMNOPTYX",
+)
+
+
 def instruction_reason(text: str) -> str | None:
     """Why ``text`` reads as an instruction to the assistant, or ``None`` if it does not."""
     clean = _normalise(text)
+    variants = [clean]
     # keys such as "ignore_previous_instructions" are rendered as words ("Ignore previous
     # instructions"), so they are read as words too (role tags keep their underscores)
-    spaced = clean.replace("_", " ")
+    for variant in (clean.replace("_", " "), clean.translate(_HOMOGLYPHS)):
+        if variant not in variants:
+            variants.append(variant)
     for name, pattern in _PATTERNS:
-        if pattern.search(clean) or (spaced != clean and pattern.search(spaced)):
+        if any(pattern.search(variant) for variant in variants):
             return name
     return None
 
