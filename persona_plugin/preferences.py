@@ -55,7 +55,15 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from persona_plugin.errors import PersonaError, PersonaNotFoundError, PersonaValidationError
 from persona_plugin.lora_hub import _ID_PATTERN, CARD_SUFFIXES, MAX_CARD_BYTES
@@ -105,27 +113,49 @@ class PreferenceCard(BaseModel):
     kind: PreferenceKind
     scorer: ScorerType
     location: str | None = Field(
-        None, min_length=1, description="the model: a head file or a classifier folder"
+        None,
+        min_length=1,
+        validate_default=True,
+        description="the model: a head file or a classifier folder",
     )
-    rubric: str | None = Field(None, min_length=1, description="what an LLM judge grades")
+    rubric: str | None = Field(
+        None, min_length=1, validate_default=True, description="what an LLM judge grades"
+    )
     scale: tuple[float, float] = Field((0.0, 10.0), description="an LLM judge's score range")
     tags: list[str] = Field(default_factory=list)
     sample_inputs: list[str] = Field(default_factory=list)
 
     _path: Path | None = PrivateAttr(default=None)
 
-    @model_validator(mode="after")
-    def _fits_scorer(self) -> PreferenceCard:
-        if self.scorer in ("embedding_head", "sequence_classifier") and not self.location:
-            raise ValueError(f"a {self.scorer} card needs a location (its model file/folder)")
-        if self.scorer == "llm_judge" and not self.rubric:
-            raise ValueError("an llm_judge card needs a rubric (what the judge grades)")
-        low, high = self.scale
+    @field_validator("location")
+    @classmethod
+    def _location_fits_scorer(cls, value: str | None, info: ValidationInfo) -> str | None:
+        scorer = info.data.get("scorer")
+        if value is None and scorer in ("embedding_head", "sequence_classifier"):
+            raise ValueError(f"scorer {scorer} needs a location (its model file or folder)")
+        return value
+
+    @field_validator("rubric")
+    @classmethod
+    def _rubric_fits_scorer(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None and info.data.get("scorer") == "llm_judge":
+            raise ValueError("scorer llm_judge needs a rubric (what the judge grades)")
+        return value
+
+    @field_validator("scale")
+    @classmethod
+    def _range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
         if not (math.isfinite(low) and math.isfinite(high) and low < high):
-            raise ValueError(f"scale {list(self.scale)} is not a range [low, high] with low < high")
-        if any(not item.strip() for item in [*self.tags, *self.sample_inputs]):
-            raise ValueError("tags and sample_inputs must be non-empty strings")
-        return self
+            raise ValueError(f"{list(value)} is not a range [low, high] with low < high")
+        return value
+
+    @field_validator("tags", "sample_inputs")
+    @classmethod
+    def _non_empty_items(cls, value: list[str]) -> list[str]:
+        if any(not item.strip() for item in value):
+            raise ValueError("items must be non-empty strings")
+        return value
 
     @property
     def path(self) -> Path | None:

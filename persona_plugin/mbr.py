@@ -1,0 +1,442 @@
+"""Minimum-Bayes-risk (MBR) decoding over preference models.
+
+Sample ``n`` candidate replies, score each with the preference models the persona
+retrieved (:class:`PreferenceRetriever`), and return the candidate with the highest
+
+    utility_j = sum_i w_i * norm(score_i)_j  +  consensus_weight * norm(consensus)_j
+
+where ``w_i`` are the mixture's signed weights (``sum |w_i| = 1``; a negative weight
+prefers low scores), ``norm`` rescales one model's scores over the candidates (``minmax``
+to [0, 1], ``zscore``, or ``rank``) so that models on different scales add up, and
+``consensus_j`` is classic MBR's expected similarity of candidate ``j`` to the others
+(mean cosine of the sentence embeddings).
+
+:class:`MBRSelector` does the choosing, for one request or a batch where each request
+carries its own mixture. :class:`MBRChatModel` wraps any LangChain chat model: it draws the
+candidates (one call with ``n`` from a :class:`MultiLoraChatModel`, else ``n`` calls), picks,
+and returns the chosen reply with ``response_metadata["mbr"]``: the candidates, every
+model's scores, the weights, the utilities and the chosen index. Turning it on in a graph
+is one line: ``model = MBRChatModel(base=model, n=8)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models.chat_models import BaseChatModel
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
+from langchain_core.outputs import ChatGeneration, ChatResult
+from langchain_core.runnables import RunnableConfig
+from pydantic import ConfigDict, Field
+
+from persona_plugin.errors import PersonaConfigError
+from persona_plugin.persona import Persona
+from persona_plugin.preferences import (
+    CandidateEmbeddings,
+    PreferenceHub,
+    PreferenceMixture,
+    PreferenceRetriever,
+    PreferenceScorer,
+    PreferenceWeights,
+    check_scores,
+    normalize_preferences,
+)
+
+Normalization = Literal["minmax", "zscore", "rank"]
+NORMALIZATIONS: tuple[str, ...] = Normalization.__args__  # type: ignore[attr-defined]
+#: keys of ``config["configurable"]`` this model reads
+CONFIGURABLE_KEYS = ("persona", "preferences")
+
+
+def normalize_scores(scores: Sequence[float], how: Normalization = "minmax") -> np.ndarray:
+    """One model's scores over the candidates on a common scale (constant scores: 0.5 for
+    minmax and rank, 0 for zscore, so that the model does not sway the choice)."""
+    s = np.asarray(scores, dtype=np.float64)
+    if len(s) == 0:
+        return s
+    spread = float(s.max() - s.min())
+    if how == "minmax":
+        return (s - s.min()) / spread if spread > 1e-12 else np.full(len(s), 0.5)
+    if how == "zscore":
+        std = float(s.std())
+        return (s - s.mean()) / std if std > 1e-12 else np.zeros(len(s))
+    if how == "rank":
+        if len(s) == 1 or spread <= 1e-12:
+            return np.full(len(s), 0.5)
+        ranks = s.argsort(kind="stable").argsort(kind="stable").astype(np.float64)
+        return ranks / (len(s) - 1)
+    raise PersonaConfigError(f"normalization {how!r} is not one of {', '.join(NORMALIZATIONS)}.")
+
+
+@dataclass(frozen=True, slots=True)
+class MBRResult:
+    """What MBR decided for one request."""
+
+    prompt: str
+    candidates: tuple[str, ...]
+    chosen: int
+    utility: tuple[float, ...]
+    #: model id -> signed weight (absolute values sum to 1)
+    weights: dict[str, float]
+    #: model id -> raw scores, one per candidate
+    scores: dict[str, tuple[float, ...]]
+    #: model id -> normalised scores, one per candidate
+    normalized: dict[str, tuple[float, ...]]
+    consensus: tuple[float, ...] | None = None
+    consensus_weight: float = 0.0
+
+    @property
+    def text(self) -> str:
+        """The chosen candidate."""
+        return self.candidates[self.chosen]
+
+    def chosen_scores(self) -> dict[str, float]:
+        """The chosen candidate's raw score under each model."""
+        return {m: s[self.chosen] for m, s in self.scores.items()}
+
+    def to_metadata(self) -> dict[str, Any]:
+        """A JSON-ready summary (``response_metadata["mbr"]``)."""
+
+        def r(values: Sequence[float]) -> list[float]:
+            return [round(float(v), 4) for v in values]
+
+        return {
+            "n": len(self.candidates),
+            "chosen": self.chosen,
+            "candidates": list(self.candidates),
+            "weights": {m: round(w, 4) for m, w in self.weights.items()},
+            "scores": {m: r(s) for m, s in self.scores.items()},
+            "normalized": {m: r(s) for m, s in self.normalized.items()},
+            "utility": r(self.utility),
+            "consensus": r(self.consensus) if self.consensus is not None else None,
+            "consensus_weight": self.consensus_weight,
+            "chosen_scores": {m: round(v, 4) for m, v in self.chosen_scores().items()},
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class MBRRequest:
+    """One request of a batch: its prompt, its candidates, its own preference mixture."""
+
+    prompt: str
+    candidates: Sequence[str]
+    preferences: Any = None
+
+
+class MBRSelector:
+    """Chooses among candidates by the weighted, normalised scores of preference models.
+
+    ``hub``: a :class:`PreferenceHub` (scorers loaded by id on first use; call
+    ``hub.load()`` to check them all up front) or a mapping ``{id: scorer}``. ``embeddings``
+    (default: the hub's) embed candidates for the consensus term.
+    """
+
+    def __init__(
+        self,
+        hub: PreferenceHub | Mapping[str, PreferenceScorer],
+        *,
+        consensus_weight: float = 0.0,
+        normalization: Normalization = "minmax",
+        embeddings: CandidateEmbeddings | None = None,
+    ) -> None:
+        if normalization not in NORMALIZATIONS:
+            raise PersonaConfigError(
+                f"normalization {normalization!r} is not one of {', '.join(NORMALIZATIONS)}."
+            )
+        if not np.isfinite(consensus_weight) or consensus_weight < 0:
+            raise PersonaConfigError(
+                f"consensus_weight must be a finite number >= 0, not {consensus_weight!r}."
+            )
+        self.hub = hub
+        self.consensus_weight = float(consensus_weight)
+        self.normalization = normalization
+        if embeddings is None and isinstance(hub, PreferenceHub):
+            embeddings = hub.embeddings
+        self._embeddings = embeddings
+
+    @property
+    def embeddings(self) -> CandidateEmbeddings:
+        if self._embeddings is None:
+            self._embeddings = CandidateEmbeddings()
+        return self._embeddings
+
+    def scorer(self, model_id: str) -> PreferenceScorer:
+        if isinstance(self.hub, PreferenceHub):
+            return self.hub.scorer(model_id)
+        if model_id not in self.hub:
+            raise PersonaConfigError(
+                f"preference model {model_id!r} is not among the scorers given "
+                f"({', '.join(self.hub) or 'none'})."
+            )
+        return self.hub[model_id]
+
+    def _consensus(self, candidates: Sequence[str]) -> np.ndarray:
+        if len(candidates) < 2:
+            return np.zeros(len(candidates))
+        rows = self.embeddings(list(candidates))
+        sim = rows @ rows.T
+        np.fill_diagonal(sim, 0.0)
+        return sim.sum(axis=1) / (len(candidates) - 1)
+
+    def select(self, prompt: str, candidates: Sequence[str], preferences: Any = None) -> MBRResult:
+        """The best of ``candidates`` for ``prompt`` under ``preferences`` (``{id: weight}``,
+        pairs, or a :class:`PreferenceMixture`; weights are normalised). With no
+        preferences and no consensus term, the first candidate is chosen."""
+        candidates = list(candidates)
+        if not candidates:
+            raise PersonaConfigError("MBR needs at least one candidate; none were given.")
+        if not all(isinstance(c, str) for c in candidates):
+            raise PersonaConfigError("MBR candidates must be strings.")
+        weights: PreferenceWeights = normalize_preferences(preferences)
+        utility = np.zeros(len(candidates))
+        raw: dict[str, tuple[float, ...]] = {}
+        normed: dict[str, tuple[float, ...]] = {}
+        for model_id, weight in weights:
+            values = self.scorer(model_id).score(prompt, candidates)
+            values = check_scores(model_id, values, len(candidates))
+            norm = normalize_scores(values, self.normalization)
+            utility += weight * norm
+            raw[model_id] = tuple(values)
+            normed[model_id] = tuple(float(v) for v in norm)
+        consensus = None
+        if self.consensus_weight > 0:
+            consensus_raw = self._consensus(candidates)
+            utility += self.consensus_weight * normalize_scores(consensus_raw, self.normalization)
+            consensus = tuple(float(v) for v in consensus_raw)
+        return MBRResult(
+            prompt=prompt,
+            candidates=tuple(candidates),
+            chosen=int(np.argmax(utility)),
+            utility=tuple(float(u) for u in utility),
+            weights=dict(weights),
+            scores=raw,
+            normalized=normed,
+            consensus=consensus,
+            consensus_weight=self.consensus_weight,
+        )
+
+    def select_batch(self, requests: Sequence[MBRRequest | tuple[Any, ...]]) -> list[MBRResult]:
+        """:meth:`select` for each request, each with its own mixture. Every text of the
+        batch is embedded in one call first (the cache then serves the scorers)."""
+        items = [r if isinstance(r, MBRRequest) else MBRRequest(*r) for r in requests]
+        texts = [t for r in items for t in (*r.candidates, r.prompt) if t.strip()]
+        if texts and isinstance(self.hub, PreferenceHub):
+            self.embeddings(list(dict.fromkeys(texts)))
+        return [self.select(r.prompt, r.candidates, r.preferences) for r in items]
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(
+        block if isinstance(block, str) else str(block.get("text", ""))
+        for block in content or []
+        if isinstance(block, str) or (isinstance(block, Mapping) and block.get("type") == "text")
+    )
+
+
+class MBRChatModel(BaseChatModel):
+    """Any chat model with MBR decoding over the persona's preference models.
+
+    Per call: the persona comes from ``persona=`` (or ``config["configurable"]["persona"]``,
+    or the ``persona`` field); the mixture from ``preferences=`` (or the configurable key,
+    or the ``preferences`` field), else from the retriever given the persona and the last
+    user message. ``n`` candidates are drawn from ``base``: a
+    :class:`MultiLoraChatModel` draws them in one request (``n``, sampled at
+    ``temperature``, the persona passed on for its own LoRA retrieval); any other chat model
+    is called ``n`` times (``use_n=True`` passes ``n`` instead, e.g. to ``ChatOpenAI``).
+    The reply is the chosen candidate's message with ``response_metadata["mbr"]``.
+
+    The hub's scorers are loaded when the model is built, so a broken card fails there,
+    not on the first request.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    base: Any = Field(description="the chat model that samples the candidates")
+    n: int = Field(4, description="candidates per request")
+    hub: Any = Field(None, description="PreferenceHub; default: from settings")
+    retriever: Any = Field(None, description="PreferenceRetriever; default: over the hub")
+    preferences: Any = Field(None, description="a fixed mixture {id: weight} (no retrieval)")
+    persona: Any = Field(None, description="default persona (Persona, dict or text)")
+    consensus_weight: float = 0.0
+    normalization: str = "minmax"
+    temperature: float = Field(0.8, description="sampling temperature for a multi-LoRA base")
+    seed: int | None = None
+    use_n: bool | None = Field(None, description="ask base for n at once (None: auto)")
+    selector: Any = Field(None, exclude=True)
+
+    def model_post_init(self, context: Any) -> None:
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or not 1 <= self.n <= 64:
+            raise PersonaConfigError(f"MBR n must be an integer from 1 to 64, not {self.n!r}.")
+        if self.hub is None:
+            self.hub = PreferenceHub.from_settings()
+        if isinstance(self.hub, PreferenceHub):
+            self.hub.load()  # a missing or incompatible model fails here, not mid-request
+        if self.retriever is None and isinstance(self.hub, PreferenceHub):
+            self.retriever = PreferenceRetriever(self.hub)
+        if self.preferences is not None:
+            self.preferences = normalize_preferences(self.preferences)
+        self.selector = MBRSelector(
+            self.hub,
+            consensus_weight=self.consensus_weight,
+            normalization=self.normalization,  # type: ignore[arg-type]
+        )
+
+    @property
+    def _llm_type(self) -> str:
+        return "persona-mbr"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"base": getattr(self.base, "_llm_type", type(self.base).__name__), "n": self.n}
+
+    # -- config["configurable"] -> call kwargs ----------------------------------------------
+
+    @staticmethod
+    def _lift(config: RunnableConfig | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+        configurable = (config or {}).get("configurable") or {}
+        for key in CONFIGURABLE_KEYS:
+            if key in configurable and key not in kwargs:
+                kwargs[key] = configurable[key]
+        return kwargs
+
+    def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        return super().invoke(input, config, **self._lift(config, kwargs))
+
+    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        return await super().ainvoke(input, config, **self._lift(config, kwargs))
+
+    def stream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        return super().stream(input, config, **self._lift(config, kwargs))
+
+    def astream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        return super().astream(input, config, **self._lift(config, kwargs))
+
+    # -- one request ------------------------------------------------------------------------
+
+    def _persona(self, value: Any) -> Persona | str | None:
+        if value is None or isinstance(value, Persona | str):
+            return value
+        if isinstance(value, Mapping):
+            return Persona.from_dict(value, source="persona argument")
+        raise PersonaConfigError(
+            f"persona must be a Persona, a dict or text, not {type(value).__name__}."
+        )
+
+    def _plan(
+        self, messages: Sequence[BaseMessage], kwargs: dict[str, Any]
+    ) -> tuple[str, Persona | str | None, Any, dict[str, Any]]:
+        """The prompt, the persona, the mixture (and how it was found), and base's kwargs."""
+        persona = self._persona(kwargs.pop("persona", self.persona))
+        given = kwargs.pop("preferences", None)
+        n = kwargs.pop("n", self.n)
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 64:
+            raise PersonaConfigError(f"MBR n must be an integer from 1 to 64, not {n!r}.")
+        user = next((m for m in reversed(messages) if isinstance(m, HumanMessage)), None)
+        prompt = _text(user.content) if user is not None else ""
+        info: dict[str, Any] = {"n": n}
+        if given is not None:
+            mixture: Any = normalize_preferences(given)
+            info["source"] = "given"
+        elif self.preferences is not None:
+            mixture = self.preferences
+            info["source"] = "fixed"
+        elif self.retriever is not None and persona is not None:
+            retrieved: PreferenceMixture = self.retriever.retrieve(persona, prompt)
+            mixture = retrieved
+            info["source"] = "retrieved"
+            info["retrieved"] = [
+                [m.id, round(m.weight, 4), round(m.score, 4)] for m in retrieved.models
+            ]
+        else:
+            mixture, info["source"] = (), "none"
+        return prompt, persona, mixture, {"info": info, "rest": kwargs}
+
+    def _multi_lora(self) -> bool:
+        if self.use_n is not None:
+            return self.use_n
+        from persona_plugin.backends.chat_model import MultiLoraChatModel
+
+        return isinstance(self.base, MultiLoraChatModel)
+
+    def _base_kwargs(self, persona: Any, n: int, rest: dict[str, Any]) -> dict[str, Any]:
+        from persona_plugin.backends.chat_model import MultiLoraChatModel
+
+        kwargs = dict(rest)
+        kwargs["n"] = n
+        if isinstance(self.base, MultiLoraChatModel):
+            kwargs.setdefault("temperature", self.temperature)
+            if self.seed is not None:
+                kwargs.setdefault("seed", self.seed)
+            if persona is not None:
+                kwargs.setdefault("persona", persona)
+        return kwargs
+
+    def _finish(
+        self, generations: list[Any], result: MBRResult, info: dict[str, Any]
+    ) -> ChatResult:
+        chosen = generations[result.chosen]
+        message = chosen.message if hasattr(chosen, "message") else chosen
+        metadata = dict(getattr(message, "response_metadata", {}) or {})
+        metadata["mbr"] = {**info, **result.to_metadata()}
+        reply = AIMessage(
+            content=message.content,
+            response_metadata=metadata,
+            usage_metadata=getattr(message, "usage_metadata", None),
+            id=getattr(message, "id", None),
+        )
+        return ChatResult(generations=[ChatGeneration(message=reply)])
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        prompt, persona, mixture, plan = self._plan(messages, kwargs)
+        n = plan["info"]["n"]
+        if self._multi_lora():
+            out = self.base.generate(
+                [messages],
+                stop=stop,
+                **self._base_kwargs(persona, n, plan["rest"]),
+            )
+            generations = list(out.generations[0])
+        else:
+            generations = self.base.batch([messages] * n, stop=stop, **plan["rest"])
+        texts = [
+            _text(g.message.content if hasattr(g, "message") else g.content) for g in generations
+        ]
+        result = self.selector.select(prompt, texts, mixture)
+        return self._finish(generations, result, plan["info"])
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        prompt, persona, mixture, plan = await asyncio.to_thread(self._plan, messages, kwargs)
+        n = plan["info"]["n"]
+        if self._multi_lora():
+            out = await self.base.agenerate(
+                [messages],
+                stop=stop,
+                **self._base_kwargs(persona, n, plan["rest"]),
+            )
+            generations = list(out.generations[0])
+        else:
+            generations = await self.base.abatch([messages] * n, stop=stop, **plan["rest"])
+        texts = [
+            _text(g.message.content if hasattr(g, "message") else g.content) for g in generations
+        ]
+        result = await asyncio.to_thread(self.selector.select, prompt, texts, mixture)
+        return self._finish(generations, result, plan["info"])
