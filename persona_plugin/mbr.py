@@ -271,7 +271,10 @@ class MBRChatModel(BaseChatModel):
     use_n: bool | None = Field(None, description="ask base for n at once (None: auto)")
     selector: Any = Field(None, exclude=True)
 
-    def model_post_init(self, context: Any) -> None:
+    def __init__(self, **data: Any) -> None:
+        super().__init__(**data)
+        # after pydantic's validation, so that a broken card's error reaches the caller as
+        # is, not wrapped in a pydantic ValidationError
         if isinstance(self.n, bool) or not isinstance(self.n, int) or not 1 <= self.n <= 64:
             raise PersonaConfigError(f"MBR n must be an integer from 1 to 64, not {self.n!r}.")
         if self.hub is None:
