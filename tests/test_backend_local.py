@@ -15,10 +15,16 @@ import pytest
 pytest.importorskip("peft")
 pytest.importorskip("gguf")
 
-from persona_plugin.backends import SERVED_ADAPTER, SERVED_BASE, SERVED_MERGED
+from persona_plugin.backends import (
+    SERVED_ADAPTER,
+    SERVED_BASE,
+    SERVED_MERGED,
+    SERVED_PREMERGED,
+)
 from persona_plugin.backends.base import AdapterNotServedError, GenerationRequest
 from persona_plugin.backends.local import LocalBackend, gguf_source
 from persona_plugin.errors import PersonaConfigError
+from persona_plugin.lora_hub import LoraHub, parse_card
 
 try:
     gguf_source()
@@ -39,7 +45,8 @@ def model_cache() -> Path:
 
 @pytest.fixture(scope="session")
 def adapter_dirs(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Two tiny random LoRA adapters (r=4 on q_proj/v_proj; B made non-zero so they act)."""
+    """Two tiny random LoRA adapters (r=4 on q_proj/v_proj; B made non-zero so they act,
+    strong enough to change the reply, not so strong it is empty)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -48,18 +55,41 @@ def adapter_dirs(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
     root = tmp_path_factory.mktemp("adapters")
     dirs = {}
-    for i, name in enumerate(("tone", "facts")):
+    for i, (name, scale) in enumerate((("tone", 0.25), ("facts", 0.2))):
         base = AutoModelForCausalLM.from_pretrained(ensure_local_model(model_cache))
         config = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+        torch.manual_seed(100 + i)  # before get_peft_model: lora_A is random too
         model = get_peft_model(base, config)
-        torch.manual_seed(100 + i)
         with torch.no_grad():
             for pname, param in model.named_parameters():
                 if "lora_B" in pname:
-                    param.normal_(0, 0.2)
+                    param.normal_(0, scale)
         model.save_pretrained(root / name)
         dirs[name] = root / name
     return dirs
+
+
+@pytest.fixture(scope="session")
+def hub_backend(
+    model_cache: Path, adapter_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> LocalBackend:
+    """Adapters by hub card: ``card-tone``, ``card-facts``, and the pre-merged card
+    ``tone.facts-60`` (a dotted id) for 0.6 tone + 0.4 facts, whose folder is the facts
+    adapter's, so what serves it is told apart from a merge at run time."""
+    hub = LoraHub(tmp_path_factory.mktemp("hub"))
+    common = {
+        "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "description": "a random test adapter",
+        "kind": "style",
+        "rank": 4,
+        "target_modules": ["q_proj", "v_proj"],
+    }
+    hub.add(parse_card({**common, "id": "card-tone", "location": str(adapter_dirs["tone"])}))
+    hub.add(parse_card({**common, "id": "card-facts", "location": str(adapter_dirs["facts"])}))
+    merge_of = [{"id": "card-tone", "weight": 0.6}, {"id": "card-facts", "weight": 0.4}]
+    premerged = {"id": "tone.facts-60", "location": str(adapter_dirs["facts"])}
+    hub.add(parse_card({**common, **premerged, "merge_of": merge_of}))
+    return LocalBackend(lora_hub=hub, cache_dir=model_cache).load()
 
 
 @pytest.fixture(scope="session")
@@ -141,32 +171,6 @@ def test_stream_ends_with_the_result(backend: LocalBackend) -> None:
     assert "".join(c.text for c in chunks) == chunks[-1].result.text
 
 
-def test_adapters_are_found_by_hub_card(
-    backend: LocalBackend, adapter_dirs: dict[str, Path], tmp_path: Path
-) -> None:
-    from persona_plugin.lora_hub import LoraHub, parse_card
-
-    hub = LoraHub(tmp_path / "hub")
-    card = {
-        "id": "card-tone",
-        "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
-        "description": "a random test adapter",
-        "kind": "style",
-        "rank": 4,
-        "target_modules": ["q_proj", "v_proj"],
-        "location": str(adapter_dirs["tone"]),
-    }
-    hub.add(parse_card(card))
-    local = LocalBackend(lora_hub=hub)
-    local._model, local._tokenizer = backend._model, backend._tokenizer  # share the loaded model
-    local._loaded = backend._loaded
-    assert local.adapter_ids == frozenset({"card-tone"})
-    request = GenerationRequest(messages=HELLO, max_new_tokens=8, adapters=[("card-tone", 1.0)])
-    result = local.generate(request)
-    assert result.adapters == (("card-tone", 1.0),)
-    assert result.text == backend.generate(request.replace(adapters=[("tone", 1.0)])).text
-
-
 def test_serving_exposes_the_model_on_the_requested_adapter(backend: LocalBackend) -> None:
     """Code outside the backend runs model.generate itself, on the adapter serving a mixture."""
     import torch
@@ -185,3 +189,118 @@ def test_serving_exposes_the_model_on_the_requested_adapter(backend: LocalBacken
     )
     with pytest.raises(AdapterNotServedError), backend.serving([("nope", 1.0)]):
         pass
+
+
+def test_adapters_are_found_by_hub_card(hub_backend: LocalBackend, backend: LocalBackend) -> None:
+    assert hub_backend.adapter_ids == frozenset({"card-tone", "card-facts"})  # not pre-merged
+    request = GenerationRequest(messages=HELLO, max_new_tokens=8, adapters=[("card-tone", 1.0)])
+    result = hub_backend.generate(request)
+    assert result.adapters == (("card-tone", 1.0),)
+    assert result.text == backend.generate(request.replace(adapters=[("tone", 1.0)])).text
+
+
+def test_a_premerged_card_serves_its_mixture(hub_backend: LocalBackend) -> None:
+    card_alone = hub_backend.generate(
+        GenerationRequest(messages=HELLO, max_new_tokens=10, adapters=[("tone.facts-60", 1.0)])
+    )
+    # 0.62 / 0.38 is 0.6 / 0.4 within the default tolerance (0.05)
+    mixture = [("card-tone", 0.62), ("card-facts", 0.38)]
+    result = hub_backend.generate(
+        GenerationRequest(messages=HELLO, max_new_tokens=10, adapters=mixture)
+    )
+    assert result.served_by == SERVED_PREMERGED
+    assert result.adapters == (("tone.facts-60", 1.0),)
+    assert result.requested_adapters == (("card-tone", 0.62), ("card-facts", 0.38))
+    assert result.text == card_alone.text
+    # a mixture no card matches is merged at run time
+    other = hub_backend.generate(
+        GenerationRequest(
+            messages=HELLO, max_new_tokens=10, adapters=[("card-tone", 0.9), ("card-facts", 0.1)]
+        )
+    )
+    assert other.served_by == SERVED_MERGED
+    assert other.adapters == (("card-tone", 0.9), ("card-facts", 0.1))
+
+
+def test_a_mixed_batch_gives_what_each_request_gives_alone(backend: LocalBackend) -> None:
+    """Base, two adapters and a merged mixture, prompts of different lengths, one call."""
+    ask = ({"role": "user", "content": "Name three colours of the rainbow, please."},)
+    requests = [
+        GenerationRequest(messages=HELLO, max_new_tokens=10),
+        GenerationRequest(messages=ask, max_new_tokens=10, adapters=[("tone", 1.0)]),
+        GenerationRequest(prompt="The weather today is", max_new_tokens=10, adapters=["facts"]),
+        GenerationRequest(
+            messages=HELLO, max_new_tokens=10, adapters=[("tone", 0.6), ("facts", 0.4)]
+        ),
+        GenerationRequest(messages=ask, max_new_tokens=10, n=2),  # two rows
+        # another length: a call of its own
+        GenerationRequest(messages=HELLO, max_new_tokens=4, adapters=[("tone", 1.0)]),
+    ]
+    alone = [backend.generate(r) for r in requests]
+    batch = backend.generate_batch(requests)
+    assert [r.texts for r in batch] == [r.texts for r in alone]
+    assert [r.completion_tokens for r in batch] == [r.completion_tokens for r in alone]
+    assert [r.finish_reasons for r in batch] == [r.finish_reasons for r in alone]
+    assert [r.served_by for r in batch] == [
+        SERVED_BASE, SERVED_ADAPTER, SERVED_ADAPTER, SERVED_MERGED, SERVED_BASE, SERVED_ADAPTER
+    ]  # fmt: skip
+    assert [r.adapters for r in batch] == [
+        (), (("tone", 1.0),), (("facts", 1.0),), (("tone", 0.6), ("facts", 0.4)), (),
+        (("tone", 1.0),),
+    ]  # fmt: skip
+    assert [r.details["batch_rows"] for r in batch] == [6, 6, 6, 6, 6, 1]
+    assert len({r.text for r in batch[:4]}) == 4  # the adapters really differ row by row
+
+
+def test_a_batch_cuts_each_row_at_its_own_stop(backend: LocalBackend) -> None:
+    full = backend.generate(GenerationRequest(messages=HELLO, max_new_tokens=12)).text
+    stop = " " + full.split()[2]
+    requests = [
+        GenerationRequest(messages=HELLO, max_new_tokens=12, stop=(stop,)),
+        GenerationRequest(messages=HELLO, max_new_tokens=12, stop=(stop,), adapters=["tone"]),
+    ]
+    alone = [backend.generate(r) for r in requests]
+    batch = backend.generate_batch(requests)
+    assert batch[0].text == full[: full.index(stop)]
+    assert [(r.text, r.completion_tokens) for r in batch] == [
+        (r.text, r.completion_tokens) for r in alone
+    ]
+
+
+def test_stream_yields_tokens_as_they_come(backend: LocalBackend) -> None:
+    request = GenerationRequest(messages=HELLO, max_new_tokens=16)
+    chunks = list(backend.stream(request))
+    texts = [c.text for c in chunks if c.text]
+    assert len(texts) >= 3, texts
+    assert all(c.result is None for c in chunks[:-1])
+    assert "".join(texts) == backend.generate(request).text == chunks[-1].result.text
+
+
+def test_stream_holds_back_a_stop_string(backend: LocalBackend) -> None:
+    full = backend.generate(GenerationRequest(messages=HELLO, max_new_tokens=16)).text
+    stop = " " + " ".join(full.split()[3:5])  # two words: its start arrives first
+    request = GenerationRequest(messages=HELLO, max_new_tokens=16, stop=(stop,))
+    chunks = list(backend.stream(request))
+    streamed = "".join(c.text for c in chunks)
+    assert streamed == full[: full.index(stop)] == chunks[-1].result.text
+    assert chunks[-1].result.finish_reason == "stop"
+
+
+def test_a_failure_in_the_stream_worker_is_raised(
+    model_cache: Path, adapter_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """An adapter whose weights cannot be read fails in the worker: the consumer gets the
+    error and no result; the backend still serves afterwards."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    shutil.copy(adapter_dirs["tone"] / "adapter_config.json", broken)
+    (broken / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    local = LocalBackend(adapters={"broken": broken}, cache_dir=model_cache)
+    chunks = []
+    with pytest.raises(AdapterNotServedError, match="cannot be read"):
+        for chunk in local.stream(GenerationRequest(messages=HELLO, adapters=["broken"])):
+            chunks.append(chunk)
+    assert all(c.result is None for c in chunks)
+    assert local.generate(GenerationRequest(messages=HELLO, max_new_tokens=4)).text

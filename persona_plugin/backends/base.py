@@ -337,6 +337,8 @@ class Backend(Protocol):
 
     ``adapter_ids`` are the hub ids the backend can serve (None: any id, e.g. LoRAX loads
     adapters on demand); retrieval is limited to them. ``stream`` serves ``n == 1``.
+    ``generate_batch`` serves several requests, each with its own adapters, and returns
+    their results in order.
     """
 
     name: str
@@ -345,6 +347,8 @@ class Backend(Protocol):
     def adapter_ids(self) -> frozenset[str] | None: ...
 
     def generate(self, request: GenerationRequest) -> GenerationResult: ...
+
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]: ...
 
     async def agenerate(self, request: GenerationRequest) -> GenerationResult: ...
 
@@ -369,6 +373,16 @@ class BaseBackend(ABC):
 
     @abstractmethod
     def stream(self, request: GenerationRequest) -> Iterator[GenerationChunk]: ...
+
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Serve ``requests`` (each with its own adapters); their results, in order.
+
+        This default serves them one by one with :meth:`generate`: a remote server batches
+        concurrent requests on its side (continuous batching), so one call per request
+        loses nothing there. The local backend overrides it to run requests with different
+        adapters in one ``model.generate`` call. The first error is raised as is.
+        """
+        return [self.generate(request) for request in requests]
 
     async def agenerate(self, request: GenerationRequest) -> GenerationResult:
         return await asyncio.to_thread(self.generate, request)
