@@ -230,6 +230,25 @@ class MBRSelector:
         return [self.select(r.prompt, r.candidates, r.preferences) for r in items]
 
 
+def describe_mbr(metadata: Mapping[str, Any]) -> str:
+    """One line for a chat UI or a log: which preference models were used, with their
+    weights, and the chosen candidate's score under each. ``metadata``: a reply's
+    ``response_metadata`` (or its ``"mbr"`` entry); empty when the reply was not MBR's."""
+    mbr = metadata.get("mbr", metadata)
+    if "chosen" not in mbr:
+        return ""
+    chosen, n = mbr["chosen"], mbr.get("n", len(mbr.get("candidates", ())))
+    scores = mbr.get("chosen_scores", {})
+    models = ", ".join(
+        f"{m} {w:+.2f} (score {scores[m]:.2f})" if m in scores else f"{m} {w:+.2f}"
+        for m, w in mbr.get("weights", {}).items()
+    )
+    line = f"MBR: candidate {chosen + 1} of {n}; preferences: {models or 'none'}"
+    if mbr.get("consensus_weight"):
+        line += f"; consensus weight {mbr['consensus_weight']:g}"
+    return line
+
+
 def _text(content: Any) -> str:
     if isinstance(content, str):
         return content

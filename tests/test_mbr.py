@@ -23,7 +23,13 @@ from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
 
 from persona_plugin.errors import PersonaConfigError, PersonaValidationError
-from persona_plugin.mbr import MBRChatModel, MBRRequest, MBRSelector, normalize_scores
+from persona_plugin.mbr import (
+    MBRChatModel,
+    MBRRequest,
+    MBRSelector,
+    describe_mbr,
+    normalize_scores,
+)
 from persona_plugin.persona import Persona
 from persona_plugin.preferences import (
     CandidateEmbeddings,
@@ -204,6 +210,10 @@ def test_mbr_chat_model_picks_per_persona_from_config(hub: PreferenceHub) -> Non
     assert mbr["candidates"][mbr["chosen"]] == SHORT and mbr["source"] == "retrieved"
     assert mbr["weights"]["brevity"] > 0.5 and set(mbr["scores"]) == set(mbr["weights"])
     assert reply.response_metadata["scripted"] is True  # the candidate's own metadata stays
+    line = describe_mbr(reply.response_metadata)
+    assert line.startswith(f"MBR: candidate {mbr['chosen'] + 1} of 3; preferences: brevity +")
+    assert f"(score {mbr['chosen_scores']['brevity']:.2f})" in line
+    assert describe_mbr(AIMessage(content="plain").response_metadata) == ""
 
     detailed = model.invoke(PROMPT, persona=persona("b", 1, **DETAILED).model_dump())
     assert detailed.content == LONG
