@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
@@ -164,6 +164,16 @@ def _supports_tools(model: Any) -> bool:
     return bind_tools is not None and bind_tools is not BaseChatModel.bind_tools
 
 
+class ReflectionModel(Protocol):
+    """What :func:`reflect_and_save` needs of a reflector: :class:`Reflector` on any chat
+    model, or :class:`~persona_plugin.reflection_local.LocalReflector` on the local one."""
+
+    min_confidence: float
+    limits: PersonaLimits
+
+    def call(self, persona: Persona, turns: Sequence[ReflectionTurn]) -> ReflectionCall: ...
+
+
 class Reflector:
     """Runs the reflection call on any LangChain chat model.
 
@@ -267,7 +277,7 @@ def _guarded(turn: Turn) -> Turn:
 def reflect_and_save(
     *,
     store: PersonaStore,
-    reflector: Reflector,
+    reflector: ReflectionModel,
     user_id: str,
     turns: Sequence[ReflectionTurn],
     memory: Any = None,
@@ -476,7 +486,9 @@ class ReflectState(TypedDict, total=False):
     outcome: dict[str, Any]
 
 
-def build_reflection_graph(reflector: Reflector, *, store: PersonaStore, memory: Any = None) -> Any:
+def build_reflection_graph(
+    reflector: ReflectionModel, *, store: PersonaStore, memory: Any = None
+) -> Any:
     """A one-node LangGraph graph: reflect on a finished turn and save the persona."""
     from langgraph.graph import END, START, StateGraph
 
