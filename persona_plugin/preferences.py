@@ -562,7 +562,8 @@ class SequenceClassifierScorer:
         self.tokenizer = tokenizer
         self.model = model.to(device).eval()
         self.device = device
-        self.max_length = max_length
+        positions = getattr(model.config, "max_position_embeddings", None)
+        self.max_length = min(max_length, positions) if positions else max_length
         self._lock = threading.Lock()
 
     def score(self, prompt: str, candidates: Sequence[str]) -> list[float]:
