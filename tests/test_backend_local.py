@@ -134,6 +134,11 @@ def test_seeded_sampling_repeats(backend: LocalBackend) -> None:
     assert first.texts == second.texts and len(first.texts) == 2
 
 
+def test_unseeded_sampling_varies(backend: LocalBackend) -> None:
+    request = GenerationRequest(prompt="Once upon a time", max_new_tokens=12, temperature=1.5)
+    assert len({backend.generate(request).text for _ in range(3)}) > 1
+
+
 def test_an_adapter_changes_the_reply_and_is_reported(backend: LocalBackend) -> None:
     base = backend.generate(GenerationRequest(messages=HELLO, max_new_tokens=16))
     tuned = backend.generate(
@@ -274,6 +279,16 @@ def test_stream_yields_tokens_as_they_come(backend: LocalBackend) -> None:
     assert len(texts) >= 3, texts
     assert all(c.result is None for c in chunks[:-1])
     assert "".join(texts) == backend.generate(request).text == chunks[-1].result.text
+
+
+def test_closing_a_stream_early_ends_its_worker(backend: LocalBackend) -> None:
+    import threading
+
+    stream = backend.stream(GenerationRequest(prompt="Once upon a time", max_new_tokens=200))
+    assert next(stream).text
+    stream.close()
+    assert not [t for t in threading.enumerate() if t.name == "persona-local-stream"]
+    assert backend.generate(GenerationRequest(messages=HELLO, max_new_tokens=4)).text
 
 
 def test_stream_holds_back_a_stop_string(backend: LocalBackend) -> None:
