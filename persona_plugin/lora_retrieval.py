@@ -18,6 +18,10 @@ Caching, so that a turn costs one input embedding at most:
 * the input's vector per input text, and the whole result per (persona key, input,
   options, cards), in bounded LRU maps.
 
+The machinery (persona text and key, query blend, card vectors, caches, softmax) is
+:class:`CardRetriever`'s; :class:`LoraRetriever` picks adapter cards with it, and
+:class:`persona_plugin.preferences.PreferenceRetriever` preference models.
+
 The persona and the input are embedded separately (then blended) rather than as one
 string because the embedding model reads 256 tokens at most: a long profile would push
 the input out of its window.
