@@ -561,11 +561,16 @@ class LocalBackend(BaseBackend):
             kwargs["stopping_criteria"] = StoppingCriteriaList(criteria)
         if streamer is not None:
             kwargs["streamer"] = streamer
-        if self._loaded:  # a PeftModel: each row names its adapter (peft mixed batches)
+        adapter: Any = contextlib.nullcontext()
+        if self._loaded and len(set(names)) > 1:  # each row names its adapter (peft)
             kwargs["adapter_names"] = [name or BASE_ROW for name in names]
+        elif self._loaded and names[0] is None:
+            adapter = self._model.disable_adapter()
+        elif self._loaded:  # one adapter for all rows: activating it skips peft's row split
+            self._model.set_adapter(names[0])
         # a seed must not move the global RNG; without one, sampling draws from it as usual
         rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
-        with rng, torch.inference_mode():
+        with adapter, rng, torch.inference_mode():
             if seed is not None:
                 torch.manual_seed(seed)
             output = self._model.generate(
@@ -629,9 +634,10 @@ class LocalBackend(BaseBackend):
         Rows (``n`` per request) that decode alike (:meth:`_call_key`) run in one
         ``model.generate`` call, each on its own adapter (peft's mixed-adapter batches;
         ``"__base__"`` for the base model, a mixture's merged or pre-merged adapter for a
-        mixture), prompts left-padded. Greedy rows give the texts they would alone. A
-        seeded request's ``n`` candidates are drawn in one call seeded with ``seed``.
-        Unknown adapters are refused before anything runs.
+        mixture; a call whose rows share one adapter just activates it), prompts
+        left-padded. Greedy rows give the texts they would alone. A seeded request's ``n``
+        candidates are drawn in one call seeded with ``seed``. Unknown adapters are refused
+        before anything runs.
         """
         requests = list(requests)
         for i, request in enumerate(requests):
