@@ -187,6 +187,8 @@ def train_lora(
     model.peft_config["default"].base_model_name_or_path = base_dir.name
     try:
         model.save_pretrained(work)
+        # peft's generated model card is an empty template naming this machine's model path
+        (work / "README.md").unlink(missing_ok=True)
         (work / "training.json").write_text(
             json.dumps(
                 {
