@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from persona_plugin.cli_prefs import prefs_app
 from persona_plugin.config import Settings
 from persona_plugin.errors import PersonaError
 from persona_plugin.persona import Persona, json_schema, load, loads
@@ -393,6 +394,7 @@ lora_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(lora_app, name="lora")
+app.add_typer(prefs_app, name="prefs")
 
 
 def _lora_hub() -> Any:

@@ -97,8 +97,19 @@ class Settings(BaseSettings):
     lora_dir: Path | None = Field(
         None, description="LoRA hub: directory of adapter cards; default $PERSONA_HOME/lora"
     )
+    prefs_dir: Path | None = Field(
+        None,
+        description="preference-model hub: directory of cards; default $PERSONA_HOME/prefs",
+    )
+    mbr_n: int = Field(
+        0,
+        ge=0,
+        le=32,
+        description="MBR decoding: candidates sampled per reply and scored by the persona's "
+        "preference models; 0 = off",
+    )
 
-    @field_validator("home", "templates_dir", "memory_path", "lora_dir", "cache_dir")
+    @field_validator("home", "templates_dir", "memory_path", "lora_dir", "prefs_dir", "cache_dir")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None

@@ -607,3 +607,13 @@ def test_chat_rejects_an_unknown_reflection_mode() -> None:
     result = run_exe("chat", "carol", "--reflection", "sometimes", stdin=b"/quit\n")
     assert result.returncode == 2
     assert "sometimes" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_prefs_is_mounted_and_reads_the_configured_hub(run, monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("PERSONA_PREFS_DIR", str(tmp_path / "prefs"))
+    listed = run("prefs", "list", "--json")
+    assert listed.code == 0, listed.err
+    ids = {card["id"] for card in json.loads(listed.out)}
+    assert {"brevity", "formality", "warmth"} <= ids  # the bundled demo models
+    missing = run("prefs", "show", "no-such-model")
+    assert missing.code == 1 and "no-such-model" in missing.err

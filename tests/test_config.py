@@ -41,6 +41,12 @@ def test_environment_variables(monkeypatch):
     assert settings.cold_start is True
     assert settings.section_priorities["memory"] == 99
     assert settings.section_priorities["identity"] == DEFAULT_SECTION_PRIORITIES["identity"]
+    assert settings.mbr_n == 0  # MBR decoding is off unless asked for
+    monkeypatch.setenv("PERSONA_MBR_N", "8")
+    monkeypatch.setenv("PERSONA_PREFS_DIR", "~/prefs-here")
+    settings = Settings.load()
+    assert settings.mbr_n == 8
+    assert settings.prefs_dir == Path("~/prefs-here").expanduser()
 
 
 @pytest.mark.parametrize(
@@ -74,6 +80,7 @@ def test_explicit_config_file(monkeypatch, tmp_path):
         ("PERSONA_MAX_VALUE_CHARS", "lots", "max_value_chars"),
         ("PERSONA_TOKEN_BUDGET", "3", "token_budget"),
         ("PERSONA_SECTION_PRIORITIES", '{"memroy": 1}', "memroy"),
+        ("PERSONA_MBR_N", "100", "mbr_n"),
     ],
 )
 def test_bad_settings_are_clear_errors(monkeypatch, env, value, needle):
