@@ -22,6 +22,11 @@ Example card (``$PERSONA_HOME/lora/formal-concise.yaml``)::
     servers: [tgi-main]             # or {tgi-main: formal}: the id that server knows it by
     sample_inputs: ["Draft a reply to the board about the delay."]
 
+The hub reads the user's directory (``PERSONA_LORA_DIR``, default ``$PERSONA_HOME/lora``)
+on top of the cards that ship with the package (:data:`BUNDLED_LORA_DIR`: the demo style
+adapters of :mod:`persona_plugin.demo_adapters`); a user card with a bundled card's id
+overrides it.
+
 Every rejected card raises :class:`PersonaValidationError` naming the file and the field.
 """
 
@@ -49,7 +54,11 @@ from pydantic import (
     field_validator,
 )
 
-from persona_plugin.errors import PersonaNotFoundError, PersonaValidationError
+from persona_plugin.errors import (
+    PersonaConfigError,
+    PersonaNotFoundError,
+    PersonaValidationError,
+)
 from persona_plugin.persona import _SafeDumper, _StrictSafeLoader, format_path, yaml_error
 
 AdapterKind = Literal[
@@ -305,35 +314,18 @@ def mixture_matches(
     return all(abs(a[k] / ta - b[k] / tb) <= tolerance for k in a)
 
 
-class LoraHub:
-    """A directory of adapter cards (``*.yaml``, ``*.yml``, ``*.json``; default
-    ``$PERSONA_HOME/lora``).
+#: the adapter cards that ship with the package (the demo style adapters, ...)
+BUNDLED_LORA_DIR = Path(__file__).resolve().parent / "assets" / "lora"
 
-    Reads are cached per file (size and modification time), so :meth:`cards` is cheap to
-    call on every turn and still sees cards added by another process. One broken card
-    fails the whole read, naming the file: a hub that silently loses an adapter would
-    change what users are served without a word.
-    """
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
-        self.directory = Path(directory).expanduser()
+class _CardFolder:
+    """One directory of cards, re-read only where a file changed (size, modification time)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
         self._cache: dict[str, tuple[tuple[int, int], AdapterCard]] = {}
         self._snapshot: tuple[tuple[str, tuple[int, int]], ...] | None = None
-        self._cards: list[AdapterCard] = []
-        self._lock = threading.Lock()
-
-    @classmethod
-    def from_settings(cls, settings: Any = None) -> LoraHub:
-        if settings is None:
-            from persona_plugin.config import Settings
-
-            settings = Settings.load()
-        return cls(settings.resolved_lora_dir)
-
-    def __repr__(self) -> str:
-        return f"LoraHub({str(self.directory)!r})"
-
-    # -- reading --------------------------------------------------------------------------
+        self._cards: dict[str, AdapterCard] = {}
 
     def _scan(self) -> list[tuple[str, tuple[int, int]]]:
         try:
@@ -352,34 +344,91 @@ class LoraHub:
             files.append((entry.name, (stat.st_size, stat.st_mtime_ns)))
         return sorted(files)
 
+    def cards(self) -> dict[str, AdapterCard]:
+        """Card id -> card; the caller holds the hub's lock."""
+        files = tuple(self._scan())
+        if files == self._snapshot:
+            return self._cards
+        cards: dict[str, AdapterCard] = {}
+        fresh: dict[str, tuple[tuple[int, int], AdapterCard]] = {}
+        for name, stamp in files:
+            cached = self._cache.get(name)
+            card = cached[1] if cached and cached[0] == stamp else load_card(self.directory / name)
+            fresh[name] = (stamp, card)
+            if card.id in cards:
+                other = cards[card.id].path
+                raise PersonaValidationError(
+                    str(self.directory / name),
+                    "id",
+                    f"adapter id {card.id!r} is also used by {other}",
+                    "Ids are unique in a hub: rename one of the cards.",
+                )
+            cards[card.id] = card
+        self._cache, self._snapshot, self._cards = fresh, files, cards
+        return cards
+
+
+class LoraHub:
+    """A directory of adapter cards (``*.yaml``, ``*.yml``, ``*.json``; default
+    ``$PERSONA_HOME/lora``), read on top of optional ``bundled`` directories.
+
+    ``directory`` is the hub's own, where :meth:`add` writes. ``bundled`` directories
+    (the package's own adapters, :data:`BUNDLED_LORA_DIR`, in :meth:`from_settings`) are
+    read-only; a card in ``directory`` overrides a bundled card with the same id, so a user
+    can replace a shipped adapter without touching the package.
+
+    Reads are cached per file (size and modification time), so :meth:`cards` is cheap to
+    call on every turn and still sees cards added by another process. One broken card
+    fails the whole read, naming the file: a hub that silently loses an adapter would
+    change what users are served without a word.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        bundled: Sequence[str | os.PathLike[str]] = (),
+    ) -> None:
+        self.directory = Path(directory).expanduser()
+        self.bundled = tuple(Path(d).expanduser() for d in bundled)
+        self._folders = [_CardFolder(d) for d in (*self.bundled, self.directory)]
+        self._cards: list[AdapterCard] = []
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Any = None, *, bundled: bool = True) -> LoraHub:
+        """The hub of ``settings.lora_dir``, over the package's bundled adapters unless
+        ``bundled=False``."""
+        if settings is None:
+            from persona_plugin.config import Settings
+
+            settings = Settings.load()
+        return cls(settings.resolved_lora_dir, bundled=(BUNDLED_LORA_DIR,) if bundled else ())
+
+    @property
+    def directories(self) -> tuple[Path, ...]:
+        """Every directory read, the bundled ones first (later ones override)."""
+        return (*self.bundled, self.directory)
+
+    def __repr__(self) -> str:
+        if self.bundled:
+            return f"LoraHub({str(self.directory)!r}, bundled={[str(d) for d in self.bundled]})"
+        return f"LoraHub({str(self.directory)!r})"
+
+    # -- reading --------------------------------------------------------------------------
+
     def cards(self) -> list[AdapterCard]:
         """Every card, sorted by id (re-read only where a file changed)."""
-        files = tuple(self._scan())
         with self._lock:
-            if files == self._snapshot:
-                return list(self._cards)
-            cards: dict[str, AdapterCard] = {}
-            fresh: dict[str, tuple[tuple[int, int], AdapterCard]] = {}
-            for name, stamp in files:
-                cached = self._cache.get(name)
-                if cached and cached[0] == stamp:
-                    card = cached[1]
-                else:
-                    card = load_card(self.directory / name)
-                fresh[name] = (stamp, card)
-                if card.id in cards:
-                    other = cards[card.id].path
-                    raise PersonaValidationError(
-                        str(self.directory / name),
-                        "id",
-                        f"adapter id {card.id!r} is also used by {other}",
-                        "Ids are unique in a hub: rename one of the cards.",
-                    )
-                cards[card.id] = card
-            self._cache = fresh
-            self._snapshot = files
-            self._cards = sorted(cards.values(), key=lambda c: c.id)
+            merged: dict[str, AdapterCard] = {}
+            for folder in self._folders:
+                merged.update(folder.cards())
+            self._cards = sorted(merged.values(), key=lambda c: c.id)
             return list(self._cards)
+
+    def is_bundled(self, card: AdapterCard) -> bool:
+        """Whether ``card`` comes from a bundled (read-only) directory."""
+        return card.path is not None and card.path.parent in self.bundled
 
     def __iter__(self) -> Iterator[AdapterCard]:
         return iter(self.cards())
@@ -428,7 +477,12 @@ class LoraHub:
         self.directory.mkdir(parents=True, exist_ok=True)
         target = self.directory / f"{card.id}.yaml"
         for existing in self.cards():  # a hand-named file holding the same id
-            if existing.id == card.id and existing.path and existing.path != target:
+            if (
+                existing.id == card.id
+                and existing.path
+                and existing.path != target
+                and existing.path.parent == self.directory
+            ):
                 existing.path.unlink(missing_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{card.id}.", suffix=".tmp")
         try:
@@ -443,6 +497,12 @@ class LoraHub:
 
     def remove(self, adapter_id: str) -> None:
         card = self.get(adapter_id)
+        if self.is_bundled(card):
+            raise PersonaConfigError(
+                f"adapter {adapter_id!r} is bundled with persona-plugin ({card.path}) and "
+                f"cannot be removed; to change it, add a card with the id {adapter_id!r} to "
+                f"{self.directory}, which overrides the bundled one."
+            )
         if card.path is not None:
             card.path.unlink(missing_ok=True)
 

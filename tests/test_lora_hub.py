@@ -15,9 +15,10 @@ import yaml
 
 from persona_plugin import cli
 from persona_plugin.config import Settings
-from persona_plugin.errors import PersonaNotFoundError, PersonaValidationError
+from persona_plugin.errors import PersonaConfigError, PersonaNotFoundError, PersonaValidationError
 from persona_plugin.lora_hub import (
     ADAPTER_KINDS,
+    BUNDLED_LORA_DIR,
     AdapterCard,
     LoraHub,
     load_card,
@@ -242,6 +243,35 @@ def test_the_hub_directory_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert LoraHub.from_settings(Settings.load()).directory == tmp_path / "cards"
 
 
+def test_bundled_cards_under_the_users_own(tmp_path: Path) -> None:
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    write(shipped / "concise.yaml", card(id="concise", description="shipped"))
+    write(shipped / "formal.yaml", card(id="formal"))
+    hub = LoraHub(tmp_path / "mine", bundled=[shipped])
+    assert hub.ids() == ["concise", "formal"] and hub.directories[-1] == tmp_path / "mine"
+    assert hub.is_bundled(hub.get("concise"))
+    with pytest.raises(PersonaValidationError, match="already in the hub"):
+        hub.add(parse_card(card(id="concise", description="mine")))
+    # a user card overrides the bundled one with its id, and removing it brings that back
+    hub.add(parse_card(card(id="concise", description="mine")), replace=True)
+    assert hub.get("concise").description == "mine" and not hub.is_bundled(hub.get("concise"))
+    assert (shipped / "concise.yaml").is_file()  # the bundled file is never touched
+    hub.remove("concise")
+    assert hub.get("concise").description == "shipped"
+    with pytest.raises(PersonaConfigError, match=r"bundled .* overrides"):
+        hub.remove("formal")
+    assert hub.ids() == ["concise", "formal"]
+    assert "bundled=" in repr(hub)
+
+
+def test_the_default_hub_includes_the_bundled_adapters() -> None:
+    hub = LoraHub.from_settings(Settings.load())
+    assert hub.bundled == (BUNDLED_LORA_DIR,)
+    assert {"concise", "formal", "playful"} <= set(hub.ids())
+    assert LoraHub.from_settings(Settings.load(), bundled=False).bundled == ()
+
+
 def test_a_file_where_the_hub_should_be(tmp_path: Path) -> None:
     (tmp_path / "lora").write_text("")
     with pytest.raises(PersonaValidationError, match="not a directory"):
@@ -279,7 +309,9 @@ def run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp
 
 
 def test_cli_add_list_show(run: Any, tmp_path: Path) -> None:
-    result = run("list")
+    result = run("list")  # the user's hub is empty: the bundled adapters show
+    assert result.code == 0 and "concise" in result.out and "playful" in result.out
+    result = run("list", "--kind", "knowledge")
     assert result.code == 0 and "no adapter cards" in result.err
     path = write(tmp_path / "formal.yaml", card())
     result = run("add", path)
