@@ -6,6 +6,12 @@ graph. Input is ``{"messages": [...]}`` (the new user message); the user comes f
 checkpointer, earlier turns of the thread are in ``messages``). Also configurable per
 call: ``model`` (a name among ``models``) and ``reflection`` (``inline``,
 ``background``, ``every_n_turns``, ``off``).
+
+The ``generate`` node hands the persona to models that choose LoRA adapters from it
+(:func:`takes_persona`: a :class:`~persona_plugin.backends.chat_model.MultiLoraChatModel`),
+so the adapter mixture follows the persona turn by turn; the reply's
+``response_metadata`` then says which adapters were retrieved (``retrieved``: id, weight,
+score) and which served (``adapters``, ``served_by``).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from langchain_core.messages import AnyMessage, BaseMessage, HumanMessage, RemoveMessage
-from langchain_core.runnables import RunnableConfig
+from langchain_core.runnables import RunnableBinding, RunnableConfig
 from langgraph.graph import END, START, StateGraph, add_messages
 from typing_extensions import TypedDict  # pydantic reads only this one on Python < 3.12
 
@@ -61,6 +67,17 @@ class PersonaState(TypedDict, total=False):
 
 def _configurable(config: RunnableConfig | None) -> dict[str, Any]:
     return dict((config or {}).get("configurable") or {})
+
+
+def takes_persona(model: Any) -> bool:
+    """Whether ``model`` chooses its adapters from a ``persona=`` argument: a
+    :class:`MultiLoraChatModel` (also bound, ``model.bind(...)``), or any model with a true
+    ``takes_persona`` attribute."""
+    from persona_plugin.backends.chat_model import MultiLoraChatModel
+
+    while isinstance(model, RunnableBinding):
+        model = model.bound
+    return isinstance(model, MultiLoraChatModel) or bool(getattr(model, "takes_persona", False))
 
 
 class PersonaGraph:
@@ -223,7 +240,13 @@ class PersonaGraph:
         messages = list(state["messages"])
         if state.get("system_prompt"):
             messages = merge_system_message(messages, state["system_prompt"])
-        reply = model.invoke(messages, config)
+        if takes_persona(model):
+            # the adapter mixture follows the persona (its user id and version key the
+            # retriever's cache, so an updated persona is retrieved afresh)
+            persona = Persona.model_validate(state["persona"])
+            reply = model.invoke(messages, config, persona=persona)
+        else:
+            reply = model.invoke(messages, config)
         return {"messages": [reply]}
 
     def reflect(self, state: PersonaState, config: RunnableConfig) -> dict[str, Any]:
@@ -389,7 +412,7 @@ def build_persona_graph_from_settings(
     from persona_plugin.models import resolve_chat_model
 
     settings = settings or Settings.load()
-    model = chat_model or resolve_chat_model(settings.chat_model)
+    model = chat_model or resolve_chat_model(settings.chat_model, settings)
     return build_persona_graph(
         model,
         store=PersonaStore.from_settings(settings),
