@@ -1,11 +1,19 @@
-"""The offline demo: a scripted conversation through the persona graph.
+"""The offline demo: adapters chosen by the persona, then a conversation that updates it.
 
-Everything real runs: the SQLite persona store, ChromaDB long-term memory with the
-offline embedder, prompt assembly, the LangGraph graph with its SQLite checkpointer, and
-the reflection optimizer with its guard. Only the two language models are scripted
-(LangChain fake chat models): one writes the replies, one writes the reflections, until
-the local model backend lands. After each turn the demo prints the reply, what the
-reflection learned or refused, and the persona diff.
+Part 1, the persona picks the model's LoRA adapters: two users with different personas
+(Bo wants short answers, Cleo wants playful ones) ask the local model
+(SmolLM2-135M-Instruct, in-process) the same question through the persona graph. The
+graph's ``generate`` node retrieves a mixture of the bundled style adapters
+(:mod:`persona_plugin.demo_adapters`: ``concise``, ``formal``, ``playful``) from each
+persona; a table shows which adapters were retrieved with which weights and each answer
+(greedy, so it is reproducible), next to the base model's answer without adapters.
+
+Part 2, a scripted conversation: the SQLite persona store, ChromaDB long-term memory with
+the offline embedder, prompt assembly, the LangGraph graph with its SQLite checkpointer,
+and the reflection optimizer with its guard run for real; the two language models are
+scripted (LangChain fake chat models): one writes the replies, one the reflections.
+After each turn the demo prints the reply, what the reflection learned or refused, and
+the persona diff.
 """
 
 from __future__ import annotations
@@ -32,6 +40,23 @@ from persona_plugin.reflection import Reflector
 from persona_plugin.store import PersonaStore
 
 USER = "alice"
+#: part 1: the same question (not one the adapters were trained on) from two personas
+STYLE_QUESTION = "How do fish breathe underwater?"
+STYLE_USERS: tuple[tuple[str, str, dict[str, list[str]], str], ...] = (
+    (
+        "bo",
+        "Bo",
+        {"style": ["concise", "brief"], "format": ["one short sentence"]},
+        "Busy engineer; wants short, to-the-point answers without filler.",
+    ),
+    (
+        "cleo",
+        "Cleo",
+        {"style": ["playful", "fun", "casual"], "format": ["emoji"]},
+        "Loves jokes, emoji and cheerful, enthusiastic chat.",
+    ),
+)
+STYLE_MAX_NEW_TOKENS = 60
 _USAGE = {"input_tokens": 420, "output_tokens": 90, "total_tokens": 510}
 
 
@@ -161,7 +186,79 @@ class _CaptureSystemPrompt(BaseCallbackHandler):
             self.system = first.text
 
 
-def run_demo(home: Path | None = None, console: Console | None = None) -> None:
+def style_persona(user_id: str, name: str, preference: dict[str, list[str]], about: str) -> Persona:
+    persona = Persona.new(user_id, name=name)
+    for key, values in preference.items():
+        getattr(persona.preference, key).extend(values)
+    persona.personality.description = about
+    return persona
+
+
+def run_adapter_demo(
+    settings: Settings, store: PersonaStore, console: Console, *, chat_model: Any = None
+) -> list[dict[str, Any]]:
+    """Part 1: each style user's question through the graph on the local model.
+
+    Returns one row per user (``user``, ``retrieved``: [id, weight, score] lists,
+    ``served_by``, ``answer``), then the first user's again on the base model (``base``
+    True: the same prompt, no adapters).
+    """
+    from persona_plugin.models import local_chat_model
+
+    console.rule("part 1: the persona picks the adapters (local model, offline)")
+    model = chat_model or local_chat_model(
+        settings, temperature=None, max_new_tokens=STYLE_MAX_NEW_TOKENS
+    )
+    for user_id, name, preference, about in STYLE_USERS:
+        if store.exists(user_id):
+            store.delete(user_id)
+        store.create(user_id, style_persona(user_id, name, preference, about), reason="demo")
+    graph = build_persona_graph(model, store=store, reflection="off")
+    # the last run: the first user's prompt with no adapters, what the base model says
+    runs = [(user_id, {}) for user_id, *_ in STYLE_USERS] + [(STYLE_USERS[0][0], {"adapters": []})]
+    rows: list[dict[str, Any]] = []
+    try:
+        for user_id, extra in runs:
+            configurable = {"user_id": user_id, "thread_id": f"style-{len(rows)}", **extra}
+            state = graph.invoke(
+                {"messages": [("user", STYLE_QUESTION)]}, {"configurable": configurable}
+            )
+            reply = state["messages"][-1]
+            rows.append(
+                {
+                    "user": user_id,
+                    "base": "adapters" in extra,
+                    "retrieved": reply.response_metadata.get("retrieved", []),
+                    "served_by": reply.response_metadata.get("served_by"),
+                    "answer": reply.text,
+                }
+            )
+    finally:
+        graph.persona.close()
+    _show_adapter_table(console, store, rows)
+    return rows
+
+
+def _show_adapter_table(console: Console, store: PersonaStore, rows: list[dict[str, Any]]) -> None:
+    table = Table(title=f"same question, two personas: {STYLE_QUESTION!r}", show_lines=True)
+    table.add_column("user (persona)", max_width=28)
+    table.add_column("adapters retrieved (weight)", no_wrap=True)
+    table.add_column(f"answer (greedy, {STYLE_MAX_NEW_TOKENS} tokens at most)")
+    for row in rows:
+        persona = store.get(row["user"])
+        wants = ", ".join([*persona.preference.style, *persona.preference.format])
+        who = f"{row['user']}: {wants}"
+        if row["base"]:
+            who = f"{row['user']}'s prompt on the base model (no adapters)"
+        mixture = "\n".join(f"{a} {w:.2f}" for a, w, _ in row["retrieved"]) or "none"
+        table.add_row(who, mixture, Text(row["answer"].strip()))
+    console.print(table)
+
+
+def run_demo(
+    home: Path | None = None, console: Console | None = None, *, adapters: bool = True
+) -> None:
+    """Run the demo; ``adapters=False`` skips part 1 (the local model)."""
     console = console or Console(highlight=False)
     with tempfile.TemporaryDirectory(prefix="persona-demo-") as tmp:
         data_dir = Path(home or tmp).expanduser()
@@ -169,6 +266,8 @@ def run_demo(home: Path | None = None, console: Console | None = None) -> None:
         console.rule("[bold]persona-plugin demo (offline)")
         console.print(f"data directory: {data_dir}")
         store = PersonaStore.from_settings(settings)
+        if adapters:
+            run_adapter_demo(settings, store, console)
         memory = LongTermMemory.from_settings(settings)
         if store.exists(USER):
             store.delete(USER)
@@ -193,7 +292,7 @@ def run_demo(home: Path | None = None, console: Console | None = None) -> None:
         capture = _CaptureSystemPrompt()
         try:
             for turn_id, says, _, _ in SCRIPT:
-                console.rule(f"turn {turn_id}")
+                console.rule(f"part 2, turn {turn_id}")
                 before = store.current_version(USER)
                 state = graph.invoke(
                     {"messages": [("user", says)]},

@@ -105,3 +105,20 @@ def test_bot_examples_build_from_settings_and_tokens():
     bot = load_example("discord_bot").build_bot(settings, guild_id=123)
     assert isinstance(bot, PersonaBot) and bot.guild_id == 123
     bot.graph.persona.close()
+
+
+def test_local_multi_lora_graph_example_shows_each_personas_adapters():
+    lines = run_example("local_multi_lora_graph.py").stdout.splitlines()
+    assert len(lines) == 4, lines
+    mixtures = {}
+    for line in lines[0::2]:
+        user, _, rest = line.partition(": adapters ")
+        assert rest.endswith("(served merged)"), line
+        pairs = [p.rsplit(" ", 1) for p in rest.removesuffix(" (served merged)").split(", ")]
+        assert len(pairs) == 2 and abs(sum(float(w) for _, w in pairs) - 1) < 0.02, line
+        mixtures[user] = [a for a, _ in pairs]
+    # the top adapter follows the persona: Bo wants brief answers, Cleo fun ones
+    assert mixtures["bo"][0] == "concise" and mixtures["cleo"][0] == "playful"
+    answers = [line.split(": ", 1) for line in lines[1::2]]
+    assert [user for user, _ in answers] == ["bo", "cleo"]
+    assert all(text.strip() for _, text in answers) and answers[0][1] != answers[1][1]
