@@ -81,6 +81,8 @@ def test_two_personas_get_different_mixtures(model: MultiLoraChatModel, store: A
         assert meta["served_by"] == SERVED_MERGED
         assert [a for a, _ in meta["adapters"]] == [a for a, _, _ in retrieved]
         assert reply.text.strip()
+        hub = model.backend.lora_hub
+        assert all(hub.get(a).kind == "style" for a, _, _ in retrieved)  # never reflection
         mixtures[user] = {a: w for a, w, _ in retrieved}
     assert max(mixtures["bo"], key=mixtures["bo"].get) == "concise"
     assert max(mixtures["cleo"], key=mixtures["cleo"].get) == "playful"
