@@ -4,14 +4,20 @@
 graph. Input is ``{"messages": [...]}`` (the new user message); the user comes from
 ``config["configurable"]["user_id"]``, the conversation from ``thread_id`` (with a
 checkpointer, earlier turns of the thread are in ``messages``). Also configurable per
-call: ``model`` (a name among ``models``) and ``reflection`` (``inline``,
-``background``, ``every_n_turns``, ``off``).
+call: ``model`` (a name among ``models``), ``reflection`` (``inline``,
+``background``, ``every_n_turns``, ``off``) and ``mbr_n``.
 
 The ``generate`` node hands the persona to models that choose LoRA adapters from it
 (:func:`takes_persona`: a :class:`~persona_plugin.backends.chat_model.MultiLoraChatModel`),
 so the adapter mixture follows the persona turn by turn; the reply's
 ``response_metadata`` then says which adapters were retrieved (``retrieved``: id, weight,
 score) and which served (``adapters``, ``served_by``).
+
+MBR decoding is an optional stage of ``generate`` (``mbr_n`` candidates, 0 = off, the
+default; configurable per call): the model is wrapped in
+:class:`~persona_plugin.mbr.MBRChatModel`, which samples the candidates, scores them with
+the preference models retrieved from the persona and returns the best, its choice in
+``response_metadata["mbr"]``.
 """
 
 from __future__ import annotations
@@ -80,6 +86,14 @@ def takes_persona(model: Any) -> bool:
     return isinstance(model, MultiLoraChatModel) or bool(getattr(model, "takes_persona", False))
 
 
+def _check_mbr_n(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 32:
+        raise PersonaConfigError(
+            f"mbr_n must be an integer from 0 (MBR off) to 32 candidates, not {value!r}."
+        )
+    return value
+
+
 class PersonaGraph:
     """The nodes, bound to their parts. Use :func:`build_persona_graph`."""
 
@@ -99,6 +113,8 @@ class PersonaGraph:
         max_message_chars: int = 16000,
         short_term_window: int = 10,
         cold_start: bool = True,
+        mbr_n: int = 0,
+        preference_hub: Any = None,
     ) -> None:
         if reflection not in MODES:
             raise PersonaConfigError(f"reflection mode {reflection!r} is not one of {MODES}")
@@ -114,6 +130,9 @@ class PersonaGraph:
         self.max_message_chars = max_message_chars
         self.short_term_window = short_term_window
         self.cold_start = cold_start
+        self.mbr_n = _check_mbr_n(mbr_n)
+        self.preference_hub = preference_hub
+        self._mbr_models: dict[tuple[int, int], Any] = {}
         self._kb_clients: dict[str, Any] = {}
         self.has_checkpointer = True  # build_persona_graph says otherwise
         self.background = BackgroundReflector(self._reflect_job, debounce_s=debounce_s)
@@ -240,6 +259,9 @@ class PersonaGraph:
         messages = list(state["messages"])
         if state.get("system_prompt"):
             messages = merge_system_message(messages, state["system_prompt"])
+        mbr_n = _check_mbr_n(_configurable(config).get("mbr_n", self.mbr_n))
+        if mbr_n:
+            model = self._mbr_model(model, mbr_n)
         if takes_persona(model):
             # the adapter mixture follows the persona (its user id and version key the
             # retriever's cache, so an updated persona is retrieved afresh)
@@ -248,6 +270,19 @@ class PersonaGraph:
         else:
             reply = model.invoke(messages, config)
         return {"messages": [reply]}
+
+    def _mbr_model(self, model: Any, n: int) -> Any:
+        """``model`` with MBR decoding over ``n`` candidates, built once per (model, n):
+        building it loads and checks every preference model."""
+        from persona_plugin.mbr import MBRChatModel
+        from persona_plugin.preferences import PreferenceHub
+
+        key = (id(model), n)
+        if key not in self._mbr_models:
+            if self.preference_hub is None:
+                self.preference_hub = PreferenceHub.from_settings()
+            self._mbr_models[key] = MBRChatModel(base=model, n=n, hub=self.preference_hub)
+        return self._mbr_models[key]
 
     def reflect(self, state: PersonaState, config: RunnableConfig) -> dict[str, Any]:
         mode = _configurable(config).get("reflection", self.reflection)
@@ -410,6 +445,7 @@ def build_persona_graph_from_settings(
     """The persona graph on the configured store, memory and chat model."""
     from persona_plugin.memory import LongTermMemory
     from persona_plugin.models import resolve_chat_model
+    from persona_plugin.preferences import PreferenceHub
 
     settings = settings or Settings.load()
     model = chat_model or resolve_chat_model(settings.chat_model, settings)
@@ -421,4 +457,6 @@ def build_persona_graph_from_settings(
         assembler=PromptAssembler.from_settings(settings, token_counter=token_counter_for(model)),
         reflection=settings.reflection,
         short_term_window=settings.short_term_window,
+        mbr_n=settings.mbr_n,
+        preference_hub=PreferenceHub.from_settings(settings) if settings.mbr_n else None,
     )

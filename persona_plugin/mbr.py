@@ -276,6 +276,8 @@ class MBRChatModel(BaseChatModel):
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
+    #: the persona graph hands ``persona=`` to models that say so
+    takes_persona: bool = True
 
     base: Any = Field(description="the chat model that samples the candidates")
     n: int = Field(4, description="candidates per request")
