@@ -327,15 +327,29 @@ def chat(
         str | None,
         typer.Option(help="inline, background, every_n_turns or off (default: the setting)"),
     ] = None,
+    mbr: Annotated[
+        int | None,
+        typer.Option(
+            help="MBR decoding: candidates per reply, scored by the persona's preference "
+            "models; 0 = off (default: the mbr_n setting)",
+            min=0,
+            max=32,
+        ),
+    ] = None,
 ) -> None:
     """Chat as USER with the configured model; after each turn, the persona diff.
 
     Type /quit (or end the input) to leave. Offline by default: PERSONA_CHAT_MODEL=echo,
-    which cannot reflect, so reflection is off unless another model is configured.
+    which cannot reflect, so reflection is off unless another model is configured
+    (PERSONA_CHAT_MODEL=local: the local model with LoRA adapters chosen from the persona).
+    After each reply: the adapters retrieved for it and, with MBR on, the preference
+    models used and the chosen candidate's scores.
     """
     from persona_plugin.graph import MODES, build_persona_graph_from_settings, make_checkpointer
 
     settings = state.settings()
+    if mbr is not None:
+        settings = settings.model_copy(update={"mbr_n": mbr})
     mode = reflection or ("off" if settings.chat_model == "echo" else settings.reflection)
     if mode not in MODES:
         raise typer.BadParameter(
@@ -359,7 +373,10 @@ def chat(
                 continue
             before = store.current_version(user_id)
             result = graph.invoke({"messages": [("user", line)]}, config)
-            out.print(Text(f"assistant> {result['messages'][-1].text}", style="magenta"))
+            reply = result["messages"][-1]
+            out.print(Text(f"assistant> {reply.text}", style="magenta"))
+            for line in describe_reply(reply.response_metadata):
+                out.print(Text(f"  {line}", style="dim"))
             if mode == "background":
                 graph.persona.background.drain()
             after = store.current_version(user_id)
@@ -374,6 +391,19 @@ def chat(
                     out.print(Text(f"  {change.describe()}", style=_STYLES[change.op]))
     finally:
         graph.persona.close()
+
+
+def describe_reply(metadata: dict[str, Any]) -> list[str]:
+    """What chose a reply: the LoRA adapters retrieved for it, and MBR's choice."""
+    from persona_plugin.mbr import describe_mbr
+
+    lines = []
+    if metadata.get("retrieved"):
+        weights = ", ".join(f"{a} {w:.2f}" for a, w, *_ in metadata["retrieved"])
+        lines.append(f"adapters: {weights} (served: {metadata.get('served_by', '?')})")
+    if mbr_line := describe_mbr(metadata):
+        lines.append(mbr_line)
+    return lines
 
 
 @app.command()

@@ -603,6 +603,27 @@ def test_chat_runs_offline_and_creates_the_persona(tmp_path: Path) -> None:
         assert store.current_version("carol") == 1
 
 
+def test_chat_shows_the_mbr_choice(tmp_path: Path) -> None:
+    result = run_exe("chat", "dana", "--mbr", "2", stdin=b"Hello there\n/quit\n")
+    assert result.returncode == 0, result.stderr
+    assert "MBR: candidate 1 of 2; preferences: " in result.stdout
+    bad = run_exe("chat", "dana", "--mbr", "99", stdin=b"/quit\n")
+    assert bad.returncode == 2 and "--mbr" in bad.stderr
+
+
+def test_describe_reply_names_the_adapters_and_the_mbr_choice() -> None:
+    meta = {
+        "retrieved": [["concise", 0.95, 0.61], ["formal", 0.05, 0.42]],
+        "served_by": "merged",
+        "mbr": {"chosen": 1, "n": 4, "weights": {"brevity": 0.7}, "chosen_scores": {}},
+    }
+    assert cli.describe_reply(meta) == [
+        "adapters: concise 0.95, formal 0.05 (served: merged)",
+        "MBR: candidate 2 of 4; preferences: brevity +0.70",
+    ]
+    assert cli.describe_reply({"model_name": "echo"}) == []
+
+
 def test_chat_rejects_an_unknown_reflection_mode() -> None:
     result = run_exe("chat", "carol", "--reflection", "sometimes", stdin=b"/quit\n")
     assert result.returncode == 2
