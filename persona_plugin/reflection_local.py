@@ -55,6 +55,9 @@ ADAPTER_ID = "persona-reflection"
 BUNDLED_HUB = Path(__file__).resolve().parent / "assets" / "lora"
 #: the language loss's score: the local model extracts facts, it does not judge replies
 NEUTRAL_SCORE = 0.5
+#: edits whose value the user states in their own words ("I live in Porto" -> "Porto"): a
+#: value the turn does not contain is the small model's invention, not the user's
+GROUNDED_PATHS = frozenset(OP_PATHS) - {"pattern.items", "memory.feedback"}
 
 COMPACT_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -98,6 +101,8 @@ class Extraction:
     valid: bool = True
     called: bool = True
     text: str = ""
+    #: the turn it was read from (edits must be grounded in it)
+    turn_text: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
@@ -121,8 +126,8 @@ def parse_compact(text: str) -> tuple[list[str], list[tuple[str, str]]]:
             raise ValueError(f"an op names no known path: {op!r}")
         if not isinstance(op.get("value"), str):
             raise ValueError(f"an op's value is not a string: {op!r}")
-        pairs.append((op["path"], op["value"]))
-    return facts, pairs
+        pairs.append((op["path"], _clean(op["value"])))
+    return [_clean(f) for f in facts], pairs
 
 
 _SPACES = re.compile(r"\s+")
@@ -151,8 +156,9 @@ def to_reflection_output(
     """The typed reflection output of per-turn extractions, and what the guard dropped.
 
     Facts become memories, edits become operations (``append`` on list fields, ``set``
-    elsewhere) citing their turn, with ``confidence``. Anything that reads as an instruction
-    to the assistant is dropped, never passed on.
+    elsewhere) citing their turn, with ``confidence``. An edit on a :data:`GROUNDED_PATHS`
+    path whose value the turn does not contain is skipped. Anything that reads as an
+    instruction to the assistant is dropped, never passed on.
     """
     revealed: list[str] = []
     memories: list[MemoryFact] = []
@@ -174,7 +180,10 @@ def to_reflection_output(
         for path, raw in extraction.ops:
             text = _clean(raw)
             value = _value(path, text, turn_id) if text else None
-            if value is None:
+            source = extraction.turn_text.casefold()
+            if value is None or (
+                source and path in GROUNDED_PATHS and text.casefold() not in source
+            ):
                 continue
             if find_instruction(value):
                 dropped.append(text)
@@ -256,6 +265,7 @@ class LocalReflector:
             )
         extraction = Extraction(
             text=result.text,
+            turn_text=text,
             prompt_tokens=result.prompt_tokens,
             completion_tokens=result.completion_tokens,
             seconds=result.seconds,

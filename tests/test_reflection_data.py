@@ -89,9 +89,12 @@ def test_injection_and_small_talk_examples_yield_nothing(train) -> None:
 
 def test_gold_edits_apply_cleanly_through_the_optimizer(train) -> None:
     for example in train[:150]:
-        extraction = Extraction(facts=list(example.facts), ops=list(example.ops))
+        extraction = Extraction(
+            facts=list(example.facts), ops=list(example.ops), turn_text=example.text
+        )
         output, dropped = to_reflection_output([("t1", extraction)])
         assert not dropped
+        assert len(output.operations) == len(example.ops)  # every gold value is grounded
         result = apply_operations(Persona.new("u1"), output.operations, turn_ids={"t1"})
         assert not result.refused, (example.text, result.refused)
         assert len(output.memories) == len(example.facts)
