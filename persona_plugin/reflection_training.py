@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             progress=on_turn,
         )
-    out = hub_dir / f"{ADAPTER_ID}.eval.json"
+    # inside the adapter's folder: a .json file at the hub's top level would be read as a card
+    out = hub_dir / ADAPTER_ID / "evaluation.json"
     out.write_text(json.dumps(figures, indent=2) + "\n")
     console.print_json(json.dumps(figures))
     console.print(f"figures written to {out}")
