@@ -9,7 +9,7 @@ bar), stores it in float16 (half the size; peft upcasts it on load), writes its 
 :class:`~persona_plugin.reflection_local.LocalReflector` path (constrained decoding
 included): valid-JSON rate, fact recall and precision against the generator's gold facts,
 op accuracy, and how often injection and empty turns yield nothing. The figures go to
-``persona-reflection.eval.json`` beside the card.
+``persona-reflection/evaluation.json``, beside the weights.
 
 The adapter, its card and the figures are committed, so a fresh clone need not retrain;
 ``--eval-only`` re-measures the committed adapter.
