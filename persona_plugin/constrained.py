@@ -27,6 +27,7 @@ _MAX_WHITESPACE = 1
 _BYTES_PER_CHAR = 6
 
 _tables: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+_banned: weakref.WeakKeyDictionary[Any, frozenset[int]] = weakref.WeakKeyDictionary()
 _tables_lock = threading.Lock()
 
 
@@ -102,6 +103,49 @@ def token_budget(schema: Mapping[str, Any]) -> int:
     return size(schema)
 
 
+class _WithoutControlTokens:
+    """The enforcer's allowed tokens minus those that decode to control characters.
+
+    Inside a string the enforcer's free-text shortcut allows every token but quotes and
+    backslashes, raw control characters included, and a raw tab or newline inside a string
+    is not valid JSON. Without those tokens, whitespace between JSON tokens is spaces only,
+    which JSON does not mind.
+    """
+
+    def __init__(self, allowed: Any, banned: frozenset[int]) -> None:
+        self.allowed, self.banned = allowed, banned
+        self.token_enforcer = allowed.token_enforcer
+
+    def __call__(self, batch_id: int, sent: Any) -> list[int]:
+        return [t for t in self.allowed(batch_id, sent) if t not in self.banned]
+
+
+def _control_tokens(tokenizer: Any) -> frozenset[int]:
+    table = tokenizer_table(tokenizer)  # holds every token already decoded
+    with _tables_lock:
+        banned = _banned.get(tokenizer)
+        if banned is None:
+            banned = frozenset(
+                index
+                for index, text, _ in table.regular_tokens
+                if any(c < " " or c == "\x7f" for c in text)
+            )
+            _banned[tokenizer] = banned
+        return banned
+
+
+def allowed_tokens_fn(tokenizer: Any, schema: Mapping[str, Any]) -> Any:
+    """A fresh ``prefix_allowed_tokens_fn`` for one generation constrained to ``schema``."""
+    parser_cls, integration = _enforcer_modules()
+    allowed = integration.build_transformers_prefix_allowed_tokens_fn(
+        tokenizer_table(tokenizer), parser_cls(dict(schema))
+    )
+    # the token enforcer replaces the parser's config with its own (12 whitespaces allowed
+    # between JSON tokens); the budget counts on this bound instead
+    allowed.token_enforcer.root_parser.config.max_consecutive_whitespaces = _MAX_WHITESPACE
+    return _WithoutControlTokens(allowed, _control_tokens(tokenizer))
+
+
 @dataclass
 class ConstrainedResult:
     """One constrained generation: the text (a complete document) and its token counts."""
@@ -128,14 +172,7 @@ def generate_json(
     import torch
     from transformers import GenerationConfig
 
-    parser_cls, integration = _enforcer_modules()
-    parser = parser_cls(dict(schema))
-    allowed = integration.build_transformers_prefix_allowed_tokens_fn(
-        tokenizer_table(tokenizer), parser
-    )
-    # the token enforcer replaces the parser's config with its own (the tokenizer's
-    # alphabet, default whitespace allowance of 12), so the bound is set on that one
-    allowed.token_enforcer.root_parser.config.max_consecutive_whitespaces = _MAX_WHITESPACE
+    allowed = allowed_tokens_fn(tokenizer, schema)
     text = tokenizer.apply_chat_template(
         [dict(m) for m in messages], add_generation_prompt=True, tokenize=False
     )
