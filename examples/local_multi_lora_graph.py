@@ -1,6 +1,6 @@
 """The persona graph on the local multi-LoRA model, offline: the persona picks the adapters.
 
-Run: .venv/bin/python examples/local_multi_lora_graph.py
+Run: .venv/bin/python examples/local_multi_lora_graph.py [--max-new-tokens N]
 Two users ask the same question. The chat model is ``resolve_chat_model("local")``
 (what ``PERSONA_CHAT_MODEL=local`` gives): SmolLM2-135M-Instruct in-process, with the
 style adapters bundled with the package (``concise``, ``formal``, ``playful``); the graph
@@ -12,6 +12,7 @@ the model once into the model cache (about 30 s).
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 
 from persona_plugin import Persona, PersonaStore
@@ -28,9 +29,16 @@ def persona(user_id: str, name: str, styles: list[str], about: str) -> Persona:
     return p
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=40, help="reply length in tokens (default 40)"
+    )
+    max_new_tokens = parser.parse_args(argv).max_new_tokens
+    if max_new_tokens < 1:
+        parser.error(f"--max-new-tokens must be >= 1, not {max_new_tokens}")
     # greedy (temperature 0): the same answers on every run
-    model = resolve_chat_model("local").bind(max_new_tokens=40, temperature=0)
+    model = resolve_chat_model("local").bind(max_new_tokens=max_new_tokens, temperature=0)
     with tempfile.TemporaryDirectory() as tmp, PersonaStore(f"sqlite:///{tmp}/p.db") as store:
         store.create("bo", persona("bo", "Bo", ["concise", "brief"], "Wants short answers."))
         store.create(

@@ -112,12 +112,10 @@ def backend(bundled: LoraHub) -> LocalBackend:
 
 
 def test_the_local_backend_serves_the_bundled_adapters(backend: LocalBackend) -> None:
-    base = backend.generate(GenerationRequest(messages=QUESTION, max_new_tokens=12))
+    base = backend.generate(GenerationRequest(messages=QUESTION, max_new_tokens=6))
     texts = {"base": base.text}
     for style_id in STYLE_IDS:
-        request = GenerationRequest(
-            messages=QUESTION, adapters=[(style_id, 1.0)], max_new_tokens=12
-        )
+        request = GenerationRequest(messages=QUESTION, adapters=[(style_id, 1.0)], max_new_tokens=6)
         result = backend.generate(request)
         assert result.served_by == SERVED_ADAPTER and result.adapters == ((style_id, 1.0),)
         texts[style_id] = result.text
@@ -125,7 +123,7 @@ def test_the_local_backend_serves_the_bundled_adapters(backend: LocalBackend) ->
     assert len(set(texts.values())) == len(texts), texts
     mixed = backend.generate(
         GenerationRequest(
-            messages=QUESTION, adapters=[("concise", 0.7), ("playful", 0.3)], max_new_tokens=4
+            messages=QUESTION, adapters=[("concise", 0.7), ("playful", 0.3)], max_new_tokens=1
         )
     )
     assert mixed.served_by == SERVED_MERGED
@@ -136,16 +134,16 @@ def test_the_local_backend_serves_the_bundled_adapters(backend: LocalBackend) ->
 
 def test_a_short_training_run_writes_an_adapter_the_backend_serves(tmp_path: Path) -> None:
     out = tmp_path / "hub"
-    assert main(["--out", str(out), "--steps", "2", "--style", "playful", "--examples", "4"]) == 0
+    assert main(["--out", str(out), "--steps", "1", "--style", "playful", "--examples", "2"]) == 0
     hub = LoraHub(out)
     assert hub.ids() == ["playful"]
     card = hub.get("playful")
     assert card.location == "./playful" and Path(card.resolved_location) == out / "playful"
     report = json.loads((out / "playful" / "training.json").read_text())
-    assert report["steps"] == 2 and report["examples"] == 4
+    assert report["steps"] == 1 and report["examples"] == 2
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no leftovers
     result = LocalBackend(lora_hub=hub).generate(
-        GenerationRequest(messages=QUESTION, adapters=[("playful", 1.0)], max_new_tokens=4)
+        GenerationRequest(messages=QUESTION, adapters=[("playful", 1.0)], max_new_tokens=2)
     )
     assert result.served_by == SERVED_ADAPTER and result.completion_tokens
 
