@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import os
+
+# torch's thread pool (one thread a core) spins against the other processes of a busy
+# 2-core machine: a token of the local model then costs 3-10x more than on one thread. Set
+# before torch is imported; the variable reaches the example and CLI subprocesses too.
+# PERSONA_TEST_THREADS overrides it.
+os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("PERSONA_TEST_THREADS", "1"))
+
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
