@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from persona_plugin.cli_eval_facts import register as register_eval_facts
 from persona_plugin.cli_prefs import prefs_app
 from persona_plugin.config import Settings
 from persona_plugin.errors import PersonaError
@@ -264,6 +265,7 @@ def demo(
 
 eval_app = typer.Typer(help="Benchmarks of the plugin's parts, on public data sets.")
 app.add_typer(eval_app, name="eval")
+register_eval_facts(eval_app)
 
 
 def _parse_ks(text: str) -> list[int]:

@@ -46,9 +46,10 @@ from persona_plugin.reflection import (
     WITHHELD,
     BackgroundReflector,
     ReflectionMode,
+    ReflectionModel,
     ReflectionTurn,
-    Reflector,
     reflect_and_save,
+    reflector_for,
 )
 from persona_plugin.store import PersonaStore
 
@@ -104,7 +105,7 @@ class PersonaGraph:
         store: PersonaStore,
         memory: Any = None,
         assembler: PromptAssembler | None = None,
-        reflector: Reflector | None = None,
+        reflector: ReflectionModel | None = None,
         models: Mapping[str, Any] | None = None,
         reflection: ReflectionMode = "inline",
         every_n_turns: int = 3,
@@ -123,7 +124,7 @@ class PersonaGraph:
         self.store = store
         self.memory = memory
         self.assembler = assembler or PromptAssembler(token_counter=token_counter_for(chat_model))
-        self.reflector = reflector or Reflector(chat_model, limits=store.limits)
+        self.reflector = reflector or reflector_for(chat_model, limits=store.limits)
         self.reflection = reflection
         self.every_n_turns = every_n_turns
         self.recall_k = recall_k

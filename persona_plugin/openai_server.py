@@ -973,9 +973,10 @@ def served_models_from_settings(settings: Settings) -> dict[str, Any]:
 
     models: dict[str, Any] = {}
     if settings.chat_model != "echo":
-        model = resolve_chat_model(settings.chat_model)
+        model = resolve_chat_model(settings.chat_model, settings)
         models[settings.chat_model] = model
-        models.setdefault(settings.chat_model.split(":", 1)[1], model)
+        if ":" in settings.chat_model:
+            models.setdefault(settings.chat_model.split(":", 1)[1], model)
     models[DEFAULT_MODEL] = EchoChatModel()
     return models
 

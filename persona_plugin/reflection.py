@@ -174,6 +174,21 @@ class ReflectionModel(Protocol):
     def call(self, persona: Persona, turns: Sequence[ReflectionTurn]) -> ReflectionCall: ...
 
 
+def reflector_for(chat_model: Any, *, limits: PersonaLimits = DEFAULT_LIMITS) -> ReflectionModel:
+    """The reflector for ``chat_model``: the local model's own (its reflection adapter and
+    schema-bounded decoding, :class:`~persona_plugin.reflection_local.LocalReflector`,
+    sharing the loaded model) when it is the local multi-LoRA model and its hub has the
+    reflection adapter; else a :class:`Reflector` calling ``chat_model``."""
+    backend = getattr(chat_model, "backend", None)
+    hub = getattr(backend, "lora_hub", None)
+    if getattr(backend, "name", None) == "local" and hub is not None:
+        from persona_plugin.reflection_local import ADAPTER_ID, LocalReflector
+
+        if ADAPTER_ID in hub:
+            return LocalReflector(backend, limits=limits)
+    return Reflector(chat_model, limits=limits)
+
+
 class Reflector:
     """Runs the reflection call on any LangChain chat model.
 
@@ -524,10 +539,10 @@ def build_reflection_graph_from_settings(settings: Any = None, *, chat_model: An
     from persona_plugin.models import resolve_chat_model
 
     settings = settings or Settings.load()
-    model = chat_model or resolve_chat_model(settings.chat_model)
+    model = chat_model or resolve_chat_model(settings.chat_model, settings)
     store = PersonaStore.from_settings(settings)
     return build_reflection_graph(
-        Reflector(model, limits=store.limits),
+        reflector_for(model, limits=store.limits),
         store=store,
         memory=LongTermMemory.from_settings(settings),
     )

@@ -7,10 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import typer
 from typer.testing import CliRunner
 
-from persona_plugin.cli_eval_facts import register
 from persona_plugin.embeddings import MiniLMEmbeddingFunction
 from persona_plugin.errors import PersonaValidationError
 from persona_plugin.fact_eval import (
@@ -112,12 +110,10 @@ def test_the_run_reports_recall_cost_and_the_gate(locomo_file: Path, embedder) -
 
 
 def test_cli_prints_json(locomo_file: Path) -> None:
-    app = typer.Typer()
-    register(app)
-    app.command("noop")(lambda: None)  # a group of one command would swallow the name
-    result = CliRunner().invoke(
-        app, ["facts", str(locomo_file), "--sessions", "1", "--turns", "1", "--no-base", "--json"]
-    )
+    from persona_plugin.cli import app  # `persona eval facts`, as mounted
+
+    args = ["eval", "facts", str(locomo_file), "--sessions", "1", "--turns", "1", "--no-base"]
+    result = CliRunner().invoke(app, [*args, "--json"])
     assert result.exit_code == 0, result.output
     figures = json.loads(result.stdout)
     assert figures["turns"] == 1 and list(figures["results"]) == ["adapter"]

@@ -144,3 +144,29 @@ def test_local_is_a_chat_model_name(tmp_path: Path) -> None:
     # one loaded model per hub, shared by every chat model resolved on it
     assert resolve_chat_model("local", settings).backend is local.backend
     assert resolve_chat_model("echo").invoke("hi").text.startswith('You said: "hi"')
+
+
+def test_the_graph_on_the_local_model_reflects_with_the_reflection_adapter(
+    model: MultiLoraChatModel, store: Any
+) -> None:
+    """End to end, nothing scripted: the local model replies with style adapters, and the
+    reflection runs on the same loaded model with the reflection adapter."""
+    from persona_plugin.reflection import Reflector
+    from persona_plugin.reflection_local import LocalReflector
+
+    graph = build_persona_graph(model, store=store, reflection="inline")
+    try:
+        assert isinstance(graph.persona.reflector, LocalReflector)
+        assert graph.persona.reflector.backend is model.backend  # one model in memory
+        config = {"configurable": {"user_id": "greta", "thread_id": "greta-t"}}
+        graph.invoke({"messages": [("user", "These days I'm based in Tallinn.")]}, config)
+    finally:
+        graph.persona.close()
+    persona = store.get("greta")
+    assert persona.demographics.location == "Tallinn"
+    (record,) = [r for r in store.history("greta") if r.source.startswith("reflection")]
+    assert record.details["token_usage"]["total_tokens"] > 0
+    # any other chat model keeps the generic reflector
+    other = build_persona_graph(FakeListChatModel(responses=["ok"]), store=store)
+    assert isinstance(other.persona.reflector, Reflector)
+    other.persona.close()
