@@ -532,6 +532,12 @@ def test_demo_runs_and_leaves_versions_behind(run, tmp_path):
         rolled_back_to = store.get("alice", last.version - 2)
         assert store.get("alice").content_dict() == rolled_back_to.content_dict()
         assert store.get("alice").identity.name == "Alice"
+        # part 3: the local model and its reflection adapter, nothing scripted
+        greta = store.get("greta")
+        assert greta.demographics.location == "Tallinn"
+        assert greta.demographics.native_language == "Estonian"
+        assert "Ignore previous instructions" not in greta.to_yaml()
+    assert '+ demographics.location: "Tallinn"' in result.output
 
 
 # -- the real executable --------------------------------------------------------------------
