@@ -19,6 +19,10 @@ the persona diff.
 Part 3, nothing scripted: a user tells the local model about herself; the local model
 replies (with the adapters her persona retrieves) and reflects with the bundled reflection
 adapter, its output constrained to the reflection schema; the persona gains the facts.
+
+Part 4, MBR decoding: the graph samples several answers on the local model and the
+preference models retrieved from each persona (the bundled brevity, formality and warmth
+heads) choose one: a user who wants brevity gets a shorter one than a user who wants detail.
 """
 
 from __future__ import annotations
@@ -261,6 +265,57 @@ def _show_adapter_table(console: Console, store: PersonaStore, rows: list[dict[s
     console.print(table)
 
 
+#: part 4: candidates per reply for MBR decoding
+MBR_N = 4
+MBR_USERS = (
+    ("bo", {"style": ["concise", "brief"], "format": ["one short sentence"]}),
+    ("dev", {"style": ["detailed", "thorough, in-depth explanations"], "format": ["paragraphs"]}),
+)
+
+
+def run_mbr_demo(settings: Settings, store: PersonaStore, console: Console) -> None:
+    """Part 4: the graph's MBR stage; the persona's preference models pick the candidate."""
+    from persona_plugin.mbr import describe_mbr
+    from persona_plugin.models import local_chat_model
+    from persona_plugin.preferences import PreferenceHub
+
+    console.rule(f"part 4: preference models choose among {MBR_N} sampled answers (MBR)")
+    model = local_chat_model(settings, temperature=0.9, max_new_tokens=40)
+    hub = PreferenceHub.from_settings(settings)
+    graph = build_persona_graph(
+        model, store=store, reflection="off", mbr_n=MBR_N, preference_hub=hub
+    )
+    table = Table(title=f"same question, MBR over {MBR_N} candidates: {STYLE_QUESTION!r}")
+    table.add_column("user (preference)", max_width=30)
+    table.add_column("candidate words", no_wrap=True)
+    table.add_column("MBR's choice and why")
+    try:
+        for user_id, preference in MBR_USERS:
+            persona = Persona.new(user_id)
+            for key, values in preference.items():
+                getattr(persona.preference, key).extend(values)
+            if store.exists(user_id):
+                store.delete(user_id)
+            store.create(user_id, persona, reason="demo")
+            config = {"configurable": {"user_id": user_id, "thread_id": "mbr"}}
+            state = graph.invoke({"messages": [("user", STYLE_QUESTION)]}, config)
+            reply = state["messages"][-1]
+            mbr = reply.response_metadata["mbr"]
+            words = ", ".join(
+                f"[{len(c.split())}]" if i == mbr["chosen"] else str(len(c.split()))
+                for i, c in enumerate(mbr["candidates"])
+            )
+            wants = ", ".join(v for values in preference.values() for v in values)
+            table.add_row(
+                f"{user_id}: {wants}",
+                words,
+                Text(f"{reply.text.strip()}\n{describe_mbr(reply.response_metadata)}"),
+            )
+    finally:
+        graph.persona.close()
+    console.print(table)
+
+
 #: part 3: what a user tells the local model; its reflection adapter extracts the facts
 LEARNER = "greta"
 LEARNER_TURNS = [
@@ -330,7 +385,7 @@ def run_learning_demo(
 def run_demo(
     home: Path | None = None, console: Console | None = None, *, adapters: bool = True
 ) -> None:
-    """Run the demo; ``adapters=False`` skips parts 1 and 3 (the local model)."""
+    """Run the demo; ``adapters=False`` skips parts 1, 3 and 4 (the local model)."""
     console = console or Console(highlight=False)
     with tempfile.TemporaryDirectory(prefix="persona-demo-") as tmp:
         data_dir = Path(home or tmp).expanduser()
@@ -397,6 +452,7 @@ def run_demo(
         try:
             if adapters:
                 run_learning_demo(settings, store, memory, console)
+                run_mbr_demo(settings, store, console)
         finally:
             store.close()
         console.print("[bold green]demo finished")
