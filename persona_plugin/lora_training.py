@@ -186,7 +186,9 @@ def train_lora(
     # the card names the base model; an absolute path of this machine means nothing elsewhere
     model.peft_config["default"].base_model_name_or_path = base_dir.name
     try:
-        model.save_pretrained(work)
+        # peft's "auto" looks the base model's name up on the Hugging Face hub (a network
+        # call, and the name is a local folder's); only a targeted embedding needs saving
+        model.save_pretrained(work, save_embedding_layers=any("embed" in m for m in target_modules))
         # peft's generated model card is an empty template naming this machine's model path
         (work / "README.md").unlink(missing_ok=True)
         (work / "training.json").write_text(
