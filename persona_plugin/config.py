@@ -75,7 +75,9 @@ class Settings(BaseSettings):
         "persona_memory", min_length=3, max_length=63, description="Chroma collection name"
     )
     chat_model: str = Field(
-        "echo", description="chat model of deployable graphs: 'echo' or 'provider:model'"
+        "echo",
+        description="chat model of deployable graphs: 'local' (the in-process model with "
+        "LoRA adapters), 'echo' or 'provider:model'",
     )
     reflection: Literal["inline", "background", "every_n_turns", "off"] = Field(
         "inline", description="when the persona graph reflects on a turn"
