@@ -39,12 +39,11 @@ def answer(
 def forget(graph: Any, store: Any, memory: Any, user_id: str) -> str:
     """Delete the user's persona and long-term memory; the ``/persona forget`` answer.
 
-    Background reflections still queued are finished first (for every user: the
-    reflector has no per-user cancel), so that none of them writes the persona back
-    after it was deleted.
+    The user's background reflection still queued is finished first, so that it does not
+    write the persona back after it was deleted (other users' keep their debounce).
     """
     background = getattr(getattr(graph, "persona", None), "background", None)
-    if background is not None and not background.drain(timeout=120):
+    if background is not None and not background.drain(timeout=120, user_id=user_id):
         log.warning("background reflections did not finish before forgetting %s", user_id)
     try:
         versions = store.delete(user_id)

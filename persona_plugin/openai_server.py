@@ -742,8 +742,8 @@ def create_app(
     def delete_persona(user_id: str, grant: Authenticated) -> dict[str, Any]:
         authorize(grant, user_id, "user_id")
         # a reflection still queued for this user would re-create the persona after the
-        # delete: run what is queued first
-        if not nodes.background.drain(close_timeout):
+        # delete: run it first (other users' keep their debounce)
+        if not nodes.background.drain(close_timeout, user_id=user_id):
             log.warning("delete of %s: background reflections still running", user_id)
         memory_items = nodes.memory.delete_user(user_id) if nodes.memory is not None else 0
         try:

@@ -411,8 +411,9 @@ class BackgroundReflector:
     """Reflects after the reply has gone, in a worker thread, with debounce.
 
     Turns of one user that arrive within ``debounce_s`` of each other become one
-    reflection. :meth:`drain` waits for everything queued; :meth:`close` drains and
-    stops the worker (call it on shutdown).
+    reflection. :meth:`drain` waits for everything queued (or one user's queue, before
+    that user is forgotten); :meth:`close` drains and stops the worker (call it on
+    shutdown).
     """
 
     def __init__(
@@ -425,6 +426,7 @@ class BackgroundReflector:
         self.debounce_s = debounce_s
         self._pending: dict[str, _Pending] = {}
         self._busy = 0
+        self._running: set[str] = set()  # users whose reflection runs now
         self._cond = threading.Condition()
         self._closed = False
         self.outcomes: list[Any] = []
@@ -453,6 +455,7 @@ class BackgroundReflector:
                         user_id = ready[0]
                         job = self._pending.pop(user_id)
                         self._busy += 1
+                        self._running.add(user_id)
                         break
                     wait = (
                         min(p.due for p in self._pending.values()) - now if self._pending else None
@@ -465,16 +468,28 @@ class BackgroundReflector:
             finally:
                 with self._cond:
                     self._busy -= 1
+                    self._running.discard(user_id)
                     self._cond.notify_all()
 
-    def drain(self, timeout: float | None = None) -> bool:
-        """Reflect on everything queued now (no more debounce); True if all finished."""
+    def drain(self, timeout: float | None = None, *, user_id: str | None = None) -> bool:
+        """Reflect on everything queued now (no more debounce); True if all finished.
+
+        ``user_id``: only that user's queued and running reflection (other users' keep
+        their debounce), e.g. before the user's persona is deleted.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
+
+        def waiting() -> bool:
+            if user_id is None:
+                return bool(self._pending or self._busy)
+            return user_id in self._pending or user_id in self._running
+
         with self._cond:
-            for pending in self._pending.values():
-                pending.due = 0.0
+            for user, pending in self._pending.items():
+                if user_id is None or user == user_id:
+                    pending.due = 0.0
             self._cond.notify_all()
-            while self._pending or self._busy:
+            while waiting():
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False

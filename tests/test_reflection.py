@@ -537,3 +537,18 @@ def test_background_drain_and_close_finish_queued_work(caplog) -> None:
     assert background.outcomes == ["ana", "ana"]
     with pytest.raises(RuntimeError, match="closed"):
         background.submit("ana", turn(4))
+
+
+def test_draining_one_user_leaves_the_others_queued() -> None:
+    recorder = Recorder()
+    background = BackgroundReflector(recorder, debounce_s=60)
+    try:
+        background.submit("ana", turn(1))
+        background.submit("ben", turn(2))
+        assert background.drain(timeout=5, user_id="ana")
+        assert recorder.runs == [("ana", ["t1"])]  # ben's keeps its debounce
+        assert background.drain(timeout=5, user_id="nobody")  # nothing queued: at once
+        assert recorder.runs == [("ana", ["t1"])]
+    finally:
+        assert background.close(timeout=5)
+    assert recorder.runs == [("ana", ["t1"]), ("ben", ["t2"])]  # close drains the rest
