@@ -39,9 +39,9 @@ import os
 import re
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -318,14 +318,31 @@ def mixture_matches(
 BUNDLED_LORA_DIR = Path(__file__).resolve().parent / "assets" / "lora"
 
 
-class _CardFolder:
-    """One directory of cards, re-read only where a file changed (size, modification time)."""
+CardT = TypeVar("CardT")
 
-    def __init__(self, directory: Path) -> None:
+
+class CardFolder(Generic[CardT]):
+    """One directory of cards, re-read only where a file changed (size, modification time).
+
+    Shared by the LoRA hub and the preference-model hub: ``load`` reads one card file (its
+    errors name the file and field); ``hub``, ``setting`` and ``noun`` word the errors of
+    a folder that is not a directory and of two cards with one id.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        load: Callable[[Path], CardT],
+        *,
+        hub: str = "the LoRA hub",
+        setting: str = "PERSONA_LORA_DIR",
+        noun: str = "adapter",
+    ) -> None:
         self.directory = directory
-        self._cache: dict[str, tuple[tuple[int, int], AdapterCard]] = {}
+        self._load, self._hub, self._setting, self._noun = load, hub, setting, noun
+        self._cache: dict[str, tuple[tuple[int, int], CardT]] = {}
         self._snapshot: tuple[tuple[str, tuple[int, int]], ...] | None = None
-        self._cards: dict[str, AdapterCard] = {}
+        self._cards: dict[str, CardT] = {}
 
     def _scan(self) -> list[tuple[str, tuple[int, int]]]:
         try:
@@ -334,36 +351,39 @@ class _CardFolder:
             return []
         except NotADirectoryError:
             raise PersonaValidationError(
-                str(self.directory), "", "the LoRA hub is not a directory", "Fix PERSONA_LORA_DIR."
+                str(self.directory), "", f"{self._hub} is not a directory", f"Fix {self._setting}."
             ) from None
         files = []
         for entry in entries:
             if entry.name.startswith(".") or not entry.name.endswith(CARD_SUFFIXES):
                 continue
+            if not entry.is_file():
+                continue
             stat = entry.stat()
             files.append((entry.name, (stat.st_size, stat.st_mtime_ns)))
         return sorted(files)
 
-    def cards(self) -> dict[str, AdapterCard]:
+    def cards(self) -> dict[str, CardT]:
         """Card id -> card; the caller holds the hub's lock."""
         files = tuple(self._scan())
         if files == self._snapshot:
             return self._cards
-        cards: dict[str, AdapterCard] = {}
-        fresh: dict[str, tuple[tuple[int, int], AdapterCard]] = {}
+        cards: dict[str, CardT] = {}
+        fresh: dict[str, tuple[tuple[int, int], CardT]] = {}
         for name, stamp in files:
             cached = self._cache.get(name)
-            card = cached[1] if cached and cached[0] == stamp else load_card(self.directory / name)
+            card = cached[1] if cached and cached[0] == stamp else self._load(self.directory / name)
             fresh[name] = (stamp, card)
-            if card.id in cards:
-                other = cards[card.id].path
+            card_id = card.id  # type: ignore[attr-defined]
+            if card_id in cards:
+                other = cards[card_id].path  # type: ignore[attr-defined]
                 raise PersonaValidationError(
                     str(self.directory / name),
                     "id",
-                    f"adapter id {card.id!r} is also used by {other}",
-                    "Ids are unique in a hub: rename one of the cards.",
+                    f"{self._noun} id {card_id!r} is also used by {other}",
+                    "Ids are unique in a hub folder: rename one of the cards.",
                 )
-            cards[card.id] = card
+            cards[card_id] = card
         self._cache, self._snapshot, self._cards = fresh, files, cards
         return cards
 
@@ -391,7 +411,7 @@ class LoraHub:
     ) -> None:
         self.directory = Path(directory).expanduser()
         self.bundled = tuple(Path(d).expanduser() for d in bundled)
-        self._folders = [_CardFolder(d) for d in (*self.bundled, self.directory)]
+        self._folders = [CardFolder(d, load_card) for d in (*self.bundled, self.directory)]
         self._cards: list[AdapterCard] = []
         self._lock = threading.Lock()
 

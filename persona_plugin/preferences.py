@@ -66,7 +66,7 @@ from pydantic import (
 )
 
 from persona_plugin.errors import PersonaError, PersonaNotFoundError, PersonaValidationError
-from persona_plugin.lora_hub import _ID_PATTERN, CARD_SUFFIXES, MAX_CARD_BYTES
+from persona_plugin.lora_hub import _ID_PATTERN, MAX_CARD_BYTES, CardFolder
 from persona_plugin.lora_retrieval import (
     CardRetriever,
     LRUCache,
@@ -665,7 +665,12 @@ class PreferenceHub:
         )
         self.judge = judge
         self.device = device
-        self._files: dict[Path, tuple[tuple[int, int], PreferenceCard]] = {}
+        self._folders = [
+            CardFolder(
+                d, load_card, hub="the preference hub", setting="prefs_dir", noun="preference"
+            )
+            for d in self.directories
+        ]
         self._scorers: dict[str, PreferenceScorer] = {}
         self._lock = threading.RLock()
 
@@ -686,43 +691,12 @@ class PreferenceHub:
         dirs = [BUNDLED_DIR] if self.bundled else []
         return dirs + ([self.directory] if self.directory is not None else [])
 
-    def _read_directory(self, directory: Path) -> dict[str, PreferenceCard]:
-        try:
-            entries = sorted(os.scandir(directory), key=lambda e: e.name)
-        except FileNotFoundError:
-            return {}
-        except NotADirectoryError:
-            raise PersonaValidationError(
-                str(directory), "", "the preference hub is not a directory", "Fix prefs_dir."
-            ) from None
-        cards: dict[str, PreferenceCard] = {}
-        for entry in entries:
-            if entry.name.startswith(".") or not entry.name.endswith(CARD_SUFFIXES):
-                continue
-            if not entry.is_file():
-                continue
-            stat = entry.stat()
-            stamp = (stat.st_size, stat.st_mtime_ns)
-            path = Path(entry.path)
-            cached = self._files.get(path)
-            card = cached[1] if cached and cached[0] == stamp else load_card(path)
-            self._files[path] = (stamp, card)
-            if card.id in cards:
-                raise PersonaValidationError(
-                    str(path),
-                    "id",
-                    f"preference id {card.id!r} is also used by {cards[card.id].path}",
-                    "Ids are unique in a hub folder: rename one of the cards.",
-                )
-            cards[card.id] = card
-        return cards
-
     def cards(self) -> list[PreferenceCard]:
         """Every card, sorted by id (a user card replaces a bundled one with its id)."""
         with self._lock:
             merged: dict[str, PreferenceCard] = {}
-            for directory in self.directories:
-                merged.update(self._read_directory(directory))
+            for folder in self._folders:
+                merged.update(folder.cards())
             return sorted(merged.values(), key=lambda c: c.id)
 
     def __iter__(self) -> Iterator[PreferenceCard]:
