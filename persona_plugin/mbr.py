@@ -24,16 +24,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models.chat_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
-from langchain_core.runnables import RunnableConfig
 from pydantic import ConfigDict, Field
 
+from persona_plugin.backends.chat_model import LiftsConfigurable, coerce_persona
 from persona_plugin.errors import PersonaConfigError
 from persona_plugin.persona import Persona
 from persona_plugin.preferences import (
@@ -259,7 +259,7 @@ def _text(content: Any) -> str:
     )
 
 
-class MBRChatModel(BaseChatModel):
+class MBRChatModel(LiftsConfigurable, BaseChatModel):
     """Any chat model with MBR decoding over the persona's preference models.
 
     Per call: the persona comes from ``persona=`` (or ``config["configurable"]["persona"]``,
@@ -276,6 +276,7 @@ class MBRChatModel(BaseChatModel):
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
+    configurable_keys: ClassVar[tuple[str, ...]] = CONFIGURABLE_KEYS
     #: the persona graph hands ``persona=`` to models that say so
     takes_persona: bool = True
 
@@ -320,44 +321,13 @@ class MBRChatModel(BaseChatModel):
     def _identifying_params(self) -> dict[str, Any]:
         return {"base": getattr(self.base, "_llm_type", type(self.base).__name__), "n": self.n}
 
-    # -- config["configurable"] -> call kwargs ----------------------------------------------
-
-    @staticmethod
-    def _lift(config: RunnableConfig | None, kwargs: dict[str, Any]) -> dict[str, Any]:
-        configurable = (config or {}).get("configurable") or {}
-        for key in CONFIGURABLE_KEYS:
-            if key in configurable and key not in kwargs:
-                kwargs[key] = configurable[key]
-        return kwargs
-
-    def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
-        return super().invoke(input, config, **self._lift(config, kwargs))
-
-    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
-        return await super().ainvoke(input, config, **self._lift(config, kwargs))
-
-    def stream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
-        return super().stream(input, config, **self._lift(config, kwargs))
-
-    def astream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
-        return super().astream(input, config, **self._lift(config, kwargs))
-
     # -- one request ------------------------------------------------------------------------
-
-    def _persona(self, value: Any) -> Persona | str | None:
-        if value is None or isinstance(value, Persona | str):
-            return value
-        if isinstance(value, Mapping):
-            return Persona.from_dict(value, source="persona argument")
-        raise PersonaConfigError(
-            f"persona must be a Persona, a dict or text, not {type(value).__name__}."
-        )
 
     def _plan(
         self, messages: Sequence[BaseMessage], kwargs: dict[str, Any]
     ) -> tuple[str, Persona | str | None, Any, dict[str, Any]]:
         """The prompt, the persona, the mixture (and how it was found), and base's kwargs."""
-        persona = self._persona(kwargs.pop("persona", self.persona))
+        persona = coerce_persona(kwargs.pop("persona", self.persona))
         given = kwargs.pop("preferences", None)
         n = kwargs.pop("n", self.n)
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 64:

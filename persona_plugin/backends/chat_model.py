@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models.chat_models import BaseChatModel
@@ -90,10 +90,49 @@ def _text(content: Any) -> str:
     return "".join(parts)
 
 
-class MultiLoraChatModel(BaseChatModel):
+def coerce_persona(value: Any) -> Persona | str | None:
+    """A ``persona=`` argument as a Persona (from a dict), text, or None."""
+    if value is None or isinstance(value, Persona | str):
+        return value
+    if isinstance(value, Mapping):
+        return Persona.from_dict(value, source="persona argument")
+    raise PersonaConfigError(
+        f"persona must be a Persona, a dict or text, not {type(value).__name__}."
+    )
+
+
+class LiftsConfigurable:
+    """A chat-model mixin: the ``config["configurable"]`` keys named in
+    ``configurable_keys`` become call kwargs (an explicit kwarg wins), so a persona or a
+    mixture can travel in a graph's config."""
+
+    configurable_keys: ClassVar[tuple[str, ...]] = ()
+
+    def _lift(self, config: RunnableConfig | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+        configurable = (config or {}).get("configurable") or {}
+        for key in self.configurable_keys:
+            if key in configurable and key not in kwargs:
+                kwargs[key] = configurable[key]
+        return kwargs
+
+    def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        return super().invoke(input, config, **self._lift(config, kwargs))
+
+    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        return await super().ainvoke(input, config, **self._lift(config, kwargs))
+
+    def stream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        return super().stream(input, config, **self._lift(config, kwargs))
+
+    def astream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        return super().astream(input, config, **self._lift(config, kwargs))
+
+
+class MultiLoraChatModel(LiftsConfigurable, BaseChatModel):
     """A chat model served by a multi-LoRA :class:`Backend`, adapters chosen per call."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
+    configurable_keys: ClassVar[tuple[str, ...]] = CONFIGURABLE_KEYS
 
     backend: Any = Field(description="a persona_plugin.backends Backend")
     retriever: Any = Field(None, description="a LoraRetriever choosing adapters per call")
@@ -122,45 +161,14 @@ class MultiLoraChatModel(BaseChatModel):
             "n": self.n,
         }
 
-    # -- config["configurable"] -> call kwargs ----------------------------------------------
-
-    @staticmethod
-    def _lift(config: RunnableConfig | None, kwargs: dict[str, Any]) -> dict[str, Any]:
-        configurable = (config or {}).get("configurable") or {}
-        for key in CONFIGURABLE_KEYS:
-            if key in configurable and key not in kwargs:
-                kwargs[key] = configurable[key]
-        return kwargs
-
-    def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
-        return super().invoke(input, config, **self._lift(config, kwargs))
-
-    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
-        return await super().ainvoke(input, config, **self._lift(config, kwargs))
-
-    def stream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
-        return super().stream(input, config, **self._lift(config, kwargs))
-
-    def astream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
-        return super().astream(input, config, **self._lift(config, kwargs))
-
     # -- building the request ---------------------------------------------------------------
-
-    def _persona(self, value: Any) -> Persona | str | None:
-        if value is None or isinstance(value, Persona | str):
-            return value
-        if isinstance(value, Mapping):
-            return Persona.from_dict(value, source="persona argument")
-        raise PersonaConfigError(
-            f"persona must be a Persona, a dict or text, not {type(value).__name__}."
-        )
 
     def _adapters(
         self, messages: Sequence[BaseMessage], kwargs: dict[str, Any]
     ) -> tuple[Mixture, list[tuple[str, float, float]] | None]:
         if kwargs.get("adapters") is not None:
             return normalize_mixture(kwargs["adapters"]), None
-        persona = self._persona(kwargs.get("persona", self.persona))
+        persona = coerce_persona(kwargs.get("persona", self.persona))
         if self.retriever is not None and persona is not None:
             user = next((m for m in reversed(messages) if isinstance(m, HumanMessage)), None)
             mixture = self.retriever.retrieve(
