@@ -287,24 +287,11 @@ def eval_locomo(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Recall@k of evidence turns: long-term memory vs the naive vector baseline."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
+    from persona_plugin.cli_progress import progress_bar
     from persona_plugin.locomo import evaluate
 
     ks = _parse_ks(k)
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=as_json,
-    ) as bar:
-        task = bar.add_task("ingesting", total=None)
-
-        def progress(name: str, done: int, total: int) -> None:
-            bar.update(task, description=f"conversation {name}", completed=done, total=total)
-
+    with progress_bar(err, "ingesting", "conversation {}", transient=as_json) as progress:
         result = evaluate(files, ks, progress=progress)
     if as_json:
         typer.echo(json.dumps(result))

@@ -41,8 +41,7 @@ def eval_facts(
     the same run) without it; extracted facts are matched to the speaker's gold
     observations of that session by embedding cosine (threshold 0.6; 0.5 and 0.7 shown).
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
+    from persona_plugin.cli_progress import progress_bar
     from persona_plugin.fact_eval import evaluate
     from persona_plugin.reflection_local import LocalReflector, bundled_backend
 
@@ -55,19 +54,7 @@ def eval_facts(
         from persona_plugin.reflection_gate import ReflectionGate
 
         the_gate = ReflectionGate.load()
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=as_json,
-    ) as bar:
-        task = bar.add_task("reflecting", total=None)
-
-        def progress(label: str, done: int, total: int) -> None:
-            bar.update(task, description=f"reflecting ({label})", completed=done, total=total)
-
+    with progress_bar(err, "reflecting", "reflecting ({})", transient=as_json) as progress:
         result = evaluate(
             files,
             sessions=sessions,
