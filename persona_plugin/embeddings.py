@@ -38,7 +38,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -230,6 +230,35 @@ def _remove_leftovers(cache: Path, name: str) -> None:
                 leftover.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def cache_build(
+    target: Path, is_complete: Callable[[Path], bool], *, what: str, hint: str
+) -> Iterator[bool]:
+    """Whether ``target``, a model in its cache folder, must be built now.
+
+    Yields False when it is complete (at once, or once another process's build it waited
+    for is done); True while holding the build lock, with dead builds' leftovers removed:
+    build it then. Shared by every model the project builds into its cache. ``what`` and
+    ``hint`` word the error of a cache folder that cannot be created or written.
+    """
+    if is_complete(target):
+        yield False
+        return
+    cache = target.parent
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PersonaConfigError(f"cannot create {what} {cache} ({exc.strerror}): {hint}") from None
+    if not os.access(cache, os.W_OK):
+        raise PersonaConfigError(f"{what} {cache} is not writable: {hint}")
+    with _exclusive_lock(cache / f"{target.name}.lock"):
+        if is_complete(target):  # another process built it while this one waited
+            yield False
+            return
+        _remove_leftovers(cache, target.name)
+        yield True
+
+
 def ensure_fast_model(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """The fast model's path in ``cache_dir`` (default ``$PERSONA_HOME/cache/models``).
 
@@ -240,25 +269,15 @@ def ensure_fast_model(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     rebuilt, and leftover temp files are removed by the next build.
     """
     target = fast_model_path(cache_dir)
-    if _is_complete(target):
-        return target
     cache = target.parent
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise PersonaConfigError(
-            f"cannot create the embedding model cache {cache} ({exc.strerror}): pass another "
-            "cache_dir, or set PERSONA_HOME."
-        ) from None
-    if not os.access(cache, os.W_OK):
-        raise PersonaConfigError(
-            f"the embedding model cache {cache} is not writable: pass another cache_dir, or "
-            "set PERSONA_HOME."
-        )
-    with _exclusive_lock(cache / f"{target.name}.lock"):
-        if _is_complete(target):  # another process built it while this one waited
+    with cache_build(
+        target,
+        _is_complete,
+        what="the embedding model cache",
+        hint="pass another cache_dir, or set PERSONA_HOME.",
+    ) as must_build:
+        if not must_build:
             return target
-        _remove_leftovers(cache, target.name)
         started = time.monotonic()
         source = _default_tokenizer_path().parent
         logger.info("building the fast embedding model %s from %s", target, source)

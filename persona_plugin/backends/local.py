@@ -112,23 +112,18 @@ def ensure_local_model(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     folder is written under a temp name (its marker file last) and renamed into place, so
     an interrupted build is never used; its leftovers are removed by the next one.
     """
-    from persona_plugin.embeddings import _exclusive_lock, _remove_leftovers
+    from persona_plugin.embeddings import cache_build
 
     target = local_model_path(cache_dir)
-    if _is_complete(target):
-        return target
     cache = target.parent
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise PersonaConfigError(
-            f"cannot create the model cache {cache} ({exc.strerror}): set PERSONA_CACHE_DIR "
-            "or PERSONA_HOME, or pass cache_dir."
-        ) from None
-    with _exclusive_lock(cache / f"{target.name}.lock"):
-        if _is_complete(target):  # another process built it while this one waited
+    with cache_build(
+        target,
+        _is_complete,
+        what="the model cache",
+        hint="set PERSONA_CACHE_DIR or PERSONA_HOME, or pass cache_dir.",
+    ) as must_build:
+        if not must_build:
             return target
-        _remove_leftovers(cache, target.name)
         source = gguf_source()
         started = time.monotonic()
         logger.info("converting %s into %s (once)", source, target)
