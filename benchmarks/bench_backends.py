@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 
+from persona_plugin import Persona  # noqa: E402
 from persona_plugin.backends import (  # noqa: E402
     GenerationRequest,
     LoRAXBackend,
@@ -39,9 +40,10 @@ from persona_plugin.backends import (  # noqa: E402
     TGIBackend,
     VLLMBackend,
 )
-from persona_plugin.lora_hub import parse_card  # noqa: E402
-from persona_plugin.lora_retrieval import LoraRetriever  # noqa: E402
-from persona_plugin.persona import Persona  # noqa: E402
+from persona_plugin.lora import (  # noqa: E402
+    LoraRetriever,
+    parse_card,
+)
 
 REPLIES: dict[str, bytes] = {}
 

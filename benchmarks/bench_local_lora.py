@@ -33,8 +33,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from persona_plugin.backends.base import GenerationRequest  # noqa: E402
-from persona_plugin.backends.local import LocalBackend, ensure_local_model  # noqa: E402
+from persona_plugin.backends import (  # noqa: E402
+    GenerationRequest,
+    LocalBackend,
+)
+from persona_plugin.backends.local_model import ensure_local_model  # noqa: E402
 
 TARGET_RATIO = 3.0
 ADAPTERS = ("formal", "pirate", "kb", "brief")

@@ -29,11 +29,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from persona_plugin.backends import GenerationRequest  # noqa: E402
-from persona_plugin.backends.local import LocalBackend  # noqa: E402
+from persona_plugin.backends import (  # noqa: E402
+    GenerationRequest,
+    LocalBackend,
+)
 from persona_plugin.embeddings import MiniLMEmbeddingFunction  # noqa: E402
-from persona_plugin.mbr import MBRSelector  # noqa: E402
-from persona_plugin.preferences import CandidateEmbeddings, PreferenceHub  # noqa: E402
+from persona_plugin.preferences import (  # noqa: E402
+    MBRSelector,
+    PreferenceHub,
+)
+from persona_plugin.preferences.scorers import CandidateEmbeddings  # noqa: E402
 
 PROMPT = "How can I keep my online accounts safe?"
 TARGET_MS = 20.0

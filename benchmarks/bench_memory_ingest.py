@@ -1,7 +1,7 @@
 """Benchmark: ingest throughput of ``LongTermMemory.remember`` (target: >= 200 turns/s).
 
 Run with ``python benchmarks/bench_memory_ingest.py [--runs N] [--variant fast]``. Every
-turn of ``../shared/data/locomo-dev/*.json`` (read with ``persona_plugin.locomo``) is
+turn of ``../shared/data/locomo-dev/*.json`` (read with ``persona_plugin.lab.eval.locomo``) is
 ingested into a fresh embedded memory, one ``remember`` call per conversation, ``--runs``
 times; the median turns/s is reported. Timed in the same runs, on the same turns:
 
@@ -33,9 +33,9 @@ sys.path.insert(0, str(ROOT))
 
 import chromadb  # noqa: E402
 
+from persona_plugin import LongTermMemory  # noqa: E402
 from persona_plugin.embeddings import MiniLMEmbeddingFunction  # noqa: E402
-from persona_plugin.locomo import Conversation, load_conversation  # noqa: E402
-from persona_plugin.memory import LongTermMemory  # noqa: E402
+from persona_plugin.lab.eval.locomo import Conversation, load_conversation  # noqa: E402
 
 LOCOMO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "locomo-dev"
 TARGET_TURNS_PER_S = 200.0

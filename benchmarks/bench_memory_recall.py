@@ -32,8 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from persona_plugin import LongTermMemory  # noqa: E402
 from persona_plugin.embeddings import MiniLMEmbeddingFunction  # noqa: E402
-from persona_plugin.memory import LongTermMemory  # noqa: E402
 
 TARGET_P50_MS = 15.0
 TARGET_P99_MS = 50.0

@@ -81,9 +81,8 @@ def baseline_app() -> Any:
 
 
 def persona_app(memory: bool) -> Any:
-    from persona_plugin.config import Settings
-    from persona_plugin.openai_server import create_app, create_app_from_settings
-    from persona_plugin.store import PersonaStore
+    from persona_plugin import PersonaStore, Settings, create_app
+    from persona_plugin.server import create_app_from_settings
 
     if memory:
         return create_app_from_settings()

@@ -30,8 +30,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from persona_plugin import Persona, load  # noqa: E402
-from persona_plugin.prompt import PromptAssembler  # noqa: E402
+from persona_plugin import (  # noqa: E402
+    Persona,
+    PromptAssembler,
+    load,
+)
 
 ALICE = ROOT / "tests" / "data" / "alice.yaml"
 TARGET_P50_MS = 2.0

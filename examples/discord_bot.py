@@ -14,8 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from persona_plugin.config import Settings
-from persona_plugin.graph import build_persona_graph_from_settings
+from persona_plugin import Settings, build_persona_graph_from_settings
 
 # integrations/ is a template in this repository, not part of the installed package
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -26,7 +25,7 @@ def build_bot(settings: Settings, guild_id: int | None = None) -> Any:
     from integrations.discord.bot import PersonaBot
 
     graph = build_persona_graph_from_settings(settings)
-    return PersonaBot(graph, graph.persona.store, graph.persona.memory, guild_id=guild_id)
+    return PersonaBot(graph, graph.store, graph.memory, guild_id=guild_id)
 
 
 def main() -> None:

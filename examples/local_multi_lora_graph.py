@@ -15,9 +15,8 @@ from __future__ import annotations
 import argparse
 import tempfile
 
-from persona_plugin import Persona, PersonaStore
-from persona_plugin.graph import build_persona_graph
-from persona_plugin.models import resolve_chat_model
+from persona_plugin import Persona, PersonaStore, build_persona_graph
+from persona_plugin.chat_models import resolve_chat_model
 
 QUESTION = "What is a good way to learn to cook?"
 
@@ -52,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
             mixture = ", ".join(f"{a} {w:.2f}" for a, w, _ in meta["retrieved"])
             print(f"{user}: adapters {mixture} (served {meta['served_by']})")
             print(f"{user}: {reply.text.strip()}")
-        graph.persona.close()
+        graph.close()
 
 
 if __name__ == "__main__":

@@ -16,9 +16,8 @@ import time
 import uvicorn
 from openai import OpenAI
 
-from persona_plugin import Persona, PersonaStore
-from persona_plugin.models import EchoChatModel
-from persona_plugin.openai_server import create_app
+from persona_plugin import Persona, PersonaStore, create_app
+from persona_plugin.chat_models import EchoChatModel
 
 TOKEN = "example-token-for-alice"
 

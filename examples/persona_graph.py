@@ -15,11 +15,8 @@ from pathlib import Path
 from langchain_core.language_models.fake_chat_models import FakeMessagesListChatModel
 from langchain_core.messages import AIMessage
 
-from persona_plugin import Persona, PersonaStore
+from persona_plugin import LongTermMemory, Persona, PersonaStore, Reflector, build_persona_graph
 from persona_plugin.embeddings import MiniLMEmbeddingFunction
-from persona_plugin.graph import build_persona_graph
-from persona_plugin.memory import LongTermMemory
-from persona_plugin.reflection import Reflector
 
 
 def reflection(turn: str, op: str, path: str, value: str, fact: str) -> AIMessage:
@@ -71,7 +68,7 @@ def main() -> None:
                 print(f"  {change.describe()}")
         facts = memory.get("ana", kinds=["fact"])
         print("long-term memories:", ", ".join(sorted(item.text for item in facts)))
-        graph.persona.close()
+        graph.close()
 
 
 if __name__ == "__main__":

@@ -14,8 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from persona_plugin.config import Settings
-from persona_plugin.graph import build_persona_graph_from_settings
+from persona_plugin import Settings, build_persona_graph_from_settings
 
 # integrations/ is a template in this repository, not part of the installed package
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -30,8 +29,8 @@ def build_app(settings: Settings, token: str, signing_secret: str, **app_options
     graph = build_persona_graph_from_settings(settings)
     return create_slack_app(
         graph,
-        graph.persona.store,
-        graph.persona.memory,
+        graph.store,
+        graph.memory,
         token=token,
         signing_secret=signing_secret,
         **app_options,  # e.g. token_verification_enabled=False, to build it offline

@@ -5,6 +5,9 @@ reflection mode. The platform supplies the checkpointer; invoke with
 ``config={"configurable": {"user_id": ..., "thread_id": ...}}``.
 """
 
-from persona_plugin.graph import build_persona_graph_from_settings
+from persona_plugin import build_persona_graph_from_settings
 
-graph = build_persona_graph_from_settings()
+#: the graph and its parts: ``persona_graph.forget(user_id)``, ``persona_graph.close()``
+persona_graph = build_persona_graph_from_settings()
+#: what LangGraph's CLI and Platform load: the compiled graph itself
+graph = persona_graph.compiled

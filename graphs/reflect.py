@@ -5,6 +5,6 @@ Output adds ``outcome``: the loss, gradients, applied and refused operations, th
 version. For apps that generate replies elsewhere and want only the learning step.
 """
 
-from persona_plugin.reflection import build_reflection_graph_from_settings
+from persona_plugin.reflection.graph import build_reflection_graph_from_settings
 
 graph = build_reflection_graph_from_settings()

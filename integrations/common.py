@@ -7,7 +7,7 @@ from typing import Any
 
 from langchain_core.messages import HumanMessage
 
-from persona_plugin.errors import PersonaNotFoundError, PersonaValidationError
+from persona_plugin import PersonaValidationError, forget_user
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +42,11 @@ def forget(graph: Any, store: Any, memory: Any, user_id: str) -> str:
     The user's background reflection still queued is finished first, so that it does not
     write the persona back after it was deleted (other users' keep their debounce).
     """
-    background = getattr(getattr(graph, "persona", None), "background", None)
-    if background is not None and not background.drain(timeout=120, user_id=user_id):
-        log.warning("background reflections did not finish before forgetting %s", user_id)
-    try:
-        versions = store.delete(user_id)
-    except PersonaNotFoundError:
-        versions = 0
-    items = memory.delete_user(user_id) if memory is not None else 0
+    if graph is not None:
+        gone = graph.forget(user_id)
+    else:
+        gone = forget_user(user_id, store=store, memory=memory)
+    versions, items = gone.versions, gone.memory_items
     if not versions and not items:
         return "I had nothing stored about you: no persona, no memories."
     return (

@@ -1,6 +1,19 @@
-"""persona-plugin: life-long personalization for LangChain chat apps."""
+"""persona-plugin: life-long personalization for LangChain chat apps.
+
+The public face. Documents and their store: :class:`Persona` (:func:`load`, :func:`loads`),
+:class:`PersonaStore`. Any chat model with a persona: :func:`with_persona`. The persona
+graph (load -> recall -> assemble -> generate -> reflect -> save):
+:func:`build_persona_graph`, :func:`make_checkpointer`. Long-term memory:
+:class:`LongTermMemory`. Reflection: :class:`Reflector`. Multi-LoRA and MBR chat models:
+:class:`MultiLoraChatModel`, :class:`MBRChatModel`. The OpenAI-compatible server:
+:func:`create_app`. Settings: :class:`Settings`. Errors: :class:`PersonaError` and its
+subclasses. The subpackages (``memory``, ``lora``, ``preferences``, ``backends``,
+``chat_models``, ``reflection``, ``server``) list their own factories.
+"""
 
 from persona_plugin.chat import with_persona
+from persona_plugin.chat_models.mbr import MBRChatModel
+from persona_plugin.chat_models.multi_lora import MultiLoraChatModel
 from persona_plugin.config import Settings
 from persona_plugin.diff import Change, diff_documents
 from persona_plugin.errors import (
@@ -10,8 +23,19 @@ from persona_plugin.errors import (
     PersonaNotFoundError,
     PersonaValidationError,
 )
+from persona_plugin.graph import (
+    Forgotten,
+    PersonaGraph,
+    build_persona_graph,
+    build_persona_graph_from_settings,
+    forget_user,
+    make_checkpointer,
+)
+from persona_plugin.memory.long_term import LongTermMemory
 from persona_plugin.persona import Persona, PersonaLimits, json_schema, load, loads
 from persona_plugin.prompt import AssembledPersona, PromptAssembler, estimate_tokens
+from persona_plugin.reflection.reflector import Reflector
+from persona_plugin.server.app import create_app
 from persona_plugin.store import PersonaStore, VersionRecord
 
 __version__ = "0.1.0"
@@ -19,22 +43,33 @@ __version__ = "0.1.0"
 __all__ = [
     "AssembledPersona",
     "Change",
+    "Forgotten",
+    "LongTermMemory",
+    "MBRChatModel",
+    "MultiLoraChatModel",
     "Persona",
     "PersonaConfigError",
     "PersonaConflictError",
     "PersonaError",
+    "PersonaGraph",
     "PersonaLimits",
     "PersonaNotFoundError",
     "PersonaStore",
     "PersonaValidationError",
     "PromptAssembler",
+    "Reflector",
     "Settings",
     "VersionRecord",
     "__version__",
+    "build_persona_graph",
+    "build_persona_graph_from_settings",
+    "create_app",
     "diff_documents",
     "estimate_tokens",
+    "forget_user",
     "json_schema",
     "load",
     "loads",
+    "make_checkpointer",
     "with_persona",
 ]

@@ -23,6 +23,8 @@ from persona_plugin.errors import PersonaConfigError
 from persona_plugin.persona import PersonaLimits
 
 DEFAULT_HOME = Path("~/.persona-plugin")
+#: what ships inside the package: bundled adapters, preference models, the reflection gate
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 
 #: higher survives a tight token budget longer
 DEFAULT_SECTION_PRIORITIES: dict[str, int] = {

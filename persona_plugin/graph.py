@@ -8,16 +8,22 @@ call: ``model`` (a name among ``models``), ``reflection`` (``inline``,
 ``background``, ``every_n_turns``, ``off``) and ``mbr_n``.
 
 The ``generate`` node hands the persona to models that choose LoRA adapters from it
-(:func:`takes_persona`: a :class:`~persona_plugin.backends.chat_model.MultiLoraChatModel`),
+(:func:`~persona_plugin.chat_models.persona_aware.takes_persona`: a
+:class:`~persona_plugin.chat_models.multi_lora.MultiLoraChatModel`),
 so the adapter mixture follows the persona turn by turn; the reply's
 ``response_metadata`` then says which adapters were retrieved (``retrieved``: id, weight,
 score) and which served (``adapters``, ``served_by``).
 
 MBR decoding is an optional stage of ``generate`` (``mbr_n`` candidates, 0 = off, the
 default; configurable per call): the model is wrapped in
-:class:`~persona_plugin.mbr.MBRChatModel`, which samples the candidates, scores them with
-the preference models retrieved from the persona and returns the best, its choice in
+:class:`~persona_plugin.chat_models.mbr.MBRChatModel`, which samples the candidates, scores
+them with the preference models retrieved from the persona and returns the best, its choice in
 ``response_metadata["mbr"]``.
+
+:func:`build_persona_graph` returns a :class:`PersonaGraph`: the compiled LangGraph graph
+(``.compiled``; ``invoke``, ``stream``, ``get_state`` ... are its own) together with the
+parts it runs on, so an app can ``forget(user_id)`` a user and ``close()`` on shutdown.
+One turn's persona is parsed once, in ``load_persona``; later nodes reuse that object.
 """
 
 from __future__ import annotations
@@ -26,36 +32,37 @@ import itertools
 import logging
 import sqlite3
 import uuid
+from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
 from langchain_core.messages import AnyMessage, BaseMessage, HumanMessage, RemoveMessage
-from langchain_core.runnables import RunnableBinding, RunnableConfig
+from langchain_core.runnables import RunnableConfig
 from langgraph.graph import END, START, StateGraph, add_messages
 from typing_extensions import TypedDict  # pydantic reads only this one on Python < 3.12
 
 from persona_plugin.chat import merge_system_message
+from persona_plugin.chat_models.persona_aware import takes_persona
 from persona_plugin.config import Settings
 from persona_plugin.errors import PersonaConfigError, PersonaNotFoundError, PersonaValidationError
 from persona_plugin.guard import instruction_reason
+from persona_plugin.memory.knowledge_base import KnowledgeBaseSearch
 from persona_plugin.persona import Persona, Turn, validate_user_id
 from persona_plugin.prompt import PromptAssembler, token_counter_for
-from persona_plugin.reflection import (
-    WITHHELD,
-    BackgroundReflector,
-    ReflectionMode,
-    ReflectionModel,
-    ReflectionTurn,
-    reflect_and_save,
-    reflector_for,
-)
+from persona_plugin.reflection.apply import WITHHELD, ReflectionJob
+from persona_plugin.reflection.background import BackgroundReflector
+from persona_plugin.reflection.reflector import reflector_for
+from persona_plugin.reflection.types import ReflectionMode, ReflectionModel, ReflectionTurn
 from persona_plugin.store import PersonaStore
 
 log = logging.getLogger(__name__)
 
 MODES: tuple[str, ...] = ("inline", "background", "every_n_turns", "off")
+#: parsed personas kept for turns between load_persona and save
+MAX_TURNS_IN_FLIGHT = 1024
 
 
 class PersonaState(TypedDict, total=False):
@@ -76,17 +83,6 @@ def _configurable(config: RunnableConfig | None) -> dict[str, Any]:
     return dict((config or {}).get("configurable") or {})
 
 
-def takes_persona(model: Any) -> bool:
-    """Whether ``model`` chooses its adapters from a ``persona=`` argument: a
-    :class:`MultiLoraChatModel` (also bound, ``model.bind(...)``), or any model with a true
-    ``takes_persona`` attribute."""
-    from persona_plugin.backends.chat_model import MultiLoraChatModel
-
-    while isinstance(model, RunnableBinding):
-        model = model.bound
-    return isinstance(model, MultiLoraChatModel) or bool(getattr(model, "takes_persona", False))
-
-
 def _check_mbr_n(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 32:
         raise PersonaConfigError(
@@ -95,8 +91,21 @@ def _check_mbr_n(value: Any) -> int:
     return value
 
 
+@dataclass(frozen=True)
+class Forgotten:
+    """What :meth:`PersonaGraph.forget` removed."""
+
+    versions: int
+    memory_items: int
+
+
 class PersonaGraph:
-    """The nodes, bound to their parts. Use :func:`build_persona_graph`."""
+    """The persona graph's nodes bound to their parts, and the compiled graph over them.
+
+    Build it with :func:`build_persona_graph`. It is used like the compiled graph: its
+    ``invoke``, ``ainvoke``, ``stream``, ``astream``, ``batch``, ``get_state`` and the rest
+    are the compiled graph's (``.compiled``, which LangGraph's CLI and Platform load).
+    """
 
     def __init__(
         self,
@@ -134,9 +143,33 @@ class PersonaGraph:
         self.mbr_n = _check_mbr_n(mbr_n)
         self.preference_hub = preference_hub
         self._mbr_models: dict[tuple[int, int], Any] = {}
-        self._kb_clients: dict[str, Any] = {}
-        self.has_checkpointer = True  # build_persona_graph says otherwise
-        self.background = BackgroundReflector(self._reflect_job, debounce_s=debounce_s)
+        self.knowledge_bases = KnowledgeBaseSearch(getattr(memory, "client", None))
+        # this turn's parsed persona, by turn id: the state holds it as plain data (what a
+        # checkpointer can store), and re-validating it in every node cost four parses a turn
+        self._personas: OrderedDict[str, Persona] = OrderedDict()
+        self.has_checkpointer = False
+        self.compiled: Any = None
+        self.reflect_job = ReflectionJob(
+            store=store,
+            reflector=self.reflector,
+            memory=memory,
+            short_term_window=short_term_window,
+        )
+        self.background = BackgroundReflector(self.reflect_job, debounce_s=debounce_s)
+
+    def __getattr__(self, name: str) -> Any:
+        # only reached for names PersonaGraph lacks: the compiled graph's API
+        # (invoke, stream, get_state, ...)
+        compiled = self.__dict__.get("compiled")
+        if compiled is None:
+            raise AttributeError(name)
+        return getattr(compiled, name)
+
+    def _persona(self, state: PersonaState) -> Persona:
+        persona = self._personas.get(state.get("turn_id", ""))
+        if persona is None:  # a run resumed from a checkpoint, in another process
+            persona = Persona.model_validate(state["persona"])
+        return persona
 
     # -- nodes ----------------------------------------------------------------------------
 
@@ -157,6 +190,9 @@ class PersonaGraph:
                 raise
             persona, exists = Persona.new(user_id), False
         turn_id = str(configurable.get("turn_id") or f"t{uuid.uuid4().hex[:10]}")
+        self._personas[turn_id] = persona
+        while len(self._personas) > MAX_TURNS_IN_FLIGHT:  # runs that failed before save
+            self._personas.popitem(last=False)
         update: dict[str, Any] = {
             "user_id": user_id,
             "turn_id": turn_id,
@@ -212,39 +248,20 @@ class PersonaGraph:
                 f"({item.timestamp[:10]}) {item.text}" if item.timestamp else item.text
                 for item in items
             ]
-        persona = Persona.model_validate(state["persona"])
+        persona = self._persona(state)
         for name, tool in persona.tools.items():
             if tool.type != "knowledge_base" or not tool.collection:
                 continue
             try:
-                context[f"knowledge_base {name}"] = self._search_knowledge_base(
+                context[f"knowledge_base {name}"] = self.knowledge_bases.search(
                     tool.address, tool.collection, query
                 )
             except Exception as exc:  # a tool's failure must not cost the user the reply
                 log.warning("knowledge base %r (%s) failed: %s", name, tool.address, exc)
         return {"context": context}
 
-    def _search_knowledge_base(self, address: str | None, collection: str, query: str) -> list[str]:
-        import chromadb
-
-        from persona_plugin.memory import _http_client
-
-        key = address or ""
-        if key not in self._kb_clients:
-            if address and address.startswith(("http://", "https://")):
-                self._kb_clients[key] = _http_client(address)
-            elif address:
-                self._kb_clients[key] = chromadb.PersistentClient(path=str(Path(address)))
-            elif self.memory is not None:
-                self._kb_clients[key] = self.memory.client
-            else:
-                raise PersonaConfigError("knowledge base without an address and no memory")
-        found = self._kb_clients[key].get_collection(collection)
-        hits = found.query(query_texts=[query], n_results=3, include=["documents"])
-        return [doc for doc in hits["documents"][0] if doc]
-
     def assemble(self, state: PersonaState, config: RunnableConfig) -> dict[str, Any]:
-        persona = Persona.model_validate(state["persona"])
+        persona = self._persona(state)
         assembled = self.assembler.assemble(persona, context=state.get("context") or {})
         return {"system_prompt": assembled.text}
 
@@ -266,8 +283,7 @@ class PersonaGraph:
         if takes_persona(model):
             # the adapter mixture follows the persona (its user id and version key the
             # retriever's cache, so an updated persona is retrieved afresh)
-            persona = Persona.model_validate(state["persona"])
-            reply = model.invoke(messages, config, persona=persona)
+            reply = model.invoke(messages, config, persona=self._persona(state))
         else:
             reply = model.invoke(messages, config)
         return {"messages": [reply]}
@@ -275,8 +291,8 @@ class PersonaGraph:
     def _mbr_model(self, model: Any, n: int) -> Any:
         """``model`` with MBR decoding over ``n`` candidates, built once per (model, n):
         building it loads and checks every preference model."""
-        from persona_plugin.mbr import MBRChatModel
-        from persona_plugin.preferences import PreferenceHub
+        from persona_plugin.chat_models.mbr import MBRChatModel
+        from persona_plugin.preferences.hub import PreferenceHub
 
         key = (id(model), n)
         if key not in self._mbr_models:
@@ -310,7 +326,7 @@ class PersonaGraph:
             if len(pending) < self.every_n_turns:
                 return {"pending_turns": pending}
             turns = [ReflectionTurn(**t) for t in pending]
-        outcome = self._reflect_job(state["user_id"], turns, self._short_term(turns))
+        outcome = self.reflect_job(state["user_id"], turns, self._short_term(turns))
         update: dict[str, Any] = {"reflection": outcome.model_dump() if outcome else None}
         if mode == "every_n_turns":
             update["pending_turns"] = []
@@ -325,25 +341,6 @@ class PersonaGraph:
                 Turn(role="assistant", content=t.assistant[:2000], turn_id=t.turn_id, timestamp=now)
             )
         return out
-
-    def _reflect_job(
-        self, user_id: str, turns: list[ReflectionTurn], short_term: list[Turn]
-    ) -> Any:
-        try:
-            return reflect_and_save(
-                store=self.store,
-                reflector=self.reflector,
-                user_id=user_id,
-                turns=turns,
-                memory=self.memory,
-                short_term=short_term,
-                short_term_window=self.short_term_window,
-                memory_link=self.memory.link() if self.memory is not None else None,
-            )
-        except Exception:
-            # the reply has been produced: a failed reflection must not take it away
-            log.warning("reflection for user %s failed; persona unchanged", user_id, exc_info=True)
-            return None
 
     def save(self, state: PersonaState, config: RunnableConfig) -> dict[str, Any]:
         user_id, turn_id = state["user_id"], state["turn_id"]
@@ -375,17 +372,31 @@ class PersonaGraph:
             )
         if not self.store.exists(user_id):
             # cold start with no reflection yet: the user gets version 1 now
-            persona = Persona.model_validate(state["persona"])
+            persona = self._persona(state).model_copy(deep=True)
             if self.memory is not None:
                 persona.memory.long_term = self.memory.link()
             try:
                 self.store.create(user_id, persona, source="first turn", reason=f"turn {turn_id}")
             except Exception as exc:
                 log.info("persona of %s created concurrently: %s", user_id, exc)
+        self._personas.pop(turn_id, None)
         return {"persona_exists": True}
 
+    # -- the app's handle -----------------------------------------------------------------
+
+    def forget(self, user_id: str, *, timeout: float | None = 120) -> Forgotten:
+        """Delete ``user_id``'s persona (every version) and long-term memory; see
+        :func:`forget_user`."""
+        return forget_user(
+            user_id,
+            store=self.store,
+            memory=self.memory,
+            background=self.background,
+            timeout=timeout,
+        )
+
     def close(self, timeout: float | None = None) -> bool:
-        """Drain background reflections (call on shutdown)."""
+        """Drain background reflections and stop their worker (call on shutdown)."""
         return self.background.close(timeout)
 
 
@@ -396,11 +407,11 @@ def build_persona_graph(
     memory: Any = None,
     checkpointer: Any = None,
     **options: Any,
-) -> Any:
-    """The compiled persona graph; ``options`` go to :class:`PersonaGraph`.
+) -> PersonaGraph:
+    """The persona graph (a :class:`PersonaGraph`); ``options`` go to its constructor.
 
-    The compiled graph carries its :class:`PersonaGraph` as ``graph.persona`` (for
-    ``graph.persona.close()`` on shutdown, which drains background reflections).
+    Call ``graph.close()`` on shutdown (it drains background reflections) and
+    ``graph.forget(user_id)`` to delete a user; ``graph.compiled`` is the LangGraph graph.
     """
     nodes = PersonaGraph(chat_model, store=store, memory=memory, **options)
     nodes.has_checkpointer = checkpointer is not None
@@ -412,9 +423,32 @@ def build_persona_graph(
     for first, second in itertools.pairwise(order):
         builder.add_edge(first, second)
     builder.add_edge(order[-1], END)
-    graph = builder.compile(checkpointer=checkpointer, name="persona_chat")
-    graph.persona = nodes  # type: ignore[attr-defined]
-    return graph
+    nodes.compiled = builder.compile(checkpointer=checkpointer, name="persona_chat")
+    return nodes
+
+
+def forget_user(
+    user_id: str,
+    *,
+    store: PersonaStore,
+    memory: Any = None,
+    background: BackgroundReflector | None = None,
+    timeout: float | None = 120,
+) -> Forgotten:
+    """Delete ``user_id``'s persona (every version) and long-term memory.
+
+    The user's background reflection still queued runs first, so that it cannot write the
+    persona back after the delete (other users' keep their debounce).
+    """
+    validate_user_id(user_id)
+    if background is not None and not background.drain(timeout, user_id=user_id):
+        log.warning("forgetting %s: background reflections still running", user_id)
+    items = memory.delete_user(user_id) if memory is not None else 0
+    try:
+        versions = store.delete(user_id)
+    except PersonaNotFoundError:
+        versions = 0
+    return Forgotten(versions=versions, memory_items=items)
 
 
 def make_checkpointer(url: str) -> Any:
@@ -442,11 +476,11 @@ def make_checkpointer(url: str) -> Any:
 
 def build_persona_graph_from_settings(
     settings: Settings | None = None, *, checkpointer: Any = None, chat_model: Any = None
-) -> Any:
+) -> PersonaGraph:
     """The persona graph on the configured store, memory and chat model."""
-    from persona_plugin.memory import LongTermMemory
-    from persona_plugin.models import resolve_chat_model
-    from persona_plugin.preferences import PreferenceHub
+    from persona_plugin.chat_models.registry import resolve_chat_model
+    from persona_plugin.memory.long_term import LongTermMemory
+    from persona_plugin.preferences.hub import PreferenceHub
 
     settings = settings or Settings.load()
     model = chat_model or resolve_chat_model(settings.chat_model, settings)

@@ -27,10 +27,17 @@ from pydantic import (
     ConfigDict,
     Field,
     JsonValue,
-    ValidationError,
     field_validator,
 )
 
+from persona_plugin._yaml import (
+    SafeDumper,
+    StrictSafeLoader,
+    format_path,
+    require_mapping,
+    validate_document,
+    yaml_error,
+)
 from persona_plugin.errors import PersonaValidationError
 
 SCHEMA_VERSION = 1
@@ -271,7 +278,7 @@ class Persona(_Model):
     def to_yaml(self) -> str:
         return yaml.dump(
             self.to_dict(),
-            Dumper=_SafeDumper,
+            Dumper=SafeDumper,
             sort_keys=False,
             allow_unicode=True,
             default_flow_style=False,
@@ -316,19 +323,6 @@ def json_schema() -> dict[str, Any]:
 
 def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
-
-
-# -- validation and limits ----------------------------------------------------------------
-
-
-def format_path(loc: tuple[Any, ...] | list[Any]) -> str:
-    path = ""
-    for part in loc:
-        if isinstance(part, int):
-            path += f"[{part}]"
-        else:
-            path += f".{part}" if path else str(part)
-    return path
 
 
 MAX_KEY_CHARS = 200
@@ -428,97 +422,16 @@ def _hint_for(error_type: str, loc: tuple[Any, ...]) -> str:
     return "Fix the value to the expected type; `persona schema` shows what each field accepts."
 
 
-def _describe(err: Any) -> str:
-    if err["type"] == "extra_forbidden":
-        return "unknown key"
-    msg = err["msg"][0].lower() + err["msg"][1:]
-    if err["type"] != "missing":
-        shown = repr(err["input"])
-        msg += f" (got {shown[:60] + '...' if len(shown) > 60 else shown})"
-    return msg
-
-
 def parse_persona(
     data: object, *, source: str = "<dict>", limits: PersonaLimits = DEFAULT_LIMITS
 ) -> Persona:
     """Validate plain data as a persona, raising :class:`PersonaValidationError`."""
-    if not isinstance(data, Mapping):
-        raise PersonaValidationError(
-            source,
-            "",
-            f"top level is a {type(data).__name__}, not a mapping",
-            "A persona is a mapping with the keys " + ", ".join(TOP_LEVEL_KEYS) + ".",
-        )
+    keys = ", ".join(TOP_LEVEL_KEYS)
+    require_mapping(data, source=source, what="a persona", keys=keys)
     check_limits(data, source=source, limits=limits)
-    try:
-        return Persona.model_validate(data)
-    except ValidationError as exc:
-        problems = []
-        for err in exc.errors(include_url=False):
-            loc = tuple(err["loc"])
-            problems.append((format_path(loc), _describe(err), err["type"], loc))
-        path, msg, kind, loc = problems[0]
-        raise PersonaValidationError(
-            source,
-            path,
-            msg,
-            _hint_for(kind, loc),
-            problems=[(p, m) for p, m, _, _ in problems],
-        ) from None
-
-
-# -- YAML / JSON text ---------------------------------------------------------------------
-
-
-class _StrictSafeLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that keeps dates as text and refuses duplicate keys."""
-
-
-# Dates would load as datetime objects that JSON cannot hold; a persona keeps them as text.
-_StrictSafeLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-
-
-def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    loader.flatten_mapping(node)
-    mapping: dict[Any, Any] = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        if key in mapping:
-            raise yaml.constructor.ConstructorError(
-                "while constructing a mapping",
-                node.start_mark,
-                f"found duplicate key {key!r}",
-                key_node.start_mark,
-            )
-        mapping[key] = loader.construct_object(value_node, deep=True)
-    return mapping
-
-
-_StrictSafeLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping
-)
-
-
-class _SafeDumper(yaml.SafeDumper):
-    """``yaml.SafeDumper`` that double-quotes strings it would otherwise mangle."""
-
-
-# PyYAML writes NEL and the Unicode line/paragraph separators raw inside plain or single-
-# quoted scalars, where its own reader then folds them into spaces: a silent data change.
-# Double quotes make it escape them (\N, \L, \P).
-_YAML_LINE_BREAKS = ("\x85", "\u2028", "\u2029")
-
-
-def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
-    if any(char in value for char in _YAML_LINE_BREAKS):
-        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style='"')
-    return dumper.represent_str(value)
-
-
-_SafeDumper.add_representer(str, _represent_str)
+    return validate_document(
+        Persona, data, source=source, what="a persona", keys=keys, hint=_hint_for
+    )
 
 
 def _decode(raw: bytes | str, source: str, limits: PersonaLimits) -> str:
@@ -559,7 +472,7 @@ def loads(
         if fmt == "json":
             data = json.loads(decoded, parse_constant=_reject_constant)
         else:
-            data = yaml.load(decoded, Loader=_StrictSafeLoader)
+            data = yaml.load(decoded, Loader=StrictSafeLoader)
     except json.JSONDecodeError as exc:
         raise PersonaValidationError(
             source,
@@ -576,19 +489,6 @@ def loads(
             source, "", "document is empty", "Write at least one section, e.g. 'identity: {}'."
         )
     return parse_persona(data, source=source, limits=limits)
-
-
-def yaml_error(exc: yaml.YAMLError, source: str) -> PersonaValidationError:
-    """A YAML syntax error as the clear error: where, what, and what to do."""
-    mark = getattr(exc, "problem_mark", None)
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-    problem = getattr(exc, "problem", None) or str(exc)
-    return PersonaValidationError(
-        source,
-        "",
-        f"malformed YAML{where}: {problem}",
-        "Fix the syntax; check indentation and quote values that contain ': ' or '#'.",
-    )
 
 
 def _reject_constant(name: str) -> Any:

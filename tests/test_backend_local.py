@@ -21,10 +21,11 @@ from persona_plugin.backends import (
     SERVED_MERGED,
     SERVED_PREMERGED,
 )
-from persona_plugin.backends.base import AdapterNotServedError, GenerationRequest
-from persona_plugin.backends.local import LocalBackend, gguf_source
+from persona_plugin.backends.local import LocalBackend
+from persona_plugin.backends.local_model import gguf_source
+from persona_plugin.backends.types import AdapterNotServedError, GenerationRequest
 from persona_plugin.errors import PersonaConfigError
-from persona_plugin.lora_hub import LoraHub, parse_card
+from persona_plugin.lora.hub import LoraHub, parse_card
 
 try:
     gguf_source()
@@ -51,7 +52,7 @@ def adapter_dirs(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) ->
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from persona_plugin.backends.local import ensure_local_model
+    from persona_plugin.backends.local_model import ensure_local_model
 
     root = tmp_path_factory.mktemp("adapters")
     dirs = {}

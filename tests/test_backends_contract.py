@@ -44,14 +44,14 @@ from persona_plugin.backends import (
     GenerationRequest,
     GenerationResult,
     LoRAXBackend,
-    MultiLoraChatModel,
     RetryPolicy,
     TGIBackend,
     VLLMBackend,
 )
+from persona_plugin.chat_models import MultiLoraChatModel
 from persona_plugin.errors import PersonaConfigError, PersonaValidationError
-from persona_plugin.lora_hub import LoraHub, parse_card
-from persona_plugin.lora_retrieval import LoraRetriever
+from persona_plugin.lora.hub import LoraHub, parse_card
+from persona_plugin.lora.retrieval import LoraRetriever
 from persona_plugin.persona import Persona
 
 SPECS = Path(__file__).resolve().parents[2] / "shared" / "specs"

@@ -22,7 +22,7 @@ import pytest
 import yaml
 from rich.console import Console
 
-from persona_plugin import cli
+import persona_plugin.cli.app as cli
 from persona_plugin.persona import SECTION_NAMES, load, loads
 from persona_plugin.store import PersonaStore
 

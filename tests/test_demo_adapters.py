@@ -14,9 +14,10 @@ import pytest
 pytest.importorskip("peft")
 
 from persona_plugin.backends import SERVED_ADAPTER, SERVED_MERGED
-from persona_plugin.backends.base import GenerationRequest
 from persona_plugin.backends.local import LocalBackend
-from persona_plugin.demo_adapters import (
+from persona_plugin.backends.types import GenerationRequest
+from persona_plugin.errors import PersonaConfigError
+from persona_plugin.lab.training.demo_adapters import (
     QA,
     STYLE_IDS,
     STYLES,
@@ -24,9 +25,8 @@ from persona_plugin.demo_adapters import (
     main,
     training_examples,
 )
-from persona_plugin.errors import PersonaConfigError
-from persona_plugin.lora_hub import BUNDLED_LORA_DIR, LoraHub
-from persona_plugin.lora_training import TrainingExample, train_lora
+from persona_plugin.lab.training.lora import TrainingExample, train_lora
+from persona_plugin.lora.hub import BUNDLED_LORA_DIR, LoraHub
 
 EMOJI = re.compile("[\U0001f300-\U0001faff\u2600-\u27bf]")
 MODEL_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "test" / "models"

@@ -31,11 +31,11 @@ from integrations.discord.bot import (
     persona_user_id,
     split_message,
 )
-from persona_plugin.embeddings import MiniLMEmbeddingFunction
+from persona_plugin.embeddings.minilm import MiniLMEmbeddingFunction
 from persona_plugin.graph import build_persona_graph
-from persona_plugin.memory import LongTermMemory
+from persona_plugin.memory.long_term import LongTermMemory
 from persona_plugin.persona import Persona
-from persona_plugin.reflection import Reflector
+from persona_plugin.reflection.reflector import Reflector
 from persona_plugin.store import PersonaStore
 
 BOT = 1100000000000000001
@@ -134,7 +134,7 @@ def parts(tmp_path, embedding_function) -> Iterator[tuple[Any, PersonaStore, Lon
     try:
         yield graph, store, memory
     finally:
-        graph.persona.close(timeout=30)
+        graph.close(timeout=30)
         store.close()
 
 
@@ -150,7 +150,7 @@ def test_a_dm_is_answered_and_the_persona_learns_in_the_background(parts) -> Non
     reply = run(handle_message(graph, message(ALICE, "Hi! I love sailing.", dm=True), BOT))
     assert reply == "Scripted reply number 1."
     assert uid(ALICE) == f"discord:{ALICE}"
-    assert graph.persona.background.drain(timeout=30)
+    assert graph.background.drain(timeout=30)
     assert store.get(uid(ALICE)).personality.interests == ["sailing"]
     texts = [item.text for item in memory.get(uid(ALICE))]
     assert "user: Hi! I love sailing." in texts and "The user loves sailing." in texts
@@ -214,7 +214,7 @@ def test_persona_show(parts) -> None:
         "I have no persona for you yet"
     )
     run(handle_message(graph, message(ALICE, "I love climbing", dm=True), BOT))
-    graph.persona.background.drain(timeout=30)
+    graph.background.drain(timeout=30)
     shown = handle_persona_command(store, memory, str(ALICE), "show")
     assert shown.file_content is None
     assert shown.text.startswith("Your persona (version ")
@@ -245,7 +245,7 @@ def test_persona_forget_deletes_persona_and_memory(parts) -> None:
     # the turn's reflection is still queued: it must not bring the persona back
     done = handle_persona_command(store, memory, ALICE, "forget", graph=graph)
     assert done.text.startswith("Done: I forgot your persona (")
-    assert graph.persona.background.drain(timeout=30)
+    assert graph.background.drain(timeout=30)
     assert not store.exists(uid(ALICE))
     assert memory.count(uid(ALICE)) == 0
     again = handle_persona_command(store, memory, ALICE, "forget", graph=graph)
@@ -256,7 +256,7 @@ def test_two_discord_users_never_see_each_others_persona(parts) -> None:
     graph, store, memory = parts
     run(handle_message(graph, message(ALICE, "I love sailing", dm=True), BOT))
     run(handle_message(graph, message(BOB, f"<@{BOT}> I love chess", mentions=(BOT,)), BOT))
-    assert graph.persona.background.drain(timeout=30)
+    assert graph.background.drain(timeout=30)
     assert store.get(uid(ALICE)).personality.interests == ["sailing"]
     assert store.get(uid(BOB)).personality.interests == ["chess"]
     alice_sees = handle_persona_command(store, memory, ALICE, "show").text

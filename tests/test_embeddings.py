@@ -20,13 +20,10 @@ import numpy as np
 import pytest
 from chromadb.api.shared_system_client import SharedSystemClient
 
-from persona_plugin import embeddings
-from persona_plugin.embeddings import (
-    MiniLMEmbeddingFunction,
-    default_model_cache_dir,
-    ensure_fast_model,
-    fast_model_path,
-)
+from persona_plugin._cache import default_model_cache_dir
+from persona_plugin.embeddings import fast_model
+from persona_plugin.embeddings.fast_model import ensure_fast_model, fast_model_path
+from persona_plugin.embeddings.minilm import MiniLMEmbeddingFunction
 from persona_plugin.errors import PersonaConfigError
 
 VARIANTS = ["shipped", "fast"]
@@ -56,21 +53,21 @@ _RACING_BUILD = textwrap.dedent(
     """
     import json, sys, time
     from pathlib import Path
-    from persona_plugin import embeddings
+    from persona_plugin.embeddings import MiniLMEmbeddingFunction, fast_model
 
     cache, barrier, me = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
     builds = []
-    real = embeddings._build_fast_model
+    real = fast_model._build_fast_model
     def counting(*args):
         builds.append(1)
         real(*args)
-    embeddings._build_fast_model = counting
+    fast_model._build_fast_model = counting
     (barrier / me).touch()
     deadline = time.monotonic() + 60
     while len(list(barrier.iterdir())) < 2 and time.monotonic() < deadline:
         time.sleep(0.005)
-    path = embeddings.ensure_fast_model(cache)
-    function = embeddings.MiniLMEmbeddingFunction(variant="fast", cache_dir=str(cache))
+    path = fast_model.ensure_fast_model(cache)
+    function = MiniLMEmbeddingFunction(variant="fast", cache_dir=str(cache))
     vector = function.embed(["hello there"])[0].tolist()
     print(json.dumps({"builds": len(builds), "path": str(path), "vector": vector}))
     """
@@ -223,7 +220,7 @@ def test_fast_model_is_cached_under_persona_home_by_default(
     assert default_model_cache_dir() == expected
     assert fast_model_path().parent == expected
     name = fast_model_path().name
-    assert name.startswith(f"all-MiniLM-L6-v2-int8-fused-r{embeddings.FAST_MODEL_RECIPE}-")
+    assert name.startswith(f"all-MiniLM-L6-v2-int8-fused-r{fast_model.FAST_MODEL_RECIPE}-")
     assert name.endswith(".onnx")
 
 
@@ -248,7 +245,7 @@ def test_a_built_model_is_reused(fast_cache: Path, monkeypatch: pytest.MonkeyPat
     def no_build(*args: object) -> None:
         raise AssertionError("rebuilt a cached model")
 
-    monkeypatch.setattr(embeddings, "_build_fast_model", no_build)
+    monkeypatch.setattr(fast_model, "_build_fast_model", no_build)
     assert ensure_fast_model(fast_cache) == model
     after = model.stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
@@ -266,7 +263,7 @@ def test_damaged_or_partial_files_are_not_used(
     caplog.set_level(logging.INFO, logger="persona_plugin.embeddings")
     built = fast_model_path(fast_cache)
     calls: list[Path] = []
-    monkeypatch.setattr(embeddings, "_build_fast_model", _fake_build(built, calls))
+    monkeypatch.setattr(fast_model, "_build_fast_model", _fake_build(built, calls))
     cache = tmp_path / "models"
     cache.mkdir()
     target = fast_model_path(cache)
@@ -308,7 +305,7 @@ def test_a_failed_build_leaves_nothing_behind(
         dest.write_bytes(b"half a model")
         raise RuntimeError("out of disk")
 
-    monkeypatch.setattr(embeddings, "_build_fast_model", failing)
+    monkeypatch.setattr(fast_model, "_build_fast_model", failing)
     with pytest.raises(PersonaConfigError, match="out of disk") as failure:
         ensure_fast_model(tmp_path)
     assert isinstance(failure.value.__cause__, RuntimeError)
@@ -324,7 +321,7 @@ def test_concurrent_builds_make_one_valid_file(racing_build, functions) -> None:
     assert sorted(p.name for p in cache.iterdir()) == sorted(
         [target.name, f"{target.name}.sha256", f"{target.name}.lock"]
     )
-    assert embeddings._is_complete(target)
+    assert fast_model._is_complete(target)
     expected = functions["fast"].embed(["hello there"])[0]
     for report in reports:  # each process loaded a whole, working model
         np.testing.assert_allclose(report["vector"], expected, atol=1e-6)

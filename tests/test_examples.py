@@ -107,7 +107,7 @@ def test_bot_examples_build_from_settings_and_tokens():
     assert isinstance(app, App)
     bot = load_example("discord_bot").build_bot(settings, guild_id=123)
     assert isinstance(bot, PersonaBot) and bot.guild_id == 123
-    bot.graph.persona.close()
+    bot.graph.close()
 
 
 def test_local_multi_lora_graph_example_shows_each_personas_adapters():

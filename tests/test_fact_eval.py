@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from persona_plugin.embeddings import MiniLMEmbeddingFunction
+from persona_plugin.embeddings.minilm import MiniLMEmbeddingFunction
 from persona_plugin.errors import PersonaValidationError
-from persona_plugin.fact_eval import (
+from persona_plugin.lab.eval.facts import (
     DEFAULT_THRESHOLD,
     count_matches,
     evaluate,
@@ -19,8 +19,8 @@ from persona_plugin.fact_eval import (
     match_facts,
     similarity,
 )
-from persona_plugin.reflection_gate import ReflectionGate
-from persona_plugin.reflection_local import LocalReflector, bundled_backend
+from persona_plugin.reflection.gate import ReflectionGate
+from persona_plugin.reflection.local import LocalReflector, bundled_backend
 
 CONVERSATION = {
     "speaker_a": "Greta",
@@ -110,7 +110,7 @@ def test_the_run_reports_recall_cost_and_the_gate(locomo_file: Path, embedder) -
 
 
 def test_cli_prints_json(locomo_file: Path) -> None:
-    from persona_plugin.cli import app  # `persona eval facts`, as mounted
+    from persona_plugin.cli.app import app
 
     args = ["eval", "facts", str(locomo_file), "--sessions", "1", "--turns", "1", "--no-base"]
     result = CliRunner().invoke(app, [*args, "--json"])

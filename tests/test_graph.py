@@ -23,14 +23,15 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.utils.function_calling import convert_to_openai_tool
+from langgraph.pregel import Pregel
 from pydantic import Field
 
-from persona_plugin.embeddings import MiniLMEmbeddingFunction
+from persona_plugin.embeddings.minilm import MiniLMEmbeddingFunction
 from persona_plugin.errors import PersonaConfigError, PersonaValidationError
 from persona_plugin.graph import PersonaState, build_persona_graph, make_checkpointer
-from persona_plugin.memory import LongTermMemory
+from persona_plugin.memory.long_term import LongTermMemory
 from persona_plugin.persona import Persona
-from persona_plugin.reflection import Reflector
+from persona_plugin.reflection.reflector import Reflector
 from persona_plugin.store import PersonaStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -365,9 +366,9 @@ def test_background_mode_replies_at_once_and_reflects_once_later(
         assert store.get_version("ana", 1).source == "first turn"
         assert store.get("ana").personality.interests == []
 
-        assert graph.persona.background.drain(timeout=30)
+        assert graph.background.drain(timeout=30)
     finally:
-        assert graph.persona.close(timeout=30)
+        assert graph.close(timeout=30)
     # several quick turns became ONE reflection covering all of them
     assert len(reflections.calls) == 1
     assert store.current_version("ana") == 2
@@ -410,7 +411,7 @@ def test_background_debounce_fires_on_its_own(store: PersonaStore) -> None:
             "t3",
         ]
     finally:
-        graph.persona.close(timeout=10)
+        graph.close(timeout=10)
 
 
 def test_close_on_shutdown_completes_queued_reflections(store: PersonaStore) -> None:
@@ -424,7 +425,7 @@ def test_close_on_shutdown_completes_queued_reflections(store: PersonaStore) -> 
     )
     say(graph, "I like tea", config("ana", "t1"))
     assert reflections.calls == []
-    assert graph.persona.close(timeout=30)
+    assert graph.close(timeout=30)
     assert len(reflections.calls) == 1
     assert store.get("ana").personality.interests == ["tea"]
 
@@ -876,7 +877,8 @@ def test_one_users_persona_and_memory_never_reach_another(
 # -- deployable graphs ----------------------------------------------------------------------
 
 
-def _load_graph(spec: str, name: str) -> Any:
+def _load_graph(spec: str, name: str) -> tuple[Any, Any]:
+    """The graph a langgraph.json entry names, and its module."""
     file, attribute = spec.rsplit(":", 1)
     module_spec = importlib.util.spec_from_file_location(name, ROOT / file)
     assert module_spec is not None and module_spec.loader is not None
@@ -886,7 +888,7 @@ def _load_graph(spec: str, name: str) -> Any:
         module_spec.loader.exec_module(module)
     finally:
         sys.modules.pop(name, None)
-    return getattr(module, attribute)
+    return getattr(module, attribute), module
 
 
 def test_every_deployable_graph_loads_and_runs_a_turn(
@@ -898,7 +900,8 @@ def test_every_deployable_graph_loads_and_runs_a_turn(
     monkeypatch.setenv("PERSONA_HOME", str(home))
     monkeypatch.setenv("PERSONA_CHAT_MODEL", "echo")
     for n, (name, spec) in enumerate(sorted(manifest["graphs"].items())):
-        graph = _load_graph(spec, f"_deployable_{name}")
+        graph, module = _load_graph(spec, f"_deployable_{name}")
+        assert isinstance(graph, Pregel), f"{spec} is not a compiled graph LangGraph can serve"
         properties = graph.get_input_jsonschema().get("properties", {})
         user = f"deploy-{n}"
         if "messages" in properties:
@@ -906,7 +909,7 @@ def test_every_deployable_graph_loads_and_runs_a_turn(
                 {"messages": [("user", "hello there")]}, config(user, "t1", thread="d")
             )
             assert state["messages"][-1].content.startswith('You said: "hello there"')
-            graph.persona.close(timeout=10)
+            module.persona_graph.close(timeout=10)
             with PersonaStore(f"sqlite:///{home / 'personas.db'}") as store:
                 assert store.exists(user)
         else:

@@ -18,12 +18,12 @@ pytest.importorskip("peft")
 from langchain_core.language_models.fake_chat_models import FakeListChatModel
 
 from persona_plugin.backends import SERVED_MERGED
-from persona_plugin.backends.chat_model import MultiLoraChatModel
 from persona_plugin.backends.local import LocalBackend
+from persona_plugin.chat_models.multi_lora import MultiLoraChatModel
+from persona_plugin.chat_models.registry import local_chat_model, resolve_chat_model
 from persona_plugin.config import Settings
 from persona_plugin.graph import build_persona_graph, takes_persona
-from persona_plugin.lora_hub import BUNDLED_LORA_DIR, LoraHub, parse_card
-from persona_plugin.models import local_chat_model, resolve_chat_model
+from persona_plugin.lora.hub import BUNDLED_LORA_DIR, LoraHub, parse_card
 from persona_plugin.persona import Persona
 from persona_plugin.store import PersonaStore
 
@@ -69,7 +69,7 @@ def test_two_personas_get_different_mixtures(model: MultiLoraChatModel, store: A
     try:
         replies = {user: ask(graph, user) for user in ("bo", "cleo")}
     finally:
-        graph.persona.close()
+        graph.close()
     mixtures = {}
     for user, reply in replies.items():
         meta = reply.response_metadata
@@ -103,7 +103,7 @@ def test_a_persona_change_changes_the_mixture(model: MultiLoraChatModel, store: 
         store.update("dana", playful, reason="asked for fun")
         after = ask(graph, "dana", "2").response_metadata["retrieved"]
     finally:
-        graph.persona.close()
+        graph.close()
     assert before[0][0] == "concise" and after[0][0] == "playful"
 
 
@@ -151,22 +151,22 @@ def test_the_graph_on_the_local_model_reflects_with_the_reflection_adapter(
 ) -> None:
     """End to end, nothing scripted: the local model replies with style adapters, and the
     reflection runs on the same loaded model with the reflection adapter."""
-    from persona_plugin.reflection import Reflector
-    from persona_plugin.reflection_local import LocalReflector
+    from persona_plugin.reflection.local import LocalReflector
+    from persona_plugin.reflection.reflector import Reflector
 
     graph = build_persona_graph(model, store=store, reflection="inline")
     try:
-        assert isinstance(graph.persona.reflector, LocalReflector)
-        assert graph.persona.reflector.backend is model.backend  # one model in memory
+        assert isinstance(graph.reflector, LocalReflector)
+        assert graph.reflector.backend is model.backend  # one model in memory
         config = {"configurable": {"user_id": "greta", "thread_id": "greta-t"}}
         graph.invoke({"messages": [("user", "These days I'm based in Tallinn.")]}, config)
     finally:
-        graph.persona.close()
+        graph.close()
     persona = store.get("greta")
     assert persona.demographics.location == "Tallinn"
     (record,) = [r for r in store.history("greta") if r.source.startswith("reflection")]
     assert record.details["token_usage"]["total_tokens"] > 0
     # any other chat model keeps the generic reflector
     other = build_persona_graph(FakeListChatModel(responses=["ok"]), store=store)
-    assert isinstance(other.persona.reflector, Reflector)
-    other.persona.close()
+    assert isinstance(other.reflector, Reflector)
+    other.close()

@@ -16,12 +16,13 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
 
+from persona_plugin.chat_models.mbr import describe_mbr
 from persona_plugin.config import Settings
 from persona_plugin.errors import PersonaConfigError
 from persona_plugin.graph import build_persona_graph, build_persona_graph_from_settings
-from persona_plugin.mbr import describe_mbr
 from persona_plugin.persona import Persona
-from persona_plugin.preferences import CandidateEmbeddings, PreferenceHub
+from persona_plugin.preferences.hub import PreferenceHub
+from persona_plugin.preferences.scorers import CandidateEmbeddings
 from persona_plugin.store import PersonaStore
 
 SHORT = "Use a password manager and turn on two-factor authentication."
@@ -122,10 +123,10 @@ def test_mbr_n_from_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("PERSONA_MBR_N", "2")
     graph = build_persona_graph_from_settings(Settings.load())
     try:
-        assert graph.persona.mbr_n == 2
-        assert isinstance(graph.persona.preference_hub, PreferenceHub)
+        assert graph.mbr_n == 2
+        assert isinstance(graph.preference_hub, PreferenceHub)
     finally:
-        graph.persona.close()
+        graph.close()
     with pytest.raises(PersonaConfigError, match="mbr_n"):
         build_persona_graph(
             ScriptedChatModel(replies=["x"]),

@@ -19,12 +19,14 @@ import pytest
 from langchain_core.language_models.fake_chat_models import FakeMessagesListChatModel
 from langchain_core.messages import AIMessage
 
-from persona_plugin.embeddings import MiniLMEmbeddingFunction
+from persona_plugin.embeddings.minilm import MiniLMEmbeddingFunction
 from persona_plugin.graph import build_persona_graph
 from persona_plugin.guard import find_instruction, instruction_reason
-from persona_plugin.memory import LongTermMemory
+from persona_plugin.memory.long_term import LongTermMemory
 from persona_plugin.persona import Persona
-from persona_plugin.reflection import WITHHELD, ReflectionTurn, Reflector, reflect_and_save
+from persona_plugin.reflection.apply import WITHHELD, reflect_and_save
+from persona_plugin.reflection.reflector import Reflector
+from persona_plugin.reflection.types import ReflectionTurn
 from persona_plugin.store import PersonaStore
 
 # Written for these tests: each one addresses the assistant, not describes the user.

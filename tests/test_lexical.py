@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from persona_plugin.lexical import STOPWORDS, BM25Index, tokenize
+from persona_plugin.memory.lexical import STOPWORDS, BM25Index, tokenize
 
 
 def test_tokenize_lowercases_splits_and_drops_stopwords() -> None:

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import yaml
 
-from persona_plugin import cli
+import persona_plugin.cli.app as cli
 from persona_plugin.config import Settings
 from persona_plugin.errors import PersonaConfigError, PersonaNotFoundError, PersonaValidationError
-from persona_plugin.lora_hub import (
+from persona_plugin.lora.hub import (
     ADAPTER_KINDS,
     BUNDLED_LORA_DIR,
     AdapterCard,

@@ -8,10 +8,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from persona_plugin.embeddings import MiniLMEmbeddingFunction
+from persona_plugin.cards.retrieval import compact_persona_text
+from persona_plugin.embeddings.minilm import MiniLMEmbeddingFunction
 from persona_plugin.errors import PersonaConfigError
-from persona_plugin.lora_hub import AdapterCard, LoraHub, parse_card
-from persona_plugin.lora_retrieval import LoraRetriever, compact_persona_text
+from persona_plugin.lora.hub import AdapterCard, LoraHub, parse_card
+from persona_plugin.lora.retrieval import LoraRetriever
 from persona_plugin.persona import Persona
 from persona_plugin.prompt import PromptAssembler
 

@@ -22,21 +22,13 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
 
+from persona_plugin.chat_models.mbr import MBRChatModel, describe_mbr
 from persona_plugin.errors import PersonaConfigError, PersonaValidationError
-from persona_plugin.mbr import (
-    MBRChatModel,
-    MBRRequest,
-    MBRSelector,
-    describe_mbr,
-    normalize_scores,
-)
 from persona_plugin.persona import Persona
-from persona_plugin.preferences import (
-    CandidateEmbeddings,
-    PreferenceHub,
-    PreferenceRetriever,
-    PreferenceScoreError,
-)
+from persona_plugin.preferences.hub import PreferenceHub
+from persona_plugin.preferences.mbr import MBRRequest, MBRSelector, normalize_scores
+from persona_plugin.preferences.retrieval import PreferenceRetriever
+from persona_plugin.preferences.scorers import CandidateEmbeddings, PreferenceScoreError
 
 PROMPT = "How can I keep my online accounts safe?"
 SHORT = "Use a password manager and turn on two-factor authentication."
@@ -264,8 +256,8 @@ def test_mbr_chat_model_rejects_bad_setup(tmp_path: Path, hub: PreferenceHub) ->
 
 
 def test_mbr_over_the_local_model_samples_n_candidates(hub: PreferenceHub) -> None:
-    from persona_plugin.backends.chat_model import MultiLoraChatModel
     from persona_plugin.backends.local import LocalBackend
+    from persona_plugin.chat_models.multi_lora import MultiLoraChatModel
 
     base = MultiLoraChatModel(backend=LocalBackend().load(), max_new_tokens=12)
     model = MBRChatModel(base=base, n=3, hub=hub, seed=7)

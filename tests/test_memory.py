@@ -33,11 +33,11 @@ import pytest
 from chromadb.api.types import Documents, EmbeddingFunction, Embeddings
 
 from persona_plugin.config import Settings
-from persona_plugin.embeddings import as_embedding_function
+from persona_plugin.embeddings.minilm import as_embedding_function
 from persona_plugin.errors import PersonaConfigError, PersonaValidationError
-from persona_plugin.lexical import tokenize
-from persona_plugin.locomo import evaluate, load_conversation
-from persona_plugin.memory import LongTermMemory, MemoryItem, update_short_term
+from persona_plugin.lab.eval.locomo import evaluate, load_conversation
+from persona_plugin.memory.lexical import tokenize
+from persona_plugin.memory.long_term import LongTermMemory, MemoryItem, update_short_term
 from persona_plugin.persona import LongTermMemoryLink, Persona, Turn
 
 ROOT = Path(__file__).resolve().parents[1]

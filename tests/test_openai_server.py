@@ -36,13 +36,13 @@ from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from pydantic import Field
 
 from persona_plugin.config import Settings
-from persona_plugin.embeddings import MiniLMEmbeddingFunction
+from persona_plugin.embeddings.minilm import MiniLMEmbeddingFunction
 from persona_plugin.errors import PersonaConfigError
 from persona_plugin.graph import build_persona_graph
-from persona_plugin.memory import LongTermMemory
-from persona_plugin.openai_server import create_app, create_app_from_settings
+from persona_plugin.memory.long_term import LongTermMemory
 from persona_plugin.persona import Persona
-from persona_plugin.reflection import Reflector
+from persona_plugin.reflection.reflector import Reflector
+from persona_plugin.server.app import create_app, create_app_from_settings
 from persona_plugin.store import PersonaStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -194,7 +194,7 @@ def shared_url(shared: tuple[str, PersonaStore]) -> str:
 
 
 def _echo() -> Any:
-    from persona_plugin.models import EchoChatModel
+    from persona_plugin.chat_models.registry import EchoChatModel
 
     return EchoChatModel()
 

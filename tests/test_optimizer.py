@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from persona_plugin.optimizer import Operation, apply_operations
 from persona_plugin.persona import Persona, PersonaLimits
+from persona_plugin.reflection.optimizer import Operation, apply_operations
 
 TURNS = {"t1", "t2"}
 

@@ -17,25 +17,18 @@ from langchain_core.language_models import FakeListChatModel
 from typer.testing import CliRunner
 
 from persona_plugin.errors import PersonaNotFoundError, PersonaValidationError
+from persona_plugin.lab.training.preferences import demo_pairs, load_pairs, train_head
 from persona_plugin.persona import PatternItem, Persona
-from persona_plugin.preference_training import (
-    demo_pairs,
-    load_pairs,
-    train_head,
-)
-from persona_plugin.preferences import (
-    BUNDLED_DIR,
+from persona_plugin.preferences.cards import BUNDLED_DIR, load_card, parse_card
+from persona_plugin.preferences.hub import PreferenceHub
+from persona_plugin.preferences.retrieval import PreferenceRetriever, normalize_preferences
+from persona_plugin.preferences.scorers import (
     SURFACE_FEATURES,
     CandidateEmbeddings,
     EmbeddingHeadScorer,
     PreferenceHead,
-    PreferenceHub,
-    PreferenceRetriever,
     PreferenceScoreError,
     check_scores,
-    load_card,
-    normalize_preferences,
-    parse_card,
 )
 from persona_plugin.store import PersonaStore
 
@@ -389,8 +382,8 @@ def test_pairs_files_are_validated(tmp_path: Path) -> None:
 
 @pytest.fixture
 def cli(monkeypatch: pytest.MonkeyPatch):
-    from persona_plugin.cli import state
-    from persona_plugin.cli_prefs import prefs_app
+    from persona_plugin.cli.app import state
+    from persona_plugin.cli.prefs import prefs_app
 
     monkeypatch.setenv("COLUMNS", "200")
     monkeypatch.setattr(state, "config_file", None)

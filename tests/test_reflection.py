@@ -25,20 +25,16 @@ from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import Field
 
-from persona_plugin import cli
-from persona_plugin.embeddings import MiniLMEmbeddingFunction
+import persona_plugin.cli.app as cli
+from persona_plugin.embeddings.minilm import MiniLMEmbeddingFunction
 from persona_plugin.errors import PersonaValidationError
-from persona_plugin.memory import LongTermMemory
+from persona_plugin.memory.long_term import LongTermMemory
 from persona_plugin.persona import Persona
-from persona_plugin.reflection import (
-    BackgroundReflector,
-    ReflectionOutput,
-    ReflectionTurn,
-    Reflector,
-    build_reflection_graph,
-    parse_reflection_json,
-    reflect_and_save,
-)
+from persona_plugin.reflection.apply import reflect_and_save
+from persona_plugin.reflection.background import BackgroundReflector
+from persona_plugin.reflection.graph import build_reflection_graph
+from persona_plugin.reflection.reflector import Reflector, parse_reflection_json
+from persona_plugin.reflection.types import ReflectionOutput, ReflectionTurn
 from persona_plugin.store import PersonaStore
 
 USAGE = {"input_tokens": 120, "output_tokens": 30, "total_tokens": 150}

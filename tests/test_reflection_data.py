@@ -8,24 +8,20 @@ from collections import Counter
 import jsonschema
 import pytest
 
-from persona_plugin.optimizer import apply_operations
+from persona_plugin.lab.training.reflection_data import build_examples, phrasings, vocabulary
 from persona_plugin.persona import Persona
-from persona_plugin.reflection_data import (
+from persona_plugin.reflection.local import (
+    COMPACT_SCHEMA,
     MAX_FACT_CHARS,
     MAX_FACTS,
     MAX_OPS,
     MAX_VALUE_CHARS,
     OP_PATHS,
-    build_examples,
-    phrasings,
-    vocabulary,
-)
-from persona_plugin.reflection_local import (
-    COMPACT_SCHEMA,
     Extraction,
     parse_compact,
     to_reflection_output,
 )
+from persona_plugin.reflection.optimizer import apply_operations
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from persona_plugin.embeddings import MiniLMEmbeddingFunction
+from persona_plugin.embeddings.minilm import MiniLMEmbeddingFunction
 from persona_plugin.errors import PersonaConfigError
-from persona_plugin.reflection_gate import GATE_FILE, ReflectionGate, training_set
+from persona_plugin.lab.training.gate import training_set
+from persona_plugin.reflection.gate import GATE_FILE, ReflectionGate
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,6 @@ def test_bad_inputs_say_what_to_do(tmp_path) -> None:
         ReflectionGate.train(["a", "b"], [True, True])
     broken = tmp_path / "gate.json"
     broken.write_text("{not json")
-    with pytest.raises(PersonaConfigError, match="reflection_gate"):
+    with pytest.raises(PersonaConfigError, match=r"lab\.training\.gate"):
         ReflectionGate.load(broken)
     assert GATE_FILE.is_file()

@@ -11,28 +11,29 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from persona_plugin.backends.base import SERVED_ADAPTER
 from persona_plugin.backends.local import LocalBackend
-from persona_plugin.constrained import (
+from persona_plugin.backends.types import SERVED_ADAPTER
+from persona_plugin.embeddings.minilm import MiniLMEmbeddingFunction
+from persona_plugin.lora.hub import LoraHub
+from persona_plugin.memory.long_term import LongTermMemory
+from persona_plugin.persona import Persona
+from persona_plugin.reflection.apply import reflect_and_save
+from persona_plugin.reflection.constrained import (
     allowed_tokens_fn,
     generate_json,
     token_budget,
     tokenizer_table,
 )
-from persona_plugin.embeddings import MiniLMEmbeddingFunction
-from persona_plugin.lora_hub import LoraHub
-from persona_plugin.memory import LongTermMemory
-from persona_plugin.persona import Persona
-from persona_plugin.reflection import ReflectionTurn, reflect_and_save
-from persona_plugin.reflection_data import prompt_messages
-from persona_plugin.reflection_local import (
+from persona_plugin.reflection.local import (
     ADAPTER_ID,
     BUNDLED_HUB,
     COMPACT_SCHEMA,
     Extraction,
     LocalReflector,
+    prompt_messages,
     to_reflection_output,
 )
+from persona_plugin.reflection.types import ReflectionTurn
 from persona_plugin.store import PersonaStore
 
 #: a small bounded schema, so the bare model (which fills every bound) stays quick

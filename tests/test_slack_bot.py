@@ -30,10 +30,10 @@ from slack_bolt.request import BoltRequest
 from slack_sdk import WebClient
 
 from integrations.slack.app import code_block, create_slack_app, persona_user_id
-from persona_plugin.embeddings import MiniLMEmbeddingFunction
+from persona_plugin.embeddings.minilm import MiniLMEmbeddingFunction
 from persona_plugin.graph import build_persona_graph
-from persona_plugin.memory import LongTermMemory
-from persona_plugin.reflection import Reflector
+from persona_plugin.memory.long_term import LongTermMemory
+from persona_plugin.reflection.reflector import Reflector
 from persona_plugin.store import PersonaStore
 
 SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
@@ -272,7 +272,7 @@ def parts(tmp_path, embedding_function) -> Iterator[tuple[Any, PersonaStore, Lon
     try:
         yield graph, store, memory
     finally:
-        graph.persona.close(timeout=30)
+        graph.close(timeout=30)
         store.close()
 
 
@@ -329,7 +329,7 @@ def test_a_dm_is_answered_and_the_persona_learns_in_the_background(app, parts, s
     assert "Scripted reply number 1." in post["text"]
     assert post.get("thread_ts") is None  # a DM is answered in the DM, not in a thread
     # the reply is out; the reflection is still queued
-    assert graph.persona.background.drain(timeout=30)
+    assert graph.background.drain(timeout=30)
     persona = store.get(uid(ALICE))
     assert persona.personality.interests == ["sailing"]
     texts = [item.text for item in memory.get(uid(ALICE))]
@@ -392,7 +392,7 @@ def test_slash_persona_shows_the_persona_as_a_code_block(app, parts, slack) -> N
     graph, _, _ = parts
     assert command(app, slack, ALICE, "").startswith("I have no persona for you yet")
     send(app, event_body(dm(ALICE, "I love climbing")))
-    graph.persona.background.drain(timeout=30)
+    graph.background.drain(timeout=30)
     shown = command(app, slack, ALICE, "show")
     assert shown.startswith("Your persona (version ")
     block = shown[shown.index("```") :]
@@ -409,7 +409,7 @@ def test_slash_persona_forget_deletes_persona_and_memory(app, parts, slack) -> N
     # the reflection of that turn is still queued: forgetting must not be undone by it
     answer = command(app, slack, ALICE, "forget")
     assert answer.startswith("Done: I forgot your persona (")
-    assert graph.persona.background.drain(timeout=30)
+    assert graph.background.drain(timeout=30)
     assert not store.exists(uid(ALICE))
     assert memory.count(uid(ALICE)) == 0
     assert command(app, slack, ALICE, "show").startswith("I have no persona for you yet")
@@ -420,7 +420,7 @@ def test_two_slack_users_never_see_each_others_persona(app, parts, slack) -> Non
     graph, store, memory = parts
     send(app, event_body(dm(ALICE, "I love sailing")))
     send(app, event_body(mention(BOB, f"<@{BOT_USER}> I love chess")))
-    assert graph.persona.background.drain(timeout=30)
+    assert graph.background.drain(timeout=30)
     assert store.get(uid(ALICE)).personality.interests == ["sailing"]
     assert store.get(uid(BOB)).personality.interests == ["chess"]
     alice_sees, bob_sees = command(app, slack, ALICE, ""), command(app, slack, BOB, "")
@@ -476,7 +476,7 @@ def test_replies_cannot_ping_or_link_and_long_personas_are_cut(parts, slack) -> 
     try:
         send(make_app(graph, store, memory, slack), event_body(dm(ALICE, "say hi to all")))
     finally:
-        graph.persona.close(timeout=30)
+        graph.close(timeout=30)
     (post,) = slack.posts
     assert post["text"] == (
         "Hey &lt;!channel&gt; &amp; &lt;@U0BOB0001&gt;, see &lt;https://x.io|this&gt;"

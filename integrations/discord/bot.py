@@ -38,7 +38,7 @@ import discord
 from discord import app_commands
 
 from integrations.common import answer, forget
-from persona_plugin.errors import PersonaNotFoundError
+from persona_plugin import PersonaNotFoundError
 from persona_plugin.persona import validate_user_id
 
 log = logging.getLogger(__name__)
@@ -256,13 +256,12 @@ class PersonaBot(discord.Client):
         try:
             await super().close()
         finally:
-            await asyncio.to_thread(self.graph.persona.close, 30)
+            await asyncio.to_thread(self.graph.close, 30)
 
 
 def main() -> None:
     """Run the bot from the environment (see the module doc)."""
-    from persona_plugin.config import Settings
-    from persona_plugin.graph import build_persona_graph_from_settings, make_checkpointer
+    from persona_plugin import Settings, build_persona_graph_from_settings, make_checkpointer
 
     token = os.environ.get("DISCORD_BOT_TOKEN")
     if not token:
@@ -274,8 +273,8 @@ def main() -> None:
     )
     bot = PersonaBot(
         graph,
-        graph.persona.store,
-        graph.persona.memory,
+        graph.store,
+        graph.memory,
         guild_id=int(guild) if guild else None,
     )
     bot.run(token, log_level=logging.getLevelName(os.environ.get("LOG_LEVEL", "INFO")))

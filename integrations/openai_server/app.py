@@ -4,6 +4,6 @@ Run it with ``uvicorn integrations.openai_server.app:app`` (from the repository 
 ``persona serve``; see README.md next to this file.
 """
 
-from persona_plugin.openai_server import create_app_from_settings
+from persona_plugin.server import create_app_from_settings
 
 app = create_app_from_settings()

@@ -43,7 +43,7 @@ from slack_bolt import App
 from slack_sdk import WebClient
 
 from integrations.common import answer, forget
-from persona_plugin.errors import PersonaNotFoundError
+from persona_plugin import PersonaNotFoundError
 from persona_plugin.persona import validate_user_id
 
 log = logging.getLogger(__name__)
@@ -216,8 +216,7 @@ def create_slack_app(
 
 def main() -> None:
     """Run the bot from the environment (see the module doc)."""
-    from persona_plugin.config import Settings
-    from persona_plugin.graph import build_persona_graph_from_settings, make_checkpointer
+    from persona_plugin import Settings, build_persona_graph_from_settings, make_checkpointer
 
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"))
     token = os.environ.get("SLACK_BOT_TOKEN")
@@ -234,8 +233,8 @@ def main() -> None:
     )
     app = create_slack_app(
         graph,
-        graph.persona.store,
-        graph.persona.memory,
+        graph.store,
+        graph.memory,
         token=token,
         signing_secret=signing_secret,
     )
@@ -247,7 +246,7 @@ def main() -> None:
         else:
             app.start(port=int(os.environ.get("PORT", "3000")))
     finally:
-        graph.persona.close(timeout=30)
+        graph.close(timeout=30)
 
 
 if __name__ == "__main__":

@@ -24,28 +24,28 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 
-from persona_plugin.backends.base import (
+from persona_plugin.backends._http import HttpBackend, parse_event, stream_ended_early
+from persona_plugin.backends._retry import (
+    Failure,
+    RetryPolicy,
+    astream_with_retries,
+    stream_with_retries,
+)
+from persona_plugin.backends.base import check_streamable
+from persona_plugin.backends.types import (
     SERVED_ADAPTER,
     SERVED_BASE,
     SERVED_MERGED,
     AdapterNotServedError,
-    Failure,
     GenerationChunk,
     GenerationRequest,
     GenerationResult,
-    HttpBackend,
-    RetryPolicy,
-    astream_with_retries,
-    check_streamable,
     merge_results,
-    parse_event,
-    stream_ended_early,
-    stream_with_retries,
 )
 from persona_plugin.errors import PersonaConfigError, PersonaValidationError
 
 if TYPE_CHECKING:
-    from persona_plugin.lora_hub import LoraHub
+    from persona_plugin.lora.hub import LoraHub
 
 MergeStrategy = Literal["linear", "ties", "dare_linear", "dare_ties"]
 MERGE_STRATEGIES: tuple[str, ...] = ("linear", "ties", "dare_linear", "dare_ties")

@@ -38,32 +38,36 @@ from huggingface_hub.errors import (
     TextGenerationError,
 )
 
-from persona_plugin.backends.base import (
-    AdapterNotServedError,
-    BaseBackend,
+from persona_plugin.backends._http import stream_ended_early
+from persona_plugin.backends._retry import (
     Failure,
-    GenerationChunk,
-    GenerationRequest,
-    GenerationResult,
-    MixturePolicy,
     RetryPolicy,
-    Served,
     acall_with_retries,
     astream_with_retries,
     call_with_retries,
-    check_policy,
-    check_streamable,
-    merge_results,
-    serve_one_adapter,
     status_failure,
-    stream_ended_early,
     stream_with_retries,
     transport_failure,
+)
+from persona_plugin.backends.base import (
+    BaseBackend,
+    MixturePolicy,
+    Served,
+    check_policy,
+    check_streamable,
+    serve_one_adapter,
+)
+from persona_plugin.backends.types import (
+    AdapterNotServedError,
+    GenerationChunk,
+    GenerationRequest,
+    GenerationResult,
+    merge_results,
 )
 from persona_plugin.errors import PersonaValidationError
 
 if TYPE_CHECKING:
-    from persona_plugin.lora_hub import LoraHub
+    from persona_plugin.lora.hub import LoraHub
 
 #: TGI's chat route reads ``model`` as the adapter id, except this name for the base model
 BASE_MODEL_NAME = "tgi"

@@ -24,34 +24,36 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from persona_plugin.backends.base import (
-    SERVED_MERGED,
-    AdapterNotServedError,
-    BackendRequestError,
+from persona_plugin.backends._http import HttpBackend, parse_event, stream_ended_early
+from persona_plugin.backends._retry import (
     Failure,
-    GenerationChunk,
-    GenerationRequest,
-    GenerationResult,
-    HttpBackend,
-    Mixture,
-    MixturePolicy,
     RetryPolicy,
-    Served,
     acall_with_retries,
     astream_with_retries,
     call_with_retries,
-    check_policy,
-    check_streamable,
-    parse_event,
-    serve_one_adapter,
-    stream_ended_early,
     stream_with_retries,
 )
+from persona_plugin.backends.base import (
+    MixturePolicy,
+    Served,
+    check_policy,
+    check_streamable,
+    serve_one_adapter,
+)
+from persona_plugin.backends.types import (
+    SERVED_MERGED,
+    AdapterNotServedError,
+    BackendRequestError,
+    GenerationChunk,
+    GenerationRequest,
+    GenerationResult,
+    Mixture,
+)
 from persona_plugin.errors import PersonaConfigError
-from persona_plugin.lora_hub import mixture_matches
+from persona_plugin.lora.hub import mixture_matches
 
 if TYPE_CHECKING:
-    from persona_plugin.lora_hub import LoraHub
+    from persona_plugin.lora.hub import LoraHub
 
 Merger = Callable[[Mixture], str]
 

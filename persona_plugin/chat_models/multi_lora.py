@@ -1,0 +1,323 @@
+"""Any multi-LoRA backend as a plain LangChain chat model.
+
+``MultiLoraChatModel(backend=..., retriever=...)`` is a ``BaseChatModel``: it works
+wherever a chat model does (``invoke``, ``stream``, ``batch``, async, LangGraph nodes).
+The adapters of a call come, first match wins, from:
+
+1. ``adapters=[(id, weight), ...]`` passed to ``invoke``/``stream`` (or bound with
+   ``.bind(adapters=...)``), or ``config["configurable"]["adapters"]``;
+2. the ``retriever`` (a :class:`LoraRetriever`), given the persona
+   (``persona=`` in the call, ``config["configurable"]["persona"]``, or the model's
+   ``persona`` field) and the last user message; retrieval is limited to the adapters the
+   backend can serve;
+3. the model's ``adapters`` field (empty: the base model).
+
+The reply's ``response_metadata`` says what served it: ``adapters`` (what actually
+served), ``requested_adapters``, ``served_by`` (``adapter``, ``merged``, ``premerged``,
+``top``, ``base``), ``backend`` and, when retrieved, ``retrieved`` (id, weight, score).
+
+When the backend stays unavailable after its retries (:class:`BackendUnavailableError`)
+and a ``fallback`` chat model is set, the fallback answers and the reply's metadata says
+``fallback: True``. A stream that breaks after text was sent raises
+:class:`BackendStreamError`; it never falls back mid-reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any, ClassVar
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models.chat_models import BaseChatModel
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    ChatMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from pydantic import ConfigDict, Field
+
+from persona_plugin.backends.types import (
+    BackendUnavailableError,
+    GenerationRequest,
+    GenerationResult,
+    Mixture,
+    normalize_mixture,
+)
+from persona_plugin.chat_models.persona_aware import LiftsConfigurable, coerce_persona, content_text
+from persona_plugin.errors import PersonaConfigError
+
+#: keys of ``config["configurable"]`` this model reads
+CONFIGURABLE_KEYS = ("adapters", "persona")
+_SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "seed", "n")
+
+
+def message_dicts(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
+    """LangChain messages as ``{"role", "content"}`` dicts (text content only)."""
+    out = []
+    for message in messages:
+        if isinstance(message, SystemMessage):
+            role = "system"
+        elif isinstance(message, HumanMessage):
+            role = "user"
+        elif isinstance(message, AIMessage):
+            role = "assistant"
+        elif isinstance(message, ToolMessage):
+            role = "tool"
+        elif isinstance(message, ChatMessage):
+            role = message.role
+        else:
+            role = message.type
+        out.append({"role": role, "content": content_text(message.content)})
+    return out
+
+
+class MultiLoraChatModel(LiftsConfigurable, BaseChatModel):
+    """A chat model served by a multi-LoRA :class:`Backend`, adapters chosen per call."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    configurable_keys: ClassVar[tuple[str, ...]] = CONFIGURABLE_KEYS
+    #: the persona graph hands this model the persona (see takes_persona)
+    takes_persona: ClassVar[bool] = True
+
+    backend: Any = Field(description="a persona_plugin.backends Backend")
+    retriever: Any = Field(None, description="a LoraRetriever choosing adapters per call")
+    persona: Any = Field(None, description="default persona (Persona or text) for retrieval")
+    adapters: list[tuple[str, float]] = Field(
+        default_factory=list, description="default adapters when none are given or retrieved"
+    )
+    max_new_tokens: int = 256
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    n: int = 1
+    fallback: Any = Field(None, description="chat model answering when the backend is down")
+
+    @property
+    def _llm_type(self) -> str:
+        return "persona-multi-lora"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {
+            "backend": getattr(self.backend, "name", type(self.backend).__name__),
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "n": self.n,
+        }
+
+    # -- building the request ---------------------------------------------------------------
+
+    def _adapters(
+        self, messages: Sequence[BaseMessage], kwargs: dict[str, Any]
+    ) -> tuple[Mixture, list[tuple[str, float, float]] | None]:
+        if kwargs.get("adapters") is not None:
+            return normalize_mixture(kwargs["adapters"]), None
+        persona = coerce_persona(kwargs.get("persona", self.persona))
+        if self.retriever is not None and persona is not None:
+            user = next((m for m in reversed(messages) if isinstance(m, HumanMessage)), None)
+            mixture = self.retriever.retrieve(
+                persona,
+                content_text(user.content) if user is not None else "",
+                allowed=getattr(self.backend, "adapter_ids", None),
+            )
+            retrieved = [(a.id, round(a.weight, 4), round(a.score, 4)) for a in mixture.adapters]
+            return normalize_mixture(mixture.pairs()), retrieved
+        return normalize_mixture(self.adapters), None
+
+    def _request(
+        self,
+        messages: Sequence[BaseMessage],
+        stop: list[str] | None,
+        kwargs: dict[str, Any],
+        stream: bool = False,
+    ) -> tuple[GenerationRequest, list[tuple[str, float, float]] | None]:
+        unknown = sorted(
+            k
+            for k in kwargs
+            if k not in (*CONFIGURABLE_KEYS, *_SAMPLING_KEYS) and not k.startswith("ls_")
+        )
+        if unknown:
+            raise PersonaConfigError(
+                f"MultiLoraChatModel does not take {unknown}; it takes adapters, persona and "
+                f"{', '.join(_SAMPLING_KEYS)}."
+            )
+        adapters, retrieved = self._adapters(messages, kwargs)
+        sampling = {k: kwargs.get(k, getattr(self, k)) for k in _SAMPLING_KEYS}
+        if stream:
+            sampling["n"] = 1  # a stream is one message; n candidates come from generate()
+        request = GenerationRequest(
+            messages=tuple(message_dicts(messages)),
+            adapters=adapters,
+            stop=tuple(stop or ()),
+            **sampling,
+        )
+        return request, retrieved
+
+    def _metadata(
+        self, result: GenerationResult, retrieved: list[tuple[str, float, float]] | None, i: int
+    ) -> dict[str, Any]:
+        meta: dict[str, Any] = {
+            "model_name": result.model or result.backend,
+            "finish_reason": result.finish_reasons[i],
+            "backend": result.backend,
+            "served_by": result.served_by,
+            "adapters": [list(p) for p in result.adapters],
+            "requested_adapters": [list(p) for p in result.requested_adapters],
+        }
+        if retrieved is not None:
+            meta["retrieved"] = [list(r) for r in retrieved]
+        return meta
+
+    @staticmethod
+    def _usage(result: GenerationResult) -> dict[str, int] | None:
+        if result.prompt_tokens is None or result.completion_tokens is None:
+            return None
+        return {
+            "input_tokens": result.prompt_tokens,
+            "output_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens,
+        }
+
+    def _chat_result(
+        self, result: GenerationResult, retrieved: list[tuple[str, float, float]] | None
+    ) -> ChatResult:
+        usage = self._usage(result)
+        generations = []
+        for i, text in enumerate(result.texts):
+            message = AIMessage(
+                content=text,
+                response_metadata=self._metadata(result, retrieved, i),
+                usage_metadata=usage if i == 0 and usage else None,  # type: ignore[arg-type]
+            )
+            generations.append(ChatGeneration(message=message))
+        return ChatResult(
+            generations=generations,
+            llm_output={"token_usage": usage or {}, "backend": result.backend},
+        )
+
+    @staticmethod
+    def _mark_fallback(message: BaseMessage, exc: BaseException) -> BaseMessage:
+        message.response_metadata = {
+            **message.response_metadata,
+            "fallback": True,
+            "fallback_reason": str(exc).split("\n")[0],
+        }
+        return message
+
+    # -- BaseChatModel ----------------------------------------------------------------------
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        request, retrieved = self._request(messages, stop, kwargs)
+        try:
+            result = self.backend.generate(request)
+        except BackendUnavailableError as exc:
+            if self.fallback is None:
+                raise
+            reply = self.fallback.invoke(messages, stop=stop)
+            return ChatResult(generations=[ChatGeneration(message=self._mark_fallback(reply, exc))])
+        return self._chat_result(result, retrieved)
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        request, retrieved = await asyncio.to_thread(self._request, messages, stop, kwargs)
+        try:
+            result = await self.backend.agenerate(request)
+        except BackendUnavailableError as exc:
+            if self.fallback is None:
+                raise
+            reply = await self.fallback.ainvoke(messages, stop=stop)
+            return ChatResult(generations=[ChatGeneration(message=self._mark_fallback(reply, exc))])
+        return self._chat_result(result, retrieved)
+
+    def _final_chunk(
+        self, result: GenerationResult, retrieved: list[tuple[str, float, float]] | None
+    ) -> ChatGenerationChunk:
+        usage = self._usage(result)
+        return ChatGenerationChunk(
+            message=AIMessageChunk(
+                content="",
+                response_metadata=self._metadata(result, retrieved, 0),
+                usage_metadata=usage,  # type: ignore[arg-type]
+            ),
+            generation_info={"finish_reason": result.finish_reason},
+        )
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        request, retrieved = self._request(messages, stop, kwargs, stream=True)
+        try:
+            # BackendUnavailableError can only come before the first chunk: later failures
+            # are BackendStreamError, which must reach the caller
+            for chunk in self.backend.stream(request):
+                if chunk.text:
+                    if run_manager:
+                        run_manager.on_llm_new_token(chunk.text)
+                    yield ChatGenerationChunk(message=AIMessageChunk(content=chunk.text))
+                if chunk.result is not None:
+                    yield self._final_chunk(chunk.result, retrieved)
+        except BackendUnavailableError as exc:
+            if self.fallback is None:
+                raise
+            for piece in self.fallback.stream(messages, stop=stop):
+                yield ChatGenerationChunk(message=piece)
+            yield ChatGenerationChunk(
+                message=AIMessageChunk(
+                    content="",
+                    response_metadata={"fallback": True, "fallback_reason": str(exc)[:200]},
+                )
+            )
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        if not hasattr(self.backend, "astream"):
+            async for piece in super()._astream(messages, stop, run_manager, **kwargs):
+                yield piece
+            return
+        request, retrieved = await asyncio.to_thread(self._request, messages, stop, kwargs, True)
+        try:
+            async for chunk in self.backend.astream(request):
+                if chunk.text:
+                    if run_manager:
+                        await run_manager.on_llm_new_token(chunk.text)
+                    yield ChatGenerationChunk(message=AIMessageChunk(content=chunk.text))
+                if chunk.result is not None:
+                    yield self._final_chunk(chunk.result, retrieved)
+        except BackendUnavailableError as exc:
+            if self.fallback is None:
+                raise
+            async for piece in self.fallback.astream(messages, stop=stop):
+                yield ChatGenerationChunk(message=piece)
+            yield ChatGenerationChunk(
+                message=AIMessageChunk(
+                    content="",
+                    response_metadata={"fallback": True, "fallback_reason": str(exc)[:200]},
+                )
+            )

@@ -1,0 +1,2 @@
+"""Evaluations: LoCoMo recall of evidence turns (:mod:`.locomo`), fact extraction
+(:mod:`.facts`)."""

@@ -1,0 +1,618 @@
+"""Long-term memory in ChromaDB: per-user items with provenance, hybrid recall.
+
+Each user's items live in a Chroma collection of their own (named from a hash of the user
+id, :meth:`LongTermMemory.collection_for`), so a read can only ever touch that user's
+items; every item also carries its ``user_id``, checked again on the way out. A
+collection per user is also what makes recall fast: Chroma's metadata-filtered vector
+search over one shared collection measured 20x slower here (43 ms vs 2.2 ms at 10k
+items). Items are dialogue turns, facts and reflections, each with
+provenance: the source turn ids, the time, the kind.
+
+Recall is hybrid: a vector query in Chroma and BM25 over the user's items, fused by
+reciprocal rank (RRF), with optional time filters and recency decay, and near-duplicate
+removal. Ids are deterministic (user, kind, turn id or text), so ingesting the same turns
+again overwrites rather than duplicates: an ingest cut short is simply re-run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from persona_plugin.config import Settings
+from persona_plugin.embeddings.minilm import as_embedding_function
+from persona_plugin.errors import PersonaConfigError, PersonaValidationError
+from persona_plugin.memory.chroma import http_client
+from persona_plugin.memory.lexical import BM25Index, tokenize
+from persona_plugin.persona import LongTermMemoryLink, Persona, Turn, validate_user_id
+
+log = logging.getLogger(__name__)
+
+DEFAULT_COLLECTION = "persona_memory"
+RRF_K = 60  # the usual reciprocal-rank-fusion constant (Cormack et al. 2009)
+_UPSERT_BATCH = 512
+
+
+class DialogueTurn(BaseModel):
+    """One turn to remember: who said what, when, under which id."""
+
+    turn_id: str = Field(min_length=1, max_length=200)
+    speaker: str = Field(min_length=1, max_length=200)
+    text: str
+    timestamp: datetime | str | None = None
+    session: str | None = None
+
+
+class MemoryItem(BaseModel):
+    """A remembered item as recall returns it."""
+
+    id: str
+    user_id: str
+    kind: str
+    text: str
+    source_turn_ids: list[str] = Field(default_factory=list)
+    timestamp: str | None = None
+    speaker: str | None = None
+    session: str | None = None
+    score: float = 0.0
+    scores: dict[str, float] = Field(default_factory=dict, description="vector, lexical, fused")
+
+
+def _parse_time(value: datetime | str | None, what: str) -> datetime | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            raise PersonaValidationError(
+                "memory", what, f"{value!r} is not an ISO 8601 time", "Use e.g. 2024-05-08T13:56."
+            ) from None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)  # naive times are taken as UTC
+    return value.astimezone(UTC)
+
+
+def _bad_unicode(text: str) -> bool:
+    """NUL or a lone surrogate: text that cannot be stored (or encoded as UTF-8)."""
+    return "\x00" in text or any("\ud800" <= ch <= "\udfff" for ch in text)
+
+
+def _item_id(user_id: str, kind: str, key: str) -> str:
+    return hashlib.sha256(f"{user_id}\x1f{kind}\x1f{key}".encode()).hexdigest()[:32]
+
+
+class LongTermMemory:
+    """Per-user long-term memory over ChromaDB (embedded by default, or a server).
+
+    ``LongTermMemory(path=...)`` keeps a ``PersistentClient`` there;
+    ``LongTermMemory(url="http://127.0.0.1:8000")`` talks to ``chroma run``. The embedding
+    function defaults to the offline all-MiniLM-L6-v2 and may be any Chroma embedding
+    function or LangChain ``Embeddings``.
+    """
+
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        *,
+        url: str | None = None,
+        collection: str = DEFAULT_COLLECTION,
+        embedding_function: Any = None,
+        max_text_chars: int = 8000,
+        context_turns: int = 2,
+        context_weight: float = 1.0,
+        lexical_refresh_s: float = 30.0,
+        client: Any = None,
+    ) -> None:
+        import chromadb
+
+        self.path = Path(path).expanduser() if path is not None else None
+        self.url = url
+        self.collection_name = collection
+        self.max_text_chars = max_text_chars
+        self.context_turns = context_turns
+        self.context_weight = context_weight
+        self.lexical_refresh_s = lexical_refresh_s
+        self.embedding_function = as_embedding_function(embedding_function)
+        if client is not None:
+            self.client = client
+        elif url:
+            self.client = http_client(url)
+        else:
+            if self.path is None:
+                raise PersonaConfigError(
+                    "long-term memory needs a path (embedded Chroma) or a url (Chroma "
+                    "server). Set PERSONA_MEMORY_PATH or PERSONA_MEMORY_URL."
+                )
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.client = chromadb.PersistentClient(path=str(self.path))
+        self._collections: dict[str, Any] = {}
+        self._check_client()
+        self._lexical: dict[str, tuple[float, BM25Index]] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings | None = None, *, embedding_function: Any = None
+    ) -> LongTermMemory:
+        settings = settings or Settings.load()
+        if embedding_function is None and settings.cache_dir is not None:
+            # a cache_dir from a config file must reach the embedder, which otherwise reads
+            # only PERSONA_CACHE_DIR / PERSONA_HOME from the environment
+            from persona_plugin.embeddings.minilm import MiniLMEmbeddingFunction
+
+            embedding_function = MiniLMEmbeddingFunction(
+                cache_dir=str(settings.cache_dir / "models")
+            )
+        return cls(
+            settings.resolved_memory_path if not settings.memory_url else None,
+            url=settings.memory_url,
+            collection=settings.memory_collection,
+            embedding_function=embedding_function,
+        )
+
+    def _check_client(self) -> None:
+        try:
+            self.client.heartbeat()
+        except Exception as exc:
+            where = self.url or str(self.path)
+            raise PersonaConfigError(f"cannot open long-term memory at {where}: {exc}") from None
+
+    def collection_name_for(self, user_id: str) -> str:
+        """The user's collection name: the prefix and a hash (ids may hold any character)."""
+        digest = hashlib.sha256(validate_user_id(user_id).encode()).hexdigest()[:24]
+        return f"{self.collection_name}-{digest}"
+
+    def collection_for(self, user_id: str, *, create: bool = True) -> Any:
+        """The user's Chroma collection (``None`` if it does not exist and not ``create``)."""
+        name = self.collection_name_for(user_id)
+        with self._lock:
+            cached = self._collections.get(user_id)
+        if cached is not None:
+            return cached
+        try:
+            if create:
+                collection = self.client.get_or_create_collection(
+                    name,
+                    embedding_function=self.embedding_function,
+                    configuration={"hnsw": {"space": "cosine"}},
+                    metadata={"user_id": user_id},
+                )
+            else:
+                try:
+                    collection = self.client.get_collection(
+                        name, embedding_function=self.embedding_function
+                    )
+                except Exception as exc:  # Chroma's NotFoundError (class varies by version)
+                    if "does not exist" in str(exc) or type(exc).__name__ == "NotFoundError":
+                        return None
+                    raise
+        except PersonaConfigError:
+            raise
+        except Exception as exc:
+            where = self.url or str(self.path)
+            raise PersonaConfigError(
+                f"cannot open memory collection '{name}' at {where}: {exc}"
+            ) from None
+        with self._lock:
+            self._collections[user_id] = collection
+        return collection
+
+    def link(self) -> LongTermMemoryLink:
+        """Where this memory lives, for the persona's ``memory.long_term``."""
+        return LongTermMemoryLink(
+            backend="chroma",
+            collection=self.collection_name,
+            url=self.url,
+            path=str(self.path) if self.path and not self.url else None,
+        )
+
+    # -- writing --------------------------------------------------------------------------
+
+    def remember(
+        self, user_id: str, turns: Iterable[DialogueTurn | Mapping[str, Any]]
+    ) -> list[str]:
+        """Store dialogue turns (kind ``turn``); returns their ids. Re-running overwrites.
+
+        Every turn is validated before anything is written: a bad turn in a batch leaves
+        the memory as it was.
+        """
+        validate_user_id(user_id)
+        checked = [self._validate_turn(raw, index) for index, raw in enumerate(turns)]
+        records = []
+        for index, turn in enumerate(checked):
+            when = _parse_time(turn.timestamp, f"turns[{index}].timestamp")
+            # the day, not the minute: as good for recall (LoCoMo 0.694 vs 0.695 at k=10)
+            # and shorter to embed, which is most of the ingest time
+            header = f"[{when.day} {when:%B %Y}] " if when else ""
+            record = self._record(
+                user_id,
+                kind="turn",
+                key=turn.turn_id,
+                text=f"{turn.speaker}: {turn.text}",
+                embed_text=f"{header}{turn.speaker}: {turn.text}",
+                source_turn_ids=[turn.turn_id],
+                when=when,
+                speaker=turn.speaker,
+                session=turn.session,
+            )
+            # The turns just before, from the same session, are the turn's context: an
+            # answer such as "Yes, last May!" only means something next to its question.
+            record["context"] = [
+                j
+                for j in range(max(0, index - self.context_turns), index)
+                if checked[j].session == turn.session
+            ]
+            records.append(record)
+        return self._write(user_id, records)
+
+    def add_facts(
+        self,
+        user_id: str,
+        facts: Sequence[str],
+        *,
+        kind: str = "fact",
+        source_turn_ids: Sequence[str] = (),
+        timestamp: datetime | str | None = None,
+    ) -> list[str]:
+        """Store facts or reflections (one item each) with their provenance."""
+        validate_user_id(user_id)
+        if not kind or kind == "turn" or not kind.replace("_", "").isalnum():
+            raise PersonaValidationError(
+                "memory", "kind", f"{kind!r} is not a kind for facts", "Use e.g. 'fact'."
+            )
+        if isinstance(facts, str):
+            raise PersonaValidationError(
+                "memory", "facts", "one string, not a list of facts", "Pass [fact, ...]."
+            )
+        when = _parse_time(timestamp, "timestamp") or datetime.now(UTC)
+        records = []
+        for index, fact in enumerate(facts):
+            text = self._check_text(fact, f"facts[{index}]")
+            records.append(
+                self._record(
+                    user_id,
+                    kind=kind,
+                    key=" ".join(text.lower().split()),
+                    text=text,
+                    embed_text=text,
+                    source_turn_ids=list(source_turn_ids),
+                    when=when,
+                )
+            )
+        return self._write(user_id, records)
+
+    def _check_text(self, text: object, where: str) -> str:
+        if not isinstance(text, str) or not text.strip():
+            raise PersonaValidationError(
+                "memory", where, "text is empty or not text", "Pass non-empty text."
+            )
+        if len(text) > self.max_text_chars:
+            raise PersonaValidationError(
+                "memory",
+                where,
+                f"text is {len(text)} characters, over the cap of {self.max_text_chars}",
+                "Split it into smaller items, or raise the memory's max_text_chars.",
+            )
+        if _bad_unicode(text):
+            raise PersonaValidationError(
+                "memory", where, "text is not valid Unicode", "Decode the input as UTF-8."
+            )
+        return text
+
+    def _validate_turn(self, raw: DialogueTurn | Mapping[str, Any], index: int) -> DialogueTurn:
+        if isinstance(raw, DialogueTurn):
+            turn = raw
+        else:
+            try:
+                turn = DialogueTurn.model_validate(dict(raw))
+            except Exception as exc:
+                errors = getattr(exc, "errors", lambda: [])()
+                field = ".".join(str(p) for p in errors[0]["loc"]) if errors else ""
+                msg = errors[0]["msg"] if errors else str(exc)
+                raise PersonaValidationError(
+                    "memory",
+                    f"turns[{index}]" + (f".{field}" if field else ""),
+                    msg,
+                    "Each turn needs turn_id, speaker and text.",
+                ) from None
+        self._check_text(turn.text, f"turns[{index}].text")
+        for name in ("turn_id", "speaker", "session"):
+            value = getattr(turn, name)
+            if isinstance(value, str) and _bad_unicode(value):
+                raise PersonaValidationError(
+                    "memory", f"turns[{index}].{name}", "not valid Unicode", "Decode it as UTF-8."
+                )
+        return turn
+
+    def _record(
+        self,
+        user_id: str,
+        *,
+        kind: str,
+        key: str,
+        text: str,
+        embed_text: str,
+        source_turn_ids: list[str],
+        when: datetime | None,
+        speaker: str | None = None,
+        session: str | None = None,
+    ) -> dict[str, Any]:
+        metadata: dict[str, Any] = {
+            "user_id": user_id,
+            "kind": kind,
+            "source_turn_ids": json.dumps(source_turn_ids),
+        }
+        if when is not None:
+            metadata["timestamp"] = when.isoformat()
+            metadata["ts"] = when.timestamp()
+        if speaker:
+            metadata["speaker"] = speaker
+        if session:
+            metadata["session"] = session
+        return {
+            "id": _item_id(user_id, kind, key),
+            "document": text,
+            "embed_text": embed_text,
+            "metadata": metadata,
+        }
+
+    def _write(self, user_id: str, records: list[dict[str, Any]]) -> list[str]:
+        if not records:
+            return []
+        # Each text is embedded once; a turn's stored vector is its own plus the mean of
+        # its context turns' (renormalised). On LoCoMo this recalls as well as embedding
+        # the context's text with the turn (recall@10 0.708 vs 0.696 in one experiment),
+        # at a third of the embedding cost, since texts are not repeated.
+        vectors = np.asarray(
+            self.embedding_function([r["embed_text"] for r in records]), dtype=np.float32
+        )
+        stored = vectors.copy()
+        for index, record in enumerate(records):
+            context = record.pop("context", None)
+            if context:
+                mixed = vectors[index] + self.context_weight * vectors[context].mean(axis=0)
+                stored[index] = mixed / max(float(np.linalg.norm(mixed)), 1e-12)
+        # the same turn (or fact) twice in one call: keep the last, as a re-run would
+        last = {r["id"]: i for i, r in enumerate(records)}
+        keep = sorted(last.values())
+        collection = self.collection_for(user_id)
+        for start in range(0, len(keep), _UPSERT_BATCH):
+            chunk = keep[start : start + _UPSERT_BATCH]
+            collection.upsert(
+                ids=[records[i]["id"] for i in chunk],
+                documents=[records[i]["document"] for i in chunk],
+                embeddings=stored[chunk],
+                metadatas=[records[i]["metadata"] for i in chunk],
+            )
+        with self._lock:
+            cached = self._lexical.get(user_id)
+        if cached is not None:
+            cached[1].add((records[i]["id"], records[i]["document"]) for i in keep)
+        return [records[i]["id"] for i in keep]
+
+    # -- reading --------------------------------------------------------------------------
+
+    def _where(self, user_id: str, filters: Mapping[str, Any] | None = None) -> dict | None:
+        """The Chroma filter inside the user's collection (``None``: no filter)."""
+        validate_user_id(user_id)
+        clauses: list[dict[str, Any]] = []
+        for key, value in (filters or {}).items():
+            if key == "user_id":
+                raise PersonaValidationError(
+                    "memory", "filters.user_id", "user_id cannot be a filter", "Pass user_id."
+                )
+            clauses.append({key: value})
+        if not clauses:
+            return None
+        return clauses[0] if len(clauses) == 1 else {"$and": clauses}
+
+    def _lexical_index(self, user_id: str) -> BM25Index:
+        with self._lock:
+            cached = self._lexical.get(user_id)
+        # other processes may have written: rebuild now and then (own writes are added live)
+        if cached is not None and time.monotonic() - cached[0] < self.lexical_refresh_s:
+            return cached[1]
+        collection = self.collection_for(user_id, create=False)
+        got = (
+            collection.get(include=["documents"])
+            if collection is not None
+            else {"ids": [], "documents": []}
+        )
+        index = BM25Index()
+        index.add(zip(got["ids"], got["documents"], strict=True))
+        with self._lock:
+            self._lexical[user_id] = (time.monotonic(), index)
+        return index
+
+    def recall(
+        self,
+        user_id: str,
+        query: str,
+        k: int = 5,
+        *,
+        kinds: Sequence[str] | None = None,
+        since: datetime | str | None = None,
+        until: datetime | str | None = None,
+        half_life_days: float | None = None,
+        now: datetime | str | None = None,
+        dedupe: float = 0.9,
+    ) -> list[MemoryItem]:
+        """The ``k`` items of ``user_id`` that best match ``query``, best first.
+
+        ``kinds`` limits the item kinds; ``since``/``until`` bound item time;
+        ``half_life_days`` halves an item's score for each such age (relative to ``now``);
+        ``dedupe`` drops an item whose word set overlaps a better one's by at least that
+        Jaccard similarity (1.0 turns it off and keeps every item).
+        """
+        validate_user_id(user_id)
+        if not isinstance(query, str) or not query.strip():
+            raise PersonaValidationError("memory", "query", "query is empty", "Pass some text.")
+        if _bad_unicode(query):
+            raise PersonaValidationError(
+                "memory", "query", "query is not valid Unicode", "Decode it as UTF-8."
+            )
+        if k <= 0:
+            return []
+        filters: dict[str, Any] = {}
+        if kinds:
+            filters["kind"] = {"$in": list(kinds)}
+        lower, upper = _parse_time(since, "since"), _parse_time(until, "until")
+        if lower:
+            filters["$lower"] = {"ts": {"$gte": lower.timestamp()}}
+        if upper:
+            filters["$upper"] = {"ts": {"$lte": upper.timestamp()}}
+        clauses = [value if key.startswith("$") else {key: value} for key, value in filters.items()]
+        where = None if not clauses else clauses[0] if len(clauses) == 1 else {"$and": clauses}
+        collection = self.collection_for(user_id, create=False)
+        if collection is None:
+            return []
+        # Each retriever contributes its top 2k: deeper lists let items that only one of
+        # them ranks low crowd out items both agree on (measured on LoCoMo: 4k fuses worse).
+        depth = max(2 * k, 10)
+
+        vector_hits = collection.query(
+            query_texts=[query],
+            n_results=depth,
+            where=where,
+            include=["documents", "metadatas", "distances"],
+        )
+        found: dict[str, dict[str, Any]] = {}
+        vector_rank: dict[str, int] = {}
+        for rank, (item_id, doc, meta, dist) in enumerate(
+            zip(
+                vector_hits["ids"][0],
+                vector_hits["documents"][0],
+                vector_hits["metadatas"][0],
+                vector_hits["distances"][0],
+                strict=True,
+            )
+        ):
+            found[item_id] = {"document": doc, "metadata": meta, "vector": 1.0 - float(dist)}
+            vector_rank[item_id] = rank
+
+        index = self._lexical_index(user_id)
+        allowed = None
+        if where is not None:
+            allowed = set(collection.get(where=where, include=[])["ids"])
+        lexical_hits = index.search(query, depth, allowed=allowed)
+        lexical_rank = {item_id: rank for rank, (item_id, _) in enumerate(lexical_hits)}
+        lexical_score = dict(lexical_hits)
+        missing = [i for i in lexical_rank if i not in found]
+        if missing:
+            got = collection.get(ids=missing, include=["documents", "metadatas"])
+            for item_id, doc, meta in zip(
+                got["ids"], got["documents"], got["metadatas"], strict=True
+            ):
+                found[item_id] = {"document": doc, "metadata": meta}
+
+        reference = _parse_time(now, "now") or datetime.now(UTC)
+        scored = []
+        for item_id, hit in found.items():
+            fused = 0.0
+            if item_id in vector_rank:
+                fused += 1.0 / (RRF_K + vector_rank[item_id] + 1)
+            if item_id in lexical_rank:
+                fused += 1.0 / (RRF_K + lexical_rank[item_id] + 1)
+            meta = hit["metadata"]
+            if half_life_days and "ts" in meta:
+                age_days = max(0.0, (reference.timestamp() - float(meta["ts"])) / 86400)
+                fused *= math.pow(0.5, age_days / half_life_days)
+            scored.append((fused, item_id))
+        scored.sort(key=lambda pair: (-pair[0], pair[1]))
+
+        items: list[MemoryItem] = []
+        kept_tokens: list[set[str]] = []
+        for fused, item_id in scored:
+            hit = found[item_id]
+            meta = hit["metadata"]
+            if meta.get("user_id") != user_id:  # the filter failed: never hand it out
+                raise RuntimeError(f"memory isolation violated for item {item_id}")
+            tokens = set(tokenize(hit["document"]))
+            if dedupe < 1.0 and any(_jaccard(tokens, seen) >= dedupe for seen in kept_tokens):
+                continue
+            kept_tokens.append(tokens)
+            scores = {"fused": fused}
+            if "vector" in hit:
+                scores["vector"] = hit["vector"]
+            if item_id in lexical_score:
+                scores["lexical"] = lexical_score[item_id]
+            items.append(_to_item(item_id, hit["document"], meta, fused, scores))
+            if len(items) == k:
+                break
+        return items
+
+    def get(self, user_id: str, *, kinds: Sequence[str] | None = None) -> list[MemoryItem]:
+        """Every item of the user (optionally of some kinds), oldest first."""
+        validate_user_id(user_id)
+        filters = {"kind": {"$in": list(kinds)}} if kinds else None
+        collection = self.collection_for(user_id, create=False)
+        if collection is None:
+            return []
+        got = collection.get(
+            where=self._where(user_id, filters), include=["documents", "metadatas"]
+        )
+        items = [
+            _to_item(i, d, m, 0.0, {})
+            for i, d, m in zip(got["ids"], got["documents"], got["metadatas"], strict=True)
+            if m.get("user_id") == user_id
+        ]
+        return sorted(items, key=lambda item: (item.timestamp or "", item.id))
+
+    def count(self, user_id: str) -> int:
+        collection = self.collection_for(user_id, create=False)
+        return 0 if collection is None else collection.count()
+
+    def delete_user(self, user_id: str) -> int:
+        """Remove every item of the user; returns how many went."""
+        collection = self.collection_for(user_id, create=False)
+        with self._lock:
+            self._lexical.pop(user_id, None)
+            self._collections.pop(user_id, None)
+        if collection is None:
+            return 0
+        removed = collection.count()
+        self.client.delete_collection(collection.name)
+        return removed
+
+
+def _jaccard(a: set[str], b: set[str]) -> float:
+    if not a and not b:
+        return 1.0
+    return len(a & b) / len(a | b)
+
+
+def _to_item(
+    item_id: str, document: str, meta: Mapping[str, Any], score: float, scores: dict[str, float]
+) -> MemoryItem:
+    return MemoryItem(
+        id=item_id,
+        user_id=str(meta["user_id"]),
+        kind=str(meta.get("kind", "")),
+        text=document,
+        source_turn_ids=json.loads(meta.get("source_turn_ids") or "[]"),
+        timestamp=meta.get("timestamp"),
+        speaker=meta.get("speaker"),
+        session=meta.get("session"),
+        score=score,
+        scores=scores,
+    )
+
+
+def update_short_term(persona: Persona, turns: Sequence[Turn], window: int) -> Persona:
+    """A copy of ``persona`` whose ``memory.short_term`` ends with ``turns``, last ``window``."""
+    updated = persona.model_copy(deep=True)
+    recent = [*updated.memory.short_term, *turns]
+    updated.memory.short_term = recent[-window:] if window > 0 else []
+    return updated

@@ -1,0 +1,38 @@
+"""Preference (reward) models: cards, scorers, their hub, retrieval from a persona, MBR.
+
+:class:`PreferenceHub` (``from_settings``) holds the cards; scorers are an embedding
+Bradley-Terry head, a sequence classifier or an LLM judge; :class:`PreferenceRetriever`
+weighs them for a persona (signed weights: a card's ``opposite``); :class:`MBRSelector`
+picks the candidate with the best weighted score (minimum-Bayes-risk decoding).
+"""
+
+from persona_plugin.preferences.cards import PREFERENCE_KINDS, PreferenceCard, load_card, parse_card
+from persona_plugin.preferences.hub import PreferenceHub
+from persona_plugin.preferences.mbr import MBRResult, MBRSelector
+from persona_plugin.preferences.retrieval import PreferenceMixture, PreferenceRetriever
+from persona_plugin.preferences.scorers import (
+    EmbeddingHeadScorer,
+    LLMJudgeScorer,
+    PreferenceHead,
+    PreferenceScoreError,
+    PreferenceScorer,
+    SequenceClassifierScorer,
+)
+
+__all__ = [
+    "PREFERENCE_KINDS",
+    "EmbeddingHeadScorer",
+    "LLMJudgeScorer",
+    "MBRResult",
+    "MBRSelector",
+    "PreferenceCard",
+    "PreferenceHead",
+    "PreferenceHub",
+    "PreferenceMixture",
+    "PreferenceRetriever",
+    "PreferenceScoreError",
+    "PreferenceScorer",
+    "SequenceClassifierScorer",
+    "load_card",
+    "parse_card",
+]

@@ -1,0 +1,252 @@
+"""Retrieval of preference models by persona: a signed, weighted mixture for MBR decoding.
+
+:class:`PreferenceRetriever` works like LoRA retrieval
+(:class:`~persona_plugin.cards.retrieval.CardRetriever`): the query is the persona's text
+blended with the input's, and the ``top_k`` cards by cosine similarity get softmax weights.
+Two things differ. The persona's text is only its preference and pattern sections
+(:func:`preference_persona_text`), the parts that say how an answer should read. And each
+card is matched by its ``description`` and, when it has one, by its ``opposite``. The pole
+that matches better sets the sign, so a persona that wants detail is served by the brevity
+model reversed. The result is a :class:`PreferenceMixture` whose absolute weights sum to 1.
+:func:`normalize_preferences` converts the other ways of writing a mixture (``{id: weight}``,
+pairs, ids) to the same form.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from persona_plugin.cards.retrieval import (
+    CardMixture,
+    CardRetriever,
+    PersonaTextMode,
+    RetrievedCard,
+    check_temperature,
+    check_top_k,
+    free_values,
+)
+from persona_plugin.errors import PersonaValidationError
+from persona_plugin.persona import Persona
+from persona_plugin.preferences.cards import PREFERENCE_KINDS, PreferenceCard
+from persona_plugin.preferences.hub import PreferenceHub
+
+# -- mixtures -----------------------------------------------------------------------------
+
+#: ``((model id, signed weight), ...)``, absolute weights summing to 1, heaviest first
+PreferenceWeights = tuple[tuple[str, float], ...]
+
+
+def normalize_preferences(value: Any) -> PreferenceWeights:
+    """``{id: weight}``, ``[(id, weight), ...]``, ids, a :class:`PreferenceMixture` or None
+    as weights whose absolute values sum to 1.
+
+    A negative weight uses the model reversed (prefer low scores). Zero weights are
+    dropped; NaN, infinities, non-numbers and an id listed twice are errors.
+    """
+    if value is None:
+        return ()
+    if isinstance(value, PreferenceMixture):
+        value = value.pairs()
+    if isinstance(value, str):
+        value = [value]
+    items = list(value.items()) if isinstance(value, Mapping) else list(value)
+    hint = "Pass preferences as {model_id: weight} or [(model_id, weight), ...]."
+    pairs: list[tuple[str, float]] = []
+    for item in items:
+        if isinstance(item, str):
+            item = (item, 1.0)
+        if not isinstance(item, Sequence) or len(item) != 2:
+            raise PersonaValidationError("preferences", "", f"{item!r} is not a pair", hint)
+        model_id, weight = item
+        if not isinstance(model_id, str) or not model_id:
+            raise PersonaValidationError("preferences", "", f"{model_id!r} is not an id", hint)
+        if isinstance(weight, bool) or not isinstance(weight, int | float):
+            raise PersonaValidationError(
+                "preferences", model_id, f"weight {weight!r} is not a number", hint
+            )
+        if not math.isfinite(weight):
+            raise PersonaValidationError(
+                "preferences", model_id, f"weight {weight!r} is not finite", "Use a real number."
+            )
+        if any(m == model_id for m, _ in pairs):
+            raise PersonaValidationError("preferences", model_id, "listed twice", hint)
+        if weight != 0:
+            pairs.append((model_id, float(weight)))
+    total = sum(abs(w) for _, w in pairs)
+    return tuple(sorted(((m, w / total) for m, w in pairs), key=lambda p: -abs(p[1])))
+
+
+@dataclass(frozen=True, slots=True)
+class RetrievedPreference(RetrievedCard):
+    """One preference model of a :class:`PreferenceMixture`; its weight is signed (negative:
+    the model is used reversed) and its score is the similarity to the matching pole."""
+
+    @property
+    def reversed(self) -> bool:
+        return self.weight < 0
+
+
+@dataclass(frozen=True, slots=True)
+class PreferenceMixture(CardMixture):
+    """The preference models retrieved for one (persona, input); ``|weights|`` sum to 1."""
+
+    models: tuple[RetrievedPreference, ...]
+    cached: bool = False
+
+    @property
+    def cards(self) -> tuple[RetrievedPreference, ...]:
+        return self.models
+
+
+def preference_persona_text(persona: Persona) -> str:
+    """The parts of a persona that say which preference models apply: the preference
+    section (styles, content, formats, reasoning, free keys) and the patterns."""
+    parts: list[str] = []
+    pref = persona.preference
+    for label, values in (
+        ("Preferred style", pref.style),
+        ("Preferred content", pref.content),
+        ("Preferred format", pref.format),
+        ("Reasoning", pref.reasoning),
+    ):
+        if values:
+            parts.append(f"{label}: {', '.join(values)}.")
+    parts.extend(free_values(pref.model_extra))
+    patterns = [item.description for item in persona.pattern.items[:5]]
+    if patterns:
+        parts.append(f"Patterns: {'; '.join(patterns)}.")
+    return " ".join(parts)
+
+
+class PreferenceRetriever(CardRetriever):
+    """Retrieves a weighted mixture of preference models for a persona and an input.
+
+    As for LoRA adapters (:class:`LoraRetriever`), the query is the persona's text (its
+    preference and pattern sections, :func:`preference_persona_text`) blended with the
+    input; each card is matched by its description and, when it has one, by its
+    ``opposite``. The better-matching pole decides the sign: a persona asking for detail
+    gets the brevity model with a negative weight. The ``top_k`` cards by that similarity
+    get softmax weights; results are cached per persona version and input.
+    """
+
+    def __init__(
+        self,
+        hub: PreferenceHub | Sequence[PreferenceCard],
+        *,
+        embedder: Any = None,
+        top_k: int = 3,
+        temperature: float = 0.1,
+        kinds: Collection[str] | None = None,
+        input_weight: float = 0.25,
+        persona_text: PersonaTextMode | Callable[[Persona], str] = "compact",
+        assembler: Any = None,
+        cache_size: int = 4096,
+    ) -> None:
+        if embedder is None and isinstance(hub, PreferenceHub):
+            embedder = hub.embeddings.embed_texts  # one embedding model for both
+        super().__init__(
+            embedder=embedder,
+            top_k=top_k,
+            temperature=temperature,
+            input_weight=input_weight,
+            persona_text=persona_text,
+            assembler=assembler,
+            cache_size=cache_size,
+        )
+        self.hub = hub
+        self.kinds = _check_preference_kinds(kinds) if kinds is not None else None
+
+    def compact_text(self, persona: Persona) -> str:
+        return preference_persona_text(persona)
+
+    def _candidates(
+        self, kinds: frozenset[str] | None, allowed: frozenset[str] | None
+    ) -> list[PreferenceCard]:
+        cards = self.hub.cards() if isinstance(self.hub, PreferenceHub) else list(self.hub)
+        return [
+            c
+            for c in cards
+            if (kinds is None or c.kind in kinds) and (allowed is None or c.id in allowed)
+        ]
+
+    def retrieve(
+        self,
+        persona: Persona | str | None = None,
+        input: str = "",
+        *,
+        top_k: int | None = None,
+        temperature: float | None = None,
+        kinds: Collection[str] | None = None,
+        allowed: Collection[str] | None = None,
+    ) -> PreferenceMixture:
+        """The ``top_k`` preference models for ``persona`` (a persona or its text) and
+        ``input``, with signed weights. Empty: no cards, or nothing to retrieve with."""
+        k = self.top_k if top_k is None else check_top_k(top_k)
+        temp = self.temperature if temperature is None else check_temperature(temperature)
+        kind_set = self.kinds if kinds is None else _check_preference_kinds(kinds)
+        allowed_set = frozenset(allowed) if allowed is not None else None
+        cards = self._candidates(kind_set, allowed_set)
+        hashes = tuple(c.content_hash for c in cards)
+        persona_key, persona_text = self._persona_key(persona)
+        key: Hashable = ("prefs", persona_key, input, k, temp, kind_set, allowed_set, hashes)
+        hit = self._cached(key)
+        if hit is not None:
+            return PreferenceMixture(hit, cached=True)
+        models = self._score(cards, persona, persona_key, persona_text, input, k, temp)
+        self._remember(key, models)
+        return PreferenceMixture(models)
+
+    def _score(
+        self,
+        cards: list[PreferenceCard],
+        persona: Persona | str | None,
+        persona_key: Hashable,
+        persona_text: str | None,
+        input: str,
+        k: int,
+        temperature: float,
+    ) -> tuple[RetrievedPreference, ...]:
+        if not cards:
+            return ()
+        query = self._query(persona, persona_key, persona_text, input)
+        if query is None:
+            return ()
+        positive = self._mean_vectors([(c.content_hash, c.embedding_texts()) for c in cards])
+        similarity = positive @ query
+        sign = np.ones(len(cards))
+        with_opposite = [i for i, c in enumerate(cards) if c.opposite]
+        if with_opposite:
+            groups = [
+                (cards[i].content_hash + ":opposite", [cards[i].opposite or ""])
+                for i in with_opposite
+            ]
+            negative = self._mean_vectors(groups) @ query
+            for j, i in enumerate(with_opposite):
+                if negative[j] > similarity[i]:
+                    similarity[i], sign[i] = negative[j], -1.0
+        order, weights = self._softmax_top(similarity, k, temperature)
+        return tuple(
+            RetrievedPreference(
+                cards[i].id, float(sign[i] * w), float(similarity[i]), cards[i].kind
+            )
+            for i, w in zip(order, weights, strict=True)
+        )
+
+
+def _check_preference_kinds(kinds: Collection[str]) -> frozenset[str]:
+    if isinstance(kinds, str):
+        kinds = [kinds]
+    unknown = sorted(set(kinds) - set(PREFERENCE_KINDS))
+    if unknown:
+        raise PersonaValidationError(
+            "kinds",
+            "",
+            f"unknown preference kinds {unknown}",
+            f"Use some of {', '.join(PREFERENCE_KINDS)}.",
+        )
+    return frozenset(kinds)

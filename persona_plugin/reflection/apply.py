@@ -1,0 +1,182 @@
+"""Applying a reflection: one reflection call, saved as one new persona version.
+
+:func:`reflect_and_save` asks the reflector about the persona as it is now. It then applies
+the operations with :func:`~persona_plugin.reflection.optimizer.apply_operations` inside
+:meth:`~persona_plugin.store.PersonaStore.update`, so a concurrent save costs a retry, not a
+lost update. The new version's source is ``reflection turn <id>``, and its details keep the
+loss, the gradients, and what was applied and refused. Memory facts pass the same checks as
+operations (the instruction guard, evidence citing this reflection's turns) before they reach
+long-term memory. A user message that reads as instructions to the assistant is kept in the
+short-term window as :data:`WITHHELD`, because the window is part of the persona and the
+guard reads it too. A failed reflection changes nothing and is reported in ``error``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from persona_plugin.guard import instruction_reason
+from persona_plugin.persona import Persona, Turn
+from persona_plugin.reflection.optimizer import (
+    apply_operations,
+)
+from persona_plugin.reflection.types import (
+    MemoryFact,
+    ReflectionModel,
+    ReflectionOutcome,
+    ReflectionTurn,
+)
+from persona_plugin.store import PersonaStore, VersionRecord
+
+log = logging.getLogger(__name__)
+
+
+WITHHELD = "(withheld: the message read as instructions to the assistant)"
+
+
+def _guarded(turn: Turn) -> Turn:
+    if instruction_reason(turn.content):
+        return turn.model_copy(update={"content": WITHHELD})
+    return turn
+
+
+def reflect_and_save(
+    *,
+    store: PersonaStore,
+    reflector: ReflectionModel,
+    user_id: str,
+    turns: Sequence[ReflectionTurn],
+    memory: Any = None,
+    short_term: Sequence[Turn] = (),
+    short_term_window: int = 10,
+    memory_link: Any = None,
+) -> ReflectionOutcome:
+    """Reflect on ``turns`` and save the result as one new persona version.
+
+    The reflection call sees the persona as it is now; the operations are re-applied
+    inside :meth:`PersonaStore.update`, so a concurrent save costs a retry, not a lost
+    update. A failed reflection changes nothing and is reported in ``error``.
+    """
+    turn_ids = {t.turn_id for t in turns}
+    last = turns[-1].turn_id
+    try:
+        persona = store.get(user_id)
+    except Exception:
+        persona = Persona.new(user_id)
+    call = reflector.call(persona, turns)
+    outcome = ReflectionOutcome(
+        user_id=user_id, turn_ids=sorted(turn_ids), token_usage=call.token_usage
+    )
+    if call.output is None:
+        outcome.error = call.error
+        return outcome
+    output = call.output
+    outcome.loss, outcome.gradients = output.loss, output.gradients
+    results: dict[str, Any] = {}
+
+    # memory facts pass the same checks as operations; refusals go into the version's
+    # details with their reason, like refused operations
+    accepted: list[MemoryFact] = []
+    refused_facts: list[dict[str, str]] = []
+    for fact in output.memories:
+        reason = instruction_reason(fact.text)
+        if reason:
+            refused_facts.append({"text": fact.text, "reason": f"guard: {reason}"})
+        elif not fact.evidence or not set(fact.evidence) <= turn_ids:
+            refused_facts.append(
+                {"text": fact.text, "reason": "evidence must cite this reflection's turns"}
+            )
+        else:
+            accepted.append(fact)
+
+    def update(current: Persona) -> Persona:
+        result = apply_operations(
+            current,
+            output.operations,
+            turn_ids=turn_ids,
+            min_confidence=reflector.min_confidence,
+            limits=reflector.limits,
+        )
+        results["last"] = result
+        updated = result.persona
+        if short_term:
+            # the window is part of the persona, so the guard reads it too
+            recent = [*updated.memory.short_term, *(_guarded(t) for t in short_term)]
+            updated.memory.short_term = recent[-short_term_window:] if short_term_window else []
+        if memory_link is not None and updated.memory.long_term is None:
+            updated.memory.long_term = memory_link
+        return updated
+
+    def details() -> dict[str, Any]:
+        result = results["last"]
+        return {
+            "token_usage": call.token_usage,
+            "reflection": {
+                "turn_ids": sorted(turn_ids),
+                "loss": output.loss.model_dump(),
+                "gradients": [g.model_dump() for g in output.gradients],
+                "applied": [a.model_dump() for a in result.applied],
+                "refused": [r.model_dump() for r in result.refused],
+                "memories": [f.model_dump() for f in accepted],
+                "refused_memories": refused_facts,
+            },
+        }
+
+    record: VersionRecord = store.update(
+        user_id,
+        update,
+        source=f"reflection turn {last}",
+        reason="; ".join(output.loss.revealed)[:500],
+        create_missing=True,
+        details=details,
+    )
+    result = results["last"]
+    outcome.applied, outcome.refused, outcome.version = (
+        result.applied,
+        result.refused,
+        record.version,
+    )
+
+    outcome.memories = [fact.text for fact in accepted]
+    outcome.refused_memories = [fact["text"] for fact in refused_facts]
+    if memory is not None and accepted:
+        by_evidence: dict[tuple[str, ...], list[str]] = {}
+        for fact in accepted:
+            by_evidence.setdefault(tuple(sorted(fact.evidence)), []).append(fact.text)
+        for evidence, texts in by_evidence.items():
+            memory.add_facts(user_id, texts, kind="fact", source_turn_ids=list(evidence))
+    return outcome
+
+
+@dataclass
+class ReflectionJob:
+    """One reflection on a user's finished turns, bound to its parts: what the persona
+    graph runs inline and hands to :class:`~persona_plugin.reflection.background.
+    BackgroundReflector` to run later. A failure is logged and returns None: the reply has
+    been produced, and a failed reflection must not take it away."""
+
+    store: PersonaStore
+    reflector: ReflectionModel
+    memory: Any = None
+    short_term_window: int = 10
+
+    def __call__(
+        self, user_id: str, turns: list[ReflectionTurn], short_term: list[Turn]
+    ) -> ReflectionOutcome | None:
+        try:
+            return reflect_and_save(
+                store=self.store,
+                reflector=self.reflector,
+                user_id=user_id,
+                turns=turns,
+                memory=self.memory,
+                short_term=short_term,
+                short_term_window=self.short_term_window,
+                memory_link=self.memory.link() if self.memory is not None else None,
+            )
+        except Exception:
+            log.warning("reflection for user %s failed; persona unchanged", user_id, exc_info=True)
+            return None

@@ -1,0 +1,131 @@
+"""The data of reflection: what the reflection call returns, and what a reflection did.
+
+One call returns a :class:`ReflectionOutput`: the **language loss** (:class:`LanguageLoss`:
+what the turn reveals, where the reply missed, a score), the **language gradients**
+(:class:`Gradient`: per persona field, what should change and why, citing turn ids), the same
+changes in typed form as :class:`~persona_plugin.reflection.optimizer.Operation`, and each
+:class:`MemoryFact` worth keeping. The lists and texts have size limits, so a runaway answer
+fails validation rather than bloat the persona. :class:`ReflectionModel` is what a reflector
+must offer: ``call`` on a persona and its :class:`ReflectionTurn` items, which returns a
+:class:`ReflectionCall`. That lets the chat-model reflector and the local one be swapped
+freely. :class:`ReflectionOutcome` reports what was applied and refused, and
+:data:`ReflectionMode` says when reflection runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, Field
+
+from persona_plugin.persona import Persona, PersonaLimits
+from persona_plugin.reflection.optimizer import (
+    AppliedOperation,
+    Operation,
+    RefusedOperation,
+)
+
+log = logging.getLogger(__name__)
+
+ReflectionMode = Literal["inline", "background", "every_n_turns", "off"]
+
+
+# -- what the reflection model returns ---------------------------------------------------
+
+
+class LanguageLoss(BaseModel):
+    """The judge's verdict on the turn."""
+
+    revealed: list[str] = Field(
+        default_factory=list, max_length=10, description="what the turn reveals about the user"
+    )
+    missed: list[str] = Field(
+        default_factory=list, max_length=10, description="where the reply missed their needs"
+    )
+    score: float = Field(ge=0.0, le=1.0, description="how well the reply served the user, 0-1")
+
+
+class Gradient(BaseModel):
+    """What one persona field should change, and why."""
+
+    field: str = Field(max_length=200, description="persona field path, e.g. preference.style")
+    suggestion: str = Field(max_length=500)
+    reason: str = Field(max_length=500)
+    evidence: list[str] = Field(default_factory=list, max_length=10, description="turn ids")
+
+
+class MemoryFact(BaseModel):
+    """A fact worth keeping in long-term memory."""
+
+    text: str = Field(max_length=500)
+    evidence: list[str] = Field(default_factory=list, max_length=10)
+
+
+class ReflectionOutput(BaseModel):
+    """The structured answer of the reflection call."""
+
+    loss: LanguageLoss
+    gradients: list[Gradient] = Field(default_factory=list, max_length=12)
+    operations: list[Operation] = Field(default_factory=list, max_length=12)
+    memories: list[MemoryFact] = Field(default_factory=list, max_length=8)
+
+
+@dataclass
+class ReflectionTurn:
+    """One exchange to reflect on."""
+
+    turn_id: str
+    user: str
+    assistant: str
+
+
+# -- the reflection call -----------------------------------------------------------------
+
+
+@dataclass
+class ReflectionCall:
+    """What one reflection call produced (``output`` is None if it failed)."""
+
+    output: ReflectionOutput | None
+    token_usage: dict[str, int] = field(default_factory=dict)
+    attempts: int = 0
+    error: str | None = None
+
+
+def add_usage(total: dict[str, int], message: Any) -> None:
+    usage = getattr(message, "usage_metadata", None) or {}
+    for key in ("input_tokens", "output_tokens", "total_tokens"):
+        if isinstance(usage.get(key), int):
+            total[key] = total.get(key, 0) + usage[key]
+
+
+class ReflectionModel(Protocol):
+    """What :func:`reflect_and_save` needs of a reflector: :class:`Reflector` on any chat
+    model, or :class:`~persona_plugin.reflection.local.LocalReflector` on the local one."""
+
+    min_confidence: float
+    limits: PersonaLimits
+
+    def call(self, persona: Persona, turns: Sequence[ReflectionTurn]) -> ReflectionCall: ...
+
+
+# -- applying a reflection ---------------------------------------------------------------
+
+
+class ReflectionOutcome(BaseModel):
+    """What a reflection did: the loss, the gradients, what was applied and refused."""
+
+    user_id: str
+    turn_ids: list[str]
+    loss: LanguageLoss | None = None
+    gradients: list[Gradient] = Field(default_factory=list)
+    applied: list[AppliedOperation] = Field(default_factory=list)
+    refused: list[RefusedOperation] = Field(default_factory=list)
+    memories: list[str] = Field(default_factory=list)
+    refused_memories: list[str] = Field(default_factory=list)
+    version: int | None = None
+    token_usage: dict[str, int] = Field(default_factory=dict)
+    error: str | None = None

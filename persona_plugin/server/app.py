@@ -1,0 +1,436 @@
+"""An OpenAI-compatible persona server: point an existing chat app at it, unchanged.
+
+``create_app(...)`` returns a FastAPI app that speaks OpenAI's Chat Completions API
+(``POST /v1/chat/completions``, non-streaming and SSE streaming, ``GET /v1/models``) and
+runs every request through the persona graph (:func:`persona_plugin.graph.build_persona_graph`):
+the persona of the request's user is loaded, recalled memory and the assembled persona
+are merged into the app's system message, the configured upstream chat model answers,
+and reflection updates the persona in the background after the reply has gone.
+
+* **Whose persona**: the request's ``user`` field, or the ``X-Persona-User`` header.
+* **Conversation**: the app sends the whole history in ``messages`` (no server-side
+  thread state); the app's system message stays first with the persona block after it.
+* **Models**: the names in ``GET /v1/models`` map to configured chat models;
+  ``persona-echo`` is the offline :class:`~persona_plugin.chat_models.registry.EchoChatModel`.
+* **Auth**: bearer tokens, each granted a list of users and/or a tenant (a tenant token
+  acts on user ids ``<tenant>:...``). Unknown or missing token: 401; a user the token
+  does not own: 403. The persona routes (``/v1/personas/{user_id}``, ``/history``,
+  ``/export``, ``DELETE``) sit behind the same auth.
+* **Errors**: OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, never
+  a traceback.
+
+``create_app_from_settings()`` builds the store, memory, model and tokens from
+``PERSONA_*`` settings (tokens: ``PERSONA_SERVER_TOKENS``, JSON); ``persona serve`` runs
+it with uvicorn.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Literal
+
+import anyio
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from langchain_core.runnables import RunnableConfig
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from persona_plugin.config import Settings
+from persona_plugin.errors import (
+    PersonaConfigError,
+    PersonaNotFoundError,
+    PersonaValidationError,
+)
+from persona_plugin.persona import validate_user_id
+from persona_plugin.prompt import token_counter_for
+from persona_plugin.server.auth import Authenticated, TokenGrant, parse_tokens
+from persona_plugin.server.errors import (
+    OpenAIError,
+    _bad,
+    _from_persona_error,
+    _model_not_found,
+    _validation_error,
+)
+from persona_plugin.server.protocol import (
+    _CREATED,
+    PARAMS_KEY,
+    USER_HEADER,
+    ChatCompletionRequest,
+    _check_supported,
+    _finish_reason,
+    _params_aware,
+    _read_json,
+    to_langchain_messages,
+)
+from persona_plugin.server.streaming import _Run, _stream_response
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "persona-echo"
+
+
+def create_app(
+    graph: Any = None,
+    *,
+    models: Mapping[str, Any] | None = None,
+    store: Any = None,
+    memory: Any = None,
+    reflector: Any = None,
+    settings: Settings | None = None,
+    tokens: Mapping[str, Any] | None = None,
+    default_model: str = DEFAULT_MODEL,
+    reflection: Literal["background", "inline", "every_n_turns", "off"] = "background",
+    max_messages: int = 500,
+    max_total_chars: int = 400_000,
+    max_body_bytes: int = 4 * 1024 * 1024,
+    close_timeout: float | None = 60.0,
+    close_resources: Callable[[], None] | None = None,
+    **graph_options: Any,
+) -> FastAPI:
+    """The OpenAI-compatible persona server.
+
+    Either pass a compiled persona ``graph`` (from ``build_persona_graph``; its models are
+    served under their names, or its chat model as ``default_model``), or the parts:
+    ``models`` (served name -> chat model; default ``{"persona-echo": EchoChatModel()}``),
+    ``store`` (default from ``settings``), ``memory`` (default none), ``reflector`` and
+    further ``graph_options`` for :class:`~persona_plugin.graph.PersonaGraph`.
+    ``tokens`` maps bearer tokens to grants (``{"users": [...]}``, ``{"tenant": "acme"}``);
+    default ``settings.server_tokens``. The app takes over the graph: it registers its
+    models to accept per-request sampling parameters, and its shutdown drains pending
+    background reflections (``graph.close()``).
+    """
+    from persona_plugin.chat_models.registry import EchoChatModel
+    from persona_plugin.graph import build_persona_graph
+
+    if tokens is None:
+        settings = settings or Settings.load()
+        tokens = settings.server_tokens
+    grants = parse_tokens(tokens)
+    if not grants:
+        raise PersonaConfigError(
+            "the persona server has no bearer tokens configured, so it would refuse every "
+            'request. Set PERSONA_SERVER_TOKENS, e.g. {"<token>": {"users": ["alice"]}}.'
+        )
+
+    if graph is None:
+        served = dict(models or {DEFAULT_MODEL: EchoChatModel()})
+        if not served:
+            raise PersonaConfigError("the persona server needs at least one model.")
+        if default_model not in served:
+            default_model = next(iter(served))
+        if store is None:
+            from persona_plugin.store import PersonaStore
+
+            store = PersonaStore.from_settings(settings or Settings.load())
+        options = dict(graph_options)
+        if "assembler" not in options and settings is not None:
+            from persona_plugin.prompt import PromptAssembler
+
+            options["assembler"] = PromptAssembler.from_settings(
+                settings, token_counter=token_counter_for(served[default_model])
+            )
+        if settings is not None:
+            options.setdefault("short_term_window", settings.short_term_window)
+        graph = build_persona_graph(
+            served[default_model],
+            store=store,
+            memory=memory,
+            reflector=reflector,
+            reflection=reflection,
+            **options,
+        )
+    else:
+        served = dict(graph.models) or {default_model: graph.chat_model}
+    nodes = graph
+    nodes.models = {name: _params_aware(model, name) for name, model in served.items()}
+    counters = {name: token_counter_for(model) for name, model in served.items()}
+    limits = {
+        "max_message_chars": nodes.max_message_chars,
+        "max_messages": max_messages,
+        "max_total_chars": max_total_chars,
+    }
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            finished = await anyio.to_thread.run_sync(nodes.close, close_timeout)
+            if not finished:
+                log.warning("shutdown: background reflections still running after the timeout")
+            if close_resources is not None:
+                close_resources()
+
+    app = FastAPI(
+        title="persona-plugin OpenAI-compatible server",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.graph = graph
+    app.state.grants = grants
+    app.state.models = served
+
+    # -- error handlers -------------------------------------------------------------------
+
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(_request: Request, exc: OpenAIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _request_validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_error(list(exc.errors())).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        error = OpenAIError(
+            exc.status_code,
+            str(exc.detail) if exc.status_code not in codes else f"{exc.detail}.",
+            code=codes.get(exc.status_code),
+        )
+        return error.response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        return _from_persona_error(exc).response()
+
+    # -- auth -----------------------------------------------------------------------------
+
+    def authorize(grant: TokenGrant, user_id: Any, param: str | None) -> str:
+        try:
+            validate_user_id(user_id)
+        except PersonaValidationError as exc:
+            raise _bad(f"Invalid user id {user_id!r}: {exc.hint}", param, "invalid_user") from None
+        if not grant.allows(user_id):
+            raise OpenAIError(
+                403,
+                f"This API key may not act on user '{user_id}'.",
+                type="permission_error",
+                param=param,
+                code="user_not_permitted",
+            )
+        return user_id
+
+    # -- routes ---------------------------------------------------------------------------
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "models": len(served)}
+
+    def _model_card(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": _CREATED, "owned_by": "persona-plugin"}
+
+    @app.get("/v1/models")
+    def list_models(_grant: Authenticated) -> dict[str, Any]:
+        return {"object": "list", "data": [_model_card(name) for name in served]}
+
+    @app.get("/v1/models/{model}")
+    def get_model(model: str, _grant: Authenticated) -> dict[str, Any]:
+        if model not in served:
+            raise _model_not_found(model)
+        return _model_card(model)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request, grant: Authenticated) -> Any:
+        body = await _read_json(request, max_body_bytes)
+        try:
+            req = ChatCompletionRequest.model_validate(body)
+        except ValidationError as exc:
+            raise _validation_error(exc.errors(include_url=False)) from None
+        _check_supported(req)
+        messages = to_langchain_messages(req.messages, **limits)
+        header_user = request.headers.get(USER_HEADER)
+        if req.user and header_user and req.user != header_user:
+            raise _bad(
+                f"'user' ({req.user!r}) and the {USER_HEADER} header ({header_user!r}) name "
+                "different users.",
+                "user",
+            )
+        user_id = req.user or header_user
+        if not user_id:
+            raise _bad(
+                f"Missing required parameter: 'user' (or the {USER_HEADER} header): the "
+                "persona server needs to know whose persona to use.",
+                "user",
+                "missing_required_parameter",
+            )
+        authorize(grant, user_id, "user")
+        if req.model not in served:
+            raise _model_not_found(req.model)
+        completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        config: RunnableConfig = {
+            "configurable": {
+                "user_id": user_id,
+                "model": req.model,
+                "reflection": reflection,
+                "turn_id": completion_id,
+                PARAMS_KEY: req.sampling_params(),
+            },
+            "run_name": "persona_openai_chat",
+        }
+        run = _Run(graph, {"messages": messages}, config, counters[req.model])
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return await _stream_response(run, completion_id, req.model, include_usage)
+        try:
+            state = await anyio.to_thread.run_sync(run.invoke)
+        except OpenAIError:
+            raise
+        except Exception as exc:
+            raise _from_persona_error(exc) from None
+        reply = state["messages"][-1]
+        return {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": req.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": reply.text, "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": _finish_reason(reply),
+                }
+            ],
+            "usage": run.usage(reply, state.get("system_prompt")),
+            "system_fingerprint": None,
+        }
+
+    # -- persona routes -------------------------------------------------------------------
+
+    @app.get("/v1/personas/{user_id}")
+    def get_persona(user_id: str, grant: Authenticated) -> dict[str, Any]:
+        authorize(grant, user_id, "user_id")
+        try:
+            persona = nodes.store.get(user_id)
+        except PersonaNotFoundError as exc:
+            raise _from_persona_error(exc) from None
+        return {
+            "object": "persona",
+            "user_id": user_id,
+            "version": persona.meta.version,
+            "document": persona.to_dict(),
+        }
+
+    @app.get("/v1/personas/{user_id}/history")
+    def get_history(
+        user_id: str,
+        grant: Authenticated,
+        limit: Annotated[int | None, Query(ge=1, le=10_000)] = None,
+    ) -> dict[str, Any]:
+        """The persona's versions, oldest first (``limit``: only the newest that many)."""
+        authorize(grant, user_id, "user_id")
+        try:
+            records = nodes.store.history(user_id)
+        except PersonaNotFoundError as exc:
+            raise _from_persona_error(exc) from None
+        if limit is not None:
+            records = records[-limit:]
+        return {
+            "object": "list",
+            "user_id": user_id,
+            "data": [r.model_dump(mode="json", exclude={"persona"}) for r in records],
+        }
+
+    @app.get("/v1/personas/{user_id}/export")
+    def export_persona(user_id: str, grant: Authenticated) -> dict[str, Any]:
+        authorize(grant, user_id, "user_id")
+        items = nodes.memory.get(user_id) if nodes.memory is not None else []
+        try:
+            data = nodes.store.export(user_id)
+        except PersonaNotFoundError as exc:
+            if not items:
+                raise _from_persona_error(exc) from None
+            data = {"user_id": user_id, "versions": []}
+        data["memory"] = [item.model_dump(mode="json") for item in items]
+        return json.loads(json.dumps(data, default=str))
+
+    @app.delete("/v1/personas/{user_id}")
+    def delete_persona(user_id: str, grant: Authenticated) -> dict[str, Any]:
+        authorize(grant, user_id, "user_id")
+        gone = graph.forget(user_id, timeout=close_timeout)
+        if not gone.versions and not gone.memory_items:
+            raise _from_persona_error(
+                PersonaNotFoundError(f"user '{user_id}' has no persona to delete.")
+            )
+        versions, memory_items = gone.versions, gone.memory_items
+        return {
+            "object": "persona.deleted",
+            "user_id": user_id,
+            "deleted": True,
+            "versions": versions,
+            "memory_items": memory_items,
+        }
+
+    return app
+
+
+# -- from settings ------------------------------------------------------------------------
+
+
+def served_models_from_settings(settings: Settings) -> dict[str, Any]:
+    """``persona-echo`` always; the configured ``PERSONA_CHAT_MODEL`` (if not echo) under
+    its full name (``openai:gpt-4o-mini``) and its bare name (``gpt-4o-mini``), first."""
+    from persona_plugin.chat_models.registry import EchoChatModel, resolve_chat_model
+
+    models: dict[str, Any] = {}
+    if settings.chat_model != "echo":
+        model = resolve_chat_model(settings.chat_model, settings)
+        models[settings.chat_model] = model
+        if ":" in settings.chat_model:
+            models.setdefault(settings.chat_model.split(":", 1)[1], model)
+    models[DEFAULT_MODEL] = EchoChatModel()
+    return models
+
+
+def create_app_from_settings(
+    settings: Settings | None = None, *, tokens: Mapping[str, Any] | None = None
+) -> FastAPI:
+    """The persona server on the configured store, memory, chat model and tokens."""
+    from persona_plugin.memory.long_term import LongTermMemory
+    from persona_plugin.store import PersonaStore
+
+    settings = settings or Settings.load()
+    tokens = settings.server_tokens if tokens is None else tokens
+    parse_tokens(tokens)  # refuse a bad token configuration before opening anything
+    if not tokens:
+        raise PersonaConfigError(
+            "the persona server has no bearer tokens configured, so it would refuse every "
+            'request. Set PERSONA_SERVER_TOKENS, e.g. {"<token>": {"users": ["alice"]}}.'
+        )
+    models = served_models_from_settings(settings)
+    # the echo model cannot reflect (it is no language model): every try would fail
+    reflection = "off" if settings.chat_model == "echo" else "background"
+    store = PersonaStore.from_settings(settings)
+    memory = LongTermMemory.from_settings(settings)
+    return create_app(
+        models=models,
+        store=store,
+        memory=memory,
+        settings=settings,
+        tokens=tokens,
+        default_model=next(iter(models)),
+        reflection=reflection,
+        close_resources=store.close,
+    )
+
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "ChatCompletionRequest",
+    "OpenAIError",
+    "TokenGrant",
+    "create_app",
+    "create_app_from_settings",
+    "parse_tokens",
+    "served_models_from_settings",
+]
