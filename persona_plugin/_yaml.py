@@ -160,3 +160,10 @@ def yaml_error(exc: yaml.YAMLError, source: str) -> PersonaValidationError:
         f"malformed YAML{where}: {problem}",
         "Fix the syntax; check indentation and quote values that contain ': ' or '#'.",
     )
+
+
+def dump_yaml(data: Any) -> str:
+    """``data`` as block-style YAML, keys in their order, Unicode kept as written."""
+    return yaml.dump(
+        data, Dumper=SafeDumper, sort_keys=False, allow_unicode=True, default_flow_style=False
+    )

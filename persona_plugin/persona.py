@@ -31,8 +31,8 @@ from pydantic import (
 )
 
 from persona_plugin._yaml import (
-    SafeDumper,
     StrictSafeLoader,
+    dump_yaml,
     format_path,
     require_mapping,
     validate_document,
@@ -276,13 +276,7 @@ class Persona(_Model):
         return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
 
     def to_yaml(self) -> str:
-        return yaml.dump(
-            self.to_dict(),
-            Dumper=SafeDumper,
-            sort_keys=False,
-            allow_unicode=True,
-            default_flow_style=False,
-        )
+        return dump_yaml(self.to_dict())
 
     def dump(self, fmt: Literal["yaml", "json"] = "yaml") -> str:
         if fmt == "json":

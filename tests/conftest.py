@@ -12,14 +12,13 @@ os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("PERSONA_TEST_THREADS", 
 
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
 from persona_plugin.store import PersonaStore
+from tests.paths import MODEL_CACHE
 
-MODEL_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "test"
 POSTGRES_URL = os.environ.get(
     "PERSONA_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )

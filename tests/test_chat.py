@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -45,8 +44,8 @@ from persona_plugin import (
     with_persona,
 )
 from persona_plugin.prompt import BLOCK_TAG, PREAMBLE
+from tests.paths import DATA
 
-DATA = Path(__file__).parent / "data"
 EMPTY_MARKER = "(nothing is known about the user yet)"
 
 

@@ -6,10 +6,11 @@ import importlib.util
 import os
 import subprocess
 import sys
-from pathlib import Path
 from types import ModuleType
 
-EXAMPLES = Path(__file__).parent.parent / "examples"
+from tests.paths import REPO
+
+EXAMPLES = REPO / "examples"
 
 
 def test_drop_in_chat_model_example_shows_the_injected_persona():

@@ -19,12 +19,8 @@ from typing import Any, get_type_hints
 
 import chromadb
 import pytest
-from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
-from langchain_core.outputs import ChatGeneration, ChatResult
-from langchain_core.utils.function_calling import convert_to_openai_tool
 from langgraph.pregel import Pregel
-from pydantic import Field
 
 from persona_plugin.embeddings.minilm import MiniLMEmbeddingFunction
 from persona_plugin.errors import PersonaConfigError, PersonaValidationError
@@ -33,52 +29,14 @@ from persona_plugin.memory.long_term import LongTermMemory
 from persona_plugin.persona import Persona
 from persona_plugin.reflection.reflector import Reflector
 from persona_plugin.store import PersonaStore
+from tests.fakes import ScriptedChatModel, ToolCallingChatModel
+from tests.paths import REPO
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 USAGE = {"input_tokens": 200, "output_tokens": 40, "total_tokens": 240}
 
 
 # -- scripted models ----------------------------------------------------------------------
-
-
-class ScriptedChatModel(BaseChatModel):
-    """Answers from ``script``, then ``default``; records the messages of every call.
-
-    An answer is text, an AIMessage, an exception to raise, or a callable of the messages.
-    """
-
-    script: list[Any] = Field(default_factory=list)
-    default: Any = None
-    calls: list[list[BaseMessage]] = Field(default_factory=list)
-
-    @property
-    def _llm_type(self) -> str:
-        return "scripted"
-
-    def _generate(
-        self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kw: Any
-    ) -> ChatResult:
-        self.calls.append(list(messages))
-        item = self.script.pop(0) if self.script else self.default
-        assert item is not None, "the script ran out"
-        if callable(item):
-            item = item(messages)
-        if isinstance(item, BaseException):
-            raise item
-        message = item if isinstance(item, AIMessage) else AIMessage(content=item)
-        return ChatResult(generations=[ChatGeneration(message=message)])
-
-    def system_texts(self) -> list[str]:
-        """The system message of every call, in order."""
-        return [
-            next((m.text for m in call if isinstance(m, SystemMessage)), "") for call in self.calls
-        ]
-
-
-class ToolCallingChatModel(ScriptedChatModel):
-    def bind_tools(self, tools: Any, *, tool_choice: Any = None, **kwargs: Any) -> Any:
-        formatted = [convert_to_openai_tool(t) for t in tools]
-        return self.bind(tools=formatted, tool_choice=tool_choice, **kwargs)
 
 
 def echo_reply(messages: list[BaseMessage]) -> AIMessage:

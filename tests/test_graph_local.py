@@ -26,8 +26,9 @@ from persona_plugin.graph import build_persona_graph, takes_persona
 from persona_plugin.lora.hub import BUNDLED_LORA_DIR, LoraHub, parse_card
 from persona_plugin.persona import Persona
 from persona_plugin.store import PersonaStore
+from tests.paths import MODEL_CACHE
 
-MODEL_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "test" / "models"
+MODELS = MODEL_CACHE / "models"
 QUESTION = "How do fish breathe underwater?"
 
 
@@ -40,7 +41,7 @@ def user_lora_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def model(user_lora_dir: Path) -> MultiLoraChatModel:
     # the suite's model cache: a module fixture runs before conftest sets PERSONA_CACHE_DIR
     hub = LoraHub(user_lora_dir, bundled=(BUNDLED_LORA_DIR,))
-    backend = LocalBackend(lora_hub=hub, cache_dir=MODEL_CACHE).load()
+    backend = LocalBackend(lora_hub=hub, cache_dir=MODELS).load()
     return local_chat_model(backend=backend, temperature=None, max_new_tokens=6)
 
 

@@ -7,14 +7,11 @@ retrieved from the persona stored in a real SQLite store.
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
-from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
-from langchain_core.outputs import ChatGeneration, ChatResult
+from langchain_core.messages import AIMessage, HumanMessage
 
 from persona_plugin.chat_models.mbr import describe_mbr
 from persona_plugin.config import Settings
@@ -24,6 +21,7 @@ from persona_plugin.persona import Persona
 from persona_plugin.preferences.hub import PreferenceHub
 from persona_plugin.preferences.scorers import CandidateEmbeddings
 from persona_plugin.store import PersonaStore
+from tests.fakes import CyclingChatModel
 
 SHORT = "Use a password manager and turn on two-factor authentication."
 MEDIUM = (
@@ -37,29 +35,6 @@ LONG = (
     "authenticator app or a hardware key rather than text messages, which can be "
     "intercepted. Keep your phone and browser updated and be wary of unexpected links."
 )
-
-
-class ScriptedChatModel(BaseChatModel):
-    """Answers with the replies in turn (thread-safe)."""
-
-    replies: list[str]
-    calls: int = 0
-    lock: Any = None
-
-    def model_post_init(self, context: Any) -> None:
-        self.lock = threading.Lock()
-
-    @property
-    def _llm_type(self) -> str:
-        return "scripted"
-
-    def _generate(
-        self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kw: Any
-    ) -> ChatResult:
-        with self.lock:
-            text = self.replies[self.calls % len(self.replies)]
-            self.calls += 1
-        return ChatResult(generations=[ChatGeneration(message=AIMessage(content=text))])
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +59,7 @@ def _ask(graph: Any, user: str, **configurable: Any) -> AIMessage:
 def test_mbr_stage_follows_each_users_preferences(store: PersonaStore, hub: PreferenceHub) -> None:
     store.create("bo", _persona("bo", ["concise", "short answers"]))
     store.create("cleo", _persona("cleo", ["detailed", "thorough, in-depth explanations"]))
-    base = ScriptedChatModel(replies=[MEDIUM, LONG, SHORT])
+    base = CyclingChatModel(replies=[MEDIUM, LONG, SHORT])
     graph = build_persona_graph(base, store=store, reflection="off", mbr_n=3, preference_hub=hub)
 
     brief = _ask(graph, "bo")
@@ -107,7 +82,7 @@ def test_mbr_is_off_by_default_and_configurable_per_call(
     store: PersonaStore, hub: PreferenceHub
 ) -> None:
     store.create("bo", _persona("bo", ["concise", "short answers"]))
-    base = ScriptedChatModel(replies=[MEDIUM, LONG, SHORT])
+    base = CyclingChatModel(replies=[MEDIUM, LONG, SHORT])
     graph = build_persona_graph(base, store=store, reflection="off", preference_hub=hub)
     plain = _ask(graph, "bo")
     assert plain.content == MEDIUM and "mbr" not in plain.response_metadata
@@ -129,7 +104,7 @@ def test_mbr_n_from_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         graph.close()
     with pytest.raises(PersonaConfigError, match="mbr_n"):
         build_persona_graph(
-            ScriptedChatModel(replies=["x"]),
+            CyclingChatModel(replies=["x"]),
             store=PersonaStore(f"sqlite:///{tmp_path / 'p.db'}"),
             mbr_n=-2,
         )

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parent.parent / "persona_plugin"
+from tests.paths import REPO
+
+PACKAGE = REPO / "persona_plugin"
 
 
 def module_name(path: Path) -> str:

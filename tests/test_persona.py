@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml
@@ -12,8 +11,9 @@ from hypothesis import strategies as st
 
 from persona_plugin import Persona, PersonaLimits, PersonaValidationError, json_schema, load, loads
 from persona_plugin.persona import SECTION_NAMES, validate_user_id
+from tests.paths import DATA
 
-ALICE = Path(__file__).parent / "data" / "alice.yaml"
+ALICE = DATA / "alice.yaml"
 
 
 def test_full_document_loads_typed_and_free_keys():

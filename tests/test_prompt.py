@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import types
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,8 +25,9 @@ from persona_plugin.prompt import (
     quote,
     token_counter_for,
 )
+from tests.paths import DATA
 
-ALICE = Path(__file__).parent / "data" / "alice.yaml"
+ALICE = DATA / "alice.yaml"
 OPEN, CLOSE = f"<{BLOCK_TAG}>", f"</{BLOCK_TAG}>"
 NOTHING_KNOWN = "(nothing is known about the user yet)"
 BUILTIN_HEADINGS = {

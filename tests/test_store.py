@@ -11,7 +11,6 @@ import sys
 import textwrap
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -26,8 +25,9 @@ from persona_plugin import (
     load,
 )
 from persona_plugin.errors import PersonaConfigError
+from tests.paths import DATA
 
-ALICE = Path(__file__).parent / "data" / "alice.yaml"
+ALICE = DATA / "alice.yaml"
 
 
 def _rows(store: PersonaStore, user_id: str | None = None) -> list[dict]:

@@ -17,9 +17,12 @@ import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
+
+import yaml
 
 from persona_plugin._cache import write_atomically
+from persona_plugin._yaml import StrictSafeLoader, yaml_error
 from persona_plugin.errors import (
     PersonaNotFoundError,
     PersonaValidationError,
@@ -33,6 +36,36 @@ ID_RE = re.compile(ID_PATTERN)
 
 
 CardT = TypeVar("CardT")
+
+
+def read_card_bytes(path: Path) -> bytes:
+    """A card file's bytes (an unreadable file is a clear error naming it)."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise PersonaValidationError(
+            str(path), "", f"cannot read the card ({exc.strerror})", "Check the path."
+        ) from None
+
+
+def parse_card_text(text: str | bytes, *, source: str) -> Any:
+    """A card's YAML (or JSON, which is YAML too) as plain data: at most
+    :data:`MAX_CARD_BYTES`, UTF-8, read strictly (dates stay text, duplicate keys refused)."""
+    if isinstance(text, bytes):
+        if len(text) > MAX_CARD_BYTES:
+            raise PersonaValidationError(
+                source, "", f"card is {len(text)} bytes", f"Cards are at most {MAX_CARD_BYTES}."
+            )
+        try:
+            text = text.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise PersonaValidationError(
+                source, "", f"not UTF-8 (offset {exc.start})", "Save the card as UTF-8."
+            ) from None
+    try:
+        return yaml.load(text, Loader=StrictSafeLoader)
+    except yaml.YAMLError as exc:
+        raise yaml_error(exc, source) from None
 
 
 class CardFolder(Generic[CardT]):

@@ -70,12 +70,9 @@ class CardMixture:
         return bool(self.cards)
 
 
-def compact_persona_text(persona: Persona) -> str:
-    """The parts of a persona that say which adapters fit: preferences, personality, patterns.
-
-    Identity, demographics and memory are left out: they rarely say anything about style or
-    skills, and every word dilutes the embedding.
-    """
+def preference_lines(persona: Persona) -> list[str]:
+    """The persona's preference section as sentences: styles, content, formats, reasoning,
+    and its free keys (what both adapter and preference-model retrieval read first)."""
     parts: list[str] = []
     pref = persona.preference
     for label, values in (
@@ -87,6 +84,16 @@ def compact_persona_text(persona: Persona) -> str:
         if values:
             parts.append(f"{label}: {', '.join(values)}.")
     parts.extend(free_values(pref.model_extra))
+    return parts
+
+
+def compact_persona_text(persona: Persona) -> str:
+    """The parts of a persona that say which adapters fit: preferences, personality, patterns.
+
+    Identity, demographics and memory are left out: they rarely say anything about style or
+    skills, and every word dilutes the embedding.
+    """
+    parts = preference_lines(persona)
     pers = persona.personality
     if pers.description:
         parts.append(pers.description.rstrip(".") + ".")

@@ -40,7 +40,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -51,12 +50,15 @@ from pydantic import (
 )
 
 from persona_plugin._yaml import (
-    SafeDumper,
-    StrictSafeLoader,
+    dump_yaml,
     validate_document,
-    yaml_error,
 )
-from persona_plugin.cards.folder import ID_PATTERN, MAX_CARD_BYTES, CardHub
+from persona_plugin.cards.folder import (
+    ID_PATTERN,
+    CardHub,
+    parse_card_text,
+    read_card_bytes,
+)
 from persona_plugin.config import ASSETS_DIR
 from persona_plugin.errors import (
     PersonaConfigError,
@@ -204,13 +206,7 @@ class AdapterCard(BaseModel):
         return {k: data[k] for k in order}
 
     def to_yaml(self) -> str:
-        return yaml.dump(
-            self.to_dict(),
-            Dumper=SafeDumper,
-            sort_keys=False,
-            allow_unicode=True,
-            default_flow_style=False,
-        )
+        return dump_yaml(self.to_dict())
 
 
 # -- reading cards ------------------------------------------------------------------------
@@ -239,21 +235,7 @@ def parse_card(data: object, *, source: str = "<dict>") -> AdapterCard:
 
 def loads_card(text: str | bytes, *, source: str = "<string>") -> AdapterCard:
     """Parse a card from YAML (or JSON, which is YAML too)."""
-    if isinstance(text, bytes):
-        if len(text) > MAX_CARD_BYTES:
-            raise PersonaValidationError(
-                source, "", f"card is {len(text)} bytes", f"Cards are at most {MAX_CARD_BYTES}."
-            )
-        try:
-            text = text.decode("utf-8-sig")
-        except UnicodeDecodeError as exc:
-            raise PersonaValidationError(
-                source, "", f"not UTF-8 (offset {exc.start})", "Save the card as UTF-8."
-            ) from None
-    try:
-        data = yaml.load(text, Loader=StrictSafeLoader)
-    except yaml.YAMLError as exc:
-        raise yaml_error(exc, source) from None
+    data = parse_card_text(text, source=source)
     if data is None:
         raise PersonaValidationError(source, "", "card is empty", f"Write the keys {_CARD_KEYS}.")
     return parse_card(data, source=source)
@@ -262,13 +244,7 @@ def loads_card(text: str | bytes, *, source: str = "<string>") -> AdapterCard:
 def load_card(path: str | os.PathLike[str]) -> AdapterCard:
     """Read one card file."""
     file = Path(path)
-    try:
-        raw = file.read_bytes()
-    except OSError as exc:
-        raise PersonaValidationError(
-            str(file), "", f"cannot read the card ({exc.strerror})", "Check the path."
-        ) from None
-    card = loads_card(raw, source=str(file))
+    card = loads_card(read_card_bytes(file), source=str(file))
     card._path = file
     return card
 

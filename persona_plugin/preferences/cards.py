@@ -23,7 +23,6 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -34,15 +33,12 @@ from pydantic import (
 )
 
 from persona_plugin._yaml import (
-    SafeDumper,
-    StrictSafeLoader,
+    dump_yaml,
     require_mapping,
     validate_document,
-    yaml_error,
 )
-from persona_plugin.cards.folder import ID_PATTERN, MAX_CARD_BYTES
+from persona_plugin.cards.folder import ID_PATTERN, parse_card_text, read_card_bytes
 from persona_plugin.config import ASSETS_DIR
-from persona_plugin.errors import PersonaValidationError
 
 PreferenceKind = Literal["behaviour", "style", "content", "format", "safety", "other"]
 PREFERENCE_KINDS: tuple[str, ...] = PreferenceKind.__args__  # type: ignore[attr-defined]
@@ -153,7 +149,7 @@ class PreferenceCard(BaseModel):
         return {k: data[k] for k in order if k in data}
 
     def to_yaml(self) -> str:
-        return yaml.dump(self.to_dict(), Dumper=SafeDumper, sort_keys=False, allow_unicode=True)
+        return dump_yaml(self.to_dict())
 
 
 def _hint(err_type: str, loc: tuple[Any, ...]) -> str:
@@ -175,24 +171,7 @@ def parse_card(data: object, *, source: str = "<dict>") -> PreferenceCard:
 def load_card(path: str | os.PathLike[str]) -> PreferenceCard:
     """Read one card file (YAML or JSON)."""
     file = Path(path)
-    try:
-        raw = file.read_bytes()
-    except OSError as exc:
-        raise PersonaValidationError(
-            str(file), "", f"cannot read the card ({exc.strerror})", "Check the path."
-        ) from None
-    if len(raw) > MAX_CARD_BYTES:
-        raise PersonaValidationError(
-            str(file), "", f"card is {len(raw)} bytes", f"Cards are at most {MAX_CARD_BYTES}."
-        )
-    try:
-        data = yaml.load(raw.decode("utf-8-sig"), Loader=StrictSafeLoader)
-    except UnicodeDecodeError as exc:
-        raise PersonaValidationError(
-            str(file), "", f"not UTF-8 (offset {exc.start})", "Save the card as UTF-8."
-        ) from None
-    except yaml.YAMLError as exc:
-        raise yaml_error(exc, str(file)) from None
+    data = parse_card_text(read_card_bytes(file), source=str(file))
     card = parse_card(data, source=str(file))
     card._path = file
     return card

@@ -28,7 +28,7 @@ from persona_plugin.cards.retrieval import (
     RetrievedCard,
     check_temperature,
     check_top_k,
-    free_values,
+    preference_lines,
 )
 from persona_plugin.errors import PersonaValidationError
 from persona_plugin.persona import Persona
@@ -106,17 +106,7 @@ class PreferenceMixture(CardMixture):
 def preference_persona_text(persona: Persona) -> str:
     """The parts of a persona that say which preference models apply: the preference
     section (styles, content, formats, reasoning, free keys) and the patterns."""
-    parts: list[str] = []
-    pref = persona.preference
-    for label, values in (
-        ("Preferred style", pref.style),
-        ("Preferred content", pref.content),
-        ("Preferred format", pref.format),
-        ("Reasoning", pref.reasoning),
-    ):
-        if values:
-            parts.append(f"{label}: {', '.join(values)}.")
-    parts.extend(free_values(pref.model_extra))
+    parts = preference_lines(persona)
     patterns = [item.description for item in persona.pattern.items[:5]]
     if patterns:
         parts.append(f"Patterns: {'; '.join(patterns)}.")

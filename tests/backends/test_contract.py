@@ -53,8 +53,9 @@ from persona_plugin.errors import PersonaConfigError, PersonaValidationError
 from persona_plugin.lora.hub import LoraHub, parse_card
 from persona_plugin.lora.retrieval import LoraRetriever
 from persona_plugin.persona import Persona
+from tests.paths import SHARED
 
-SPECS = Path(__file__).resolve().parents[2] / "shared" / "specs"
+SPECS = SHARED / "specs"
 if not (SPECS / "tgi-openapi.json").is_file():  # pragma: no cover - the specs live beside
     # in CI the specs are always beside the clone: a missing one is a failure, not a skip
     if os.environ.get("CI"):

@@ -10,17 +10,13 @@ LangChain chat model, or from the local SmolLM2 model.
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import yaml
-from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, BaseMessage
-from langchain_core.outputs import ChatGeneration, ChatResult
+from langchain_core.messages import AIMessage
 
 from persona_plugin.chat_models.mbr import MBRChatModel, describe_mbr
 from persona_plugin.errors import PersonaConfigError, PersonaValidationError
@@ -29,6 +25,7 @@ from persona_plugin.preferences.hub import PreferenceHub
 from persona_plugin.preferences.mbr import MBRRequest, MBRSelector, normalize_scores
 from persona_plugin.preferences.retrieval import PreferenceRetriever
 from persona_plugin.preferences.scorers import CandidateEmbeddings, PreferenceScoreError
+from tests.fakes import CyclingChatModel
 
 PROMPT = "How can I keep my online accounts safe?"
 SHORT = "Use a password manager and turn on two-factor authentication."
@@ -63,30 +60,6 @@ def persona(user: str, version: int, **preference: list[str]) -> Persona:
     for key, value in preference.items():
         setattr(p.preference, key, value)
     return p.with_meta(version=version, user_id=user)
-
-
-class ScriptedChatModel(BaseChatModel):
-    """Scripts an LLM's answers: the replies in turn, thread-safe (batch runs in threads)."""
-
-    replies: list[str]
-    calls: int = 0
-    lock: Any = None
-
-    def model_post_init(self, context: Any) -> None:
-        self.lock = threading.Lock()
-
-    @property
-    def _llm_type(self) -> str:
-        return "scripted"
-
-    def _generate(
-        self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kw: Any
-    ) -> ChatResult:
-        with self.lock:
-            text = self.replies[self.calls % len(self.replies)]
-            self.calls += 1
-        message = AIMessage(content=text, response_metadata={"scripted": True})
-        return ChatResult(generations=[ChatGeneration(message=message)])
 
 
 # -- the selector -------------------------------------------------------------------------
@@ -193,7 +166,7 @@ def test_bad_input_is_rejected(hub: PreferenceHub) -> None:
 
 
 def test_mbr_chat_model_picks_per_persona_from_config(hub: PreferenceHub) -> None:
-    base = ScriptedChatModel(replies=CANDIDATES)
+    base = CyclingChatModel(replies=CANDIDATES)
     model = MBRChatModel(base=base, n=3, hub=hub)
     reply = model.invoke(PROMPT, config={"configurable": {"persona": persona("a", 1, **BRIEF)}})
     assert reply.content == SHORT and base.calls == 3
@@ -215,7 +188,7 @@ def test_mbr_chat_model_picks_per_persona_from_config(hub: PreferenceHub) -> Non
 
 
 def test_a_batch_of_personas_gets_different_replies(hub: PreferenceHub) -> None:
-    model = MBRChatModel(base=ScriptedChatModel(replies=CANDIDATES), n=3, hub=hub)
+    model = MBRChatModel(base=CyclingChatModel(replies=CANDIDATES), n=3, hub=hub)
     replies = model.batch(
         [PROMPT, PROMPT],
         config=[
@@ -225,7 +198,7 @@ def test_a_batch_of_personas_gets_different_replies(hub: PreferenceHub) -> None:
     )
     assert [r.content for r in replies] == [SHORT, LONG]
     reply = asyncio.run(
-        MBRChatModel(base=ScriptedChatModel(replies=CANDIDATES), n=3, hub=hub).ainvoke(
+        MBRChatModel(base=CyclingChatModel(replies=CANDIDATES), n=3, hub=hub).ainvoke(
             PROMPT, persona=persona("c", 1, **BRIEF)
         )
     )
@@ -233,7 +206,7 @@ def test_a_batch_of_personas_gets_different_replies(hub: PreferenceHub) -> None:
 
 
 def test_mbr_chat_model_rejects_bad_setup(tmp_path: Path, hub: PreferenceHub) -> None:
-    base = ScriptedChatModel(replies=["x"])
+    base = CyclingChatModel(replies=["x"])
     with pytest.raises(PersonaConfigError, match="from 1 to 64"):
         MBRChatModel(base=base, n=0, hub=hub)
     (tmp_path / "ghost.yaml").write_text(

@@ -9,18 +9,13 @@ mentions, type, id), and Discord's own enums. Store, memory and graph are the re
 from __future__ import annotations
 
 import asyncio
-import json
-import re
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
 import discord
 import pytest
-from langchain_core.language_models import BaseChatModel
 from langchain_core.language_models.fake_chat_models import FakeListChatModel
-from langchain_core.messages import AIMessage, BaseMessage
-from langchain_core.outputs import ChatGeneration, ChatResult
 
 from integrations.discord.bot import (
     MAX_MESSAGE_CHARS,
@@ -37,6 +32,7 @@ from persona_plugin.memory.long_term import LongTermMemory
 from persona_plugin.persona import Persona
 from persona_plugin.reflection.reflector import Reflector
 from persona_plugin.store import PersonaStore
+from tests.fakes import ScriptedReflection
 
 BOT = 1100000000000000001
 ALICE, BOB = 2200000000000000002, 3300000000000000003
@@ -75,40 +71,6 @@ def run(coro: Any) -> Any:
 
 
 # -- models ------------------------------------------------------------------------------
-
-_TURN = re.compile(r'\[turn ([^\]]+)\]\nuser: ("(?:[^"\\]|\\.)*")')
-
-
-class ScriptedReflection(BaseChatModel):
-    """Reflection stand-in: "I love X" in a turn becomes interest X, cited to that turn."""
-
-    @property
-    def _llm_type(self) -> str:
-        return "scripted-reflection"
-
-    def _generate(
-        self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **_: Any
-    ) -> ChatResult:
-        operations, memories = [], []
-        for turn_id, quoted in _TURN.findall(messages[-1].text):
-            for thing in re.findall(r"I love (\w+)", json.loads(quoted)):
-                operations.append(
-                    {
-                        "op": "append",
-                        "path": "personality.interests",
-                        "value": thing,
-                        "confidence": 0.9,
-                        "evidence": [turn_id],
-                    }
-                )
-                memories.append({"text": f"The user loves {thing}.", "evidence": [turn_id]})
-        answer = {
-            "loss": {"revealed": [m["text"] for m in memories], "missed": [], "score": 0.8},
-            "gradients": [],
-            "operations": operations,
-            "memories": memories,
-        }
-        return ChatResult(generations=[ChatGeneration(message=AIMessage(json.dumps(answer)))])
 
 
 REPLIES = [f"Scripted reply number {i}." for i in range(1, 20)]

@@ -39,8 +39,9 @@ from persona_plugin.lab.eval.locomo import evaluate, load_conversation
 from persona_plugin.memory.lexical import tokenize
 from persona_plugin.memory.long_term import LongTermMemory, MemoryItem, update_short_term
 from persona_plugin.persona import LongTermMemoryLink, Persona, Turn
+from tests.paths import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 
 # -- fixtures -----------------------------------------------------------------------------
 

@@ -44,8 +44,9 @@ from persona_plugin.persona import Persona
 from persona_plugin.reflection.reflector import Reflector
 from persona_plugin.server.app import create_app, create_app_from_settings
 from persona_plugin.store import PersonaStore
+from tests.paths import REPO
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 TOK_A = "tok-a-0123456789"  # alice and bob
 TOK_T = "tok-t-0123456789"  # tenant acme
 TOKENS: dict[str, Any] = {TOK_A: {"users": ["alice", "bob"]}, TOK_T: {"tenant": "acme"}}

@@ -27,9 +27,10 @@ from persona_plugin.lab.training.demo_adapters import (
 )
 from persona_plugin.lab.training.lora import TrainingExample, train_lora
 from persona_plugin.lora.hub import BUNDLED_LORA_DIR, LoraHub
+from tests.paths import MODEL_CACHE
 
 EMOJI = re.compile("[\U0001f300-\U0001faff\u2600-\u27bf]")
-MODEL_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "test" / "models"
+MODELS = MODEL_CACHE / "models"
 QUESTION = ({"role": "user", "content": "How do fish breathe underwater?"},)
 
 
@@ -108,7 +109,7 @@ def test_bundled_weights_are_float16_and_small(bundled: LoraHub) -> None:
 @pytest.fixture(scope="module")
 def backend(bundled: LoraHub) -> LocalBackend:
     # the suite's model cache: a module fixture runs before conftest sets PERSONA_CACHE_DIR
-    return LocalBackend(lora_hub=bundled, cache_dir=MODEL_CACHE).load()
+    return LocalBackend(lora_hub=bundled, cache_dir=MODELS).load()
 
 
 def test_the_local_backend_serves_the_bundled_adapters(backend: LocalBackend) -> None:

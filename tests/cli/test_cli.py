@@ -25,8 +25,9 @@ from rich.console import Console
 import persona_plugin.cli.app as cli
 from persona_plugin.persona import SECTION_NAMES, load, loads
 from persona_plugin.store import PersonaStore
+from tests.paths import DATA
 
-ALICE = Path(__file__).parent / "data" / "alice.yaml"
+ALICE = DATA / "alice.yaml"
 PERSONA_EXE = Path(sys.executable).parent / "persona"
 
 
