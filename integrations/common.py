@@ -37,7 +37,8 @@ def answer(
 
 
 def forget(graph: Any, store: Any, memory: Any, user_id: str) -> str:
-    """Delete the user's persona and long-term memory; the ``/persona forget`` answer.
+    """Delete everything kept about the user (persona versions, long-term memory, the
+    checkpoints of their conversations); the ``/persona forget`` answer.
 
     The user's background reflection still queued is finished first, so that it does not
     write the persona back after it was deleted (other users' keep their debounce).
@@ -46,10 +47,11 @@ def forget(graph: Any, store: Any, memory: Any, user_id: str) -> str:
         gone = graph.forget(user_id)
     else:
         gone = forget_user(user_id, store=store, memory=memory)
-    versions, items = gone.versions, gone.memory_items
-    if not versions and not items:
+    if not gone:
         return "I had nothing stored about you: no persona, no memories."
+    versions, items, threads = gone.versions, gone.memory_items, gone.threads
     return (
-        f"Done: I forgot your persona ({versions} version{'s' if versions != 1 else ''}) "
-        f"and {items} long-term memor{'ies' if items != 1 else 'y'}."
+        f"Done: I forgot your persona ({versions} version{'s' if versions != 1 else ''}), "
+        f"{items} long-term memor{'ies' if items != 1 else 'y'} and "
+        f"{threads} conversation{'s' if threads != 1 else ''}."
     )

@@ -6,9 +6,10 @@ graph (load -> recall -> assemble -> generate -> reflect -> save):
 :func:`build_persona_graph`, :func:`make_checkpointer`. Long-term memory:
 :class:`LongTermMemory`. Reflection: :class:`Reflector`. Multi-LoRA and MBR chat models:
 :class:`MultiLoraChatModel`, :class:`MBRChatModel`. The OpenAI-compatible server:
-:func:`create_app`. Settings: :class:`Settings`. Errors: :class:`PersonaError` and its
-subclasses. The subpackages (``memory``, ``lora``, ``preferences``, ``backends``,
-``chat_models``, ``reflection``, ``server``) list their own factories.
+:func:`create_app`. Privacy: :func:`forget_user`, :func:`export_user`. Settings:
+:class:`Settings`. Errors: :class:`PersonaError` and its subclasses. The subpackages
+(``memory``, ``lora``, ``preferences``, ``backends``, ``chat_models``, ``reflection``,
+``server``) list their own factories.
 """
 
 from persona_plugin.chat import with_persona
@@ -24,15 +25,14 @@ from persona_plugin.errors import (
     PersonaValidationError,
 )
 from persona_plugin.graph import (
-    Forgotten,
     PersonaGraph,
     build_persona_graph,
     build_persona_graph_from_settings,
-    forget_user,
     make_checkpointer,
 )
 from persona_plugin.memory.long_term import LongTermMemory
 from persona_plugin.persona import Persona, PersonaLimits, json_schema, load, loads
+from persona_plugin.privacy import Forgotten, export_user, forget_user
 from persona_plugin.prompt import AssembledPersona, PromptAssembler, estimate_tokens
 from persona_plugin.reflection.reflector import Reflector
 from persona_plugin.server.app import create_app
@@ -66,6 +66,7 @@ __all__ = [
     "create_app",
     "diff_documents",
     "estimate_tokens",
+    "export_user",
     "forget_user",
     "json_schema",
     "load",

@@ -34,13 +34,12 @@ import sqlite3
 import uuid
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
 from langchain_core.messages import AnyMessage, BaseMessage, HumanMessage, RemoveMessage
-from langchain_core.runnables import RunnableConfig
+from langchain_core.runnables import RunnableBinding, RunnableConfig
 from langgraph.graph import END, START, StateGraph, add_messages
 from typing_extensions import TypedDict  # pydantic reads only this one on Python < 3.12
 
@@ -51,6 +50,7 @@ from persona_plugin.errors import PersonaConfigError, PersonaNotFoundError, Pers
 from persona_plugin.guard import instruction_reason
 from persona_plugin.memory.knowledge_base import KnowledgeBaseSearch
 from persona_plugin.persona import Persona, Turn, validate_user_id
+from persona_plugin.privacy import Forgotten, export_user, forget_user
 from persona_plugin.prompt import PromptAssembler, token_counter_for
 from persona_plugin.reflection.apply import WITHHELD, ReflectionJob
 from persona_plugin.reflection.background import BackgroundReflector
@@ -89,14 +89,6 @@ def _check_mbr_n(value: Any) -> int:
             f"mbr_n must be an integer from 0 (MBR off) to 32 candidates, not {value!r}."
         )
     return value
-
-
-@dataclass(frozen=True)
-class Forgotten:
-    """What :meth:`PersonaGraph.forget` removed."""
-
-    versions: int
-    memory_items: int
 
 
 class PersonaGraph:
@@ -385,15 +377,44 @@ class PersonaGraph:
     # -- the app's handle -----------------------------------------------------------------
 
     def forget(self, user_id: str, *, timeout: float | None = 120) -> Forgotten:
-        """Delete ``user_id``'s persona (every version) and long-term memory; see
-        :func:`forget_user`."""
+        """Delete every trace of ``user_id``: persona versions, long-term memory, the
+        checkpoints of their threads, cached retrievals, queued reflection (see
+        :func:`~persona_plugin.privacy.forget_user`)."""
         return forget_user(
             user_id,
             store=self.store,
             memory=self.memory,
+            checkpointer=self.compiled.checkpointer if self.compiled is not None else None,
             background=self.background,
+            retrievers=self._retrievers(),
             timeout=timeout,
         )
+
+    def export(self, user_id: str) -> dict[str, Any]:
+        """Everything kept about ``user_id`` (see :func:`~persona_plugin.privacy.export_user`)."""
+        return export_user(
+            user_id,
+            store=self.store,
+            memory=self.memory,
+            checkpointer=self.compiled.checkpointer if self.compiled is not None else None,
+        )
+
+    def _retrievers(self) -> list[Any]:
+        """The adapter and preference retrievers of every model this graph serves (they
+        cache results per persona version)."""
+        found: dict[int, Any] = {}
+        models = [self.chat_model, *self.models.values(), *self._mbr_models.values()]
+        while models:
+            model = models.pop()
+            while isinstance(model, RunnableBinding):
+                model = model.bound
+            retriever = getattr(model, "retriever", None)
+            if retriever is not None and hasattr(retriever, "forget"):
+                found[id(retriever)] = retriever
+            base = getattr(model, "base", None)  # MBR over a multi-LoRA model
+            if base is not None:
+                models.append(base)
+        return list(found.values())
 
     def close(self, timeout: float | None = None) -> bool:
         """Drain background reflections and stop their worker (call on shutdown)."""
@@ -425,30 +446,6 @@ def build_persona_graph(
     builder.add_edge(order[-1], END)
     nodes.compiled = builder.compile(checkpointer=checkpointer, name="persona_chat")
     return nodes
-
-
-def forget_user(
-    user_id: str,
-    *,
-    store: PersonaStore,
-    memory: Any = None,
-    background: BackgroundReflector | None = None,
-    timeout: float | None = 120,
-) -> Forgotten:
-    """Delete ``user_id``'s persona (every version) and long-term memory.
-
-    The user's background reflection still queued runs first, so that it cannot write the
-    persona back after the delete (other users' keep their debounce).
-    """
-    validate_user_id(user_id)
-    if background is not None and not background.drain(timeout, user_id=user_id):
-        log.warning("forgetting %s: background reflections still running", user_id)
-    items = memory.delete_user(user_id) if memory is not None else 0
-    try:
-        versions = store.delete(user_id)
-    except PersonaNotFoundError:
-        versions = 0
-    return Forgotten(versions=versions, memory_items=items)
 
 
 def make_checkpointer(url: str) -> Any:

@@ -340,6 +340,10 @@ class PersonaStore:
         t = versions_table
         with self.engine.begin() as conn:
             deleted = conn.execute(t.delete().where(t.c.user_id == user_id)).rowcount
+        if deleted and self.engine.dialect.name == "sqlite":
+            # the old pages live on in the write-ahead log until it is checkpointed
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
         if not deleted:
             raise PersonaNotFoundError(f"user '{user_id}' has no persona to delete.")
         return deleted
@@ -400,6 +404,8 @@ def _make_engine(url: str) -> Engine:
             # WAL: readers never block the writer; a killed writer leaves the last commit
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA busy_timeout=60000")
+            # a deleted user's text must not stay readable in the file's free pages
+            cursor.execute("PRAGMA secure_delete=ON")
             cursor.close()
 
         return engine

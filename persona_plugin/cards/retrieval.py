@@ -245,7 +245,10 @@ class CardRetriever:
         if isinstance(persona, Persona):
             user_id = persona.meta.user_id or persona.identity.user_id
             if user_id and persona.meta.version > 0:
-                return ("version", user_id, persona.meta.version), None
+                # the save time too: a user deleted and created again starts at version 1
+                # afresh, and must not be served the old version 1's results
+                key = ("version", user_id, persona.meta.version, persona.meta.updated_at)
+                return key, None
         text = self.persona_text(persona)
         return ("text", hashlib.sha256(text.encode()).hexdigest()), text
 
@@ -354,6 +357,24 @@ class CardRetriever:
                 "inputs": len(self._input_vectors.data),
                 "cards": len(self._card_vectors),
             }
+
+    def forget(self, user_id: str) -> int:
+        """Drop every cached persona vector and result of ``user_id``; how many went."""
+
+        def mentions(key: Any) -> bool:
+            if not isinstance(key, tuple):
+                return False
+            if len(key) > 1 and key[0] == "version" and key[1] == user_id:
+                return True
+            return any(mentions(part) for part in key)
+
+        dropped = 0
+        with self._lock:
+            for cache in (self._persona_vectors, self._results):
+                for key in [k for k in cache.data if mentions(k)]:
+                    del cache.data[key]
+                    dropped += 1
+        return dropped
 
     def clear_cache(self) -> None:
         with self._lock:

@@ -41,6 +41,28 @@ class CliState:
 
         return PersonaStore.from_settings(self.settings())
 
+    def memory(self) -> Any:
+        """Long-term memory as configured (None when its embedded folder does not exist)."""
+        from persona_plugin.memory.long_term import LongTermMemory
+
+        settings = self.settings()
+        if not settings.memory_url and not settings.resolved_memory_path.exists():
+            return None
+        return LongTermMemory.from_settings(settings)
+
+    def checkpointer(self) -> Any:
+        """The LangGraph checkpointer as configured (None when its SQLite file does not
+        exist: no conversation was ever checkpointed there)."""
+        from persona_plugin.graph import make_checkpointer
+
+        url = self.settings().resolved_checkpointer_url
+        if (
+            url.startswith("sqlite:///")
+            and not Path(url.removeprefix("sqlite:///")).expanduser().exists()
+        ):
+            return None
+        return make_checkpointer(url)
+
 
 state = CliState()
 

@@ -196,10 +196,15 @@ def export(
         Path | None, typer.Option("--output", "-o", help="write to this file instead of stdout")
     ] = None,
 ) -> None:
-    """Export every version of USER's persona, with its history, as JSON."""
+    """Export everything kept about USER as JSON: every persona version with its history,
+    long-term memory, and the messages of their conversations."""
+    from persona_plugin.privacy import export_user
+
     with state.store() as store:
-        data = store.export(user_id)
-    text = json.dumps(data, indent=2, ensure_ascii=False)
+        data = export_user(
+            user_id, store=store, memory=state.memory(), checkpointer=state.checkpointer()
+        )
+    text = json.dumps(data, indent=2, ensure_ascii=False, default=str)
     if output is None:
         typer.echo(text)
     else:
@@ -214,22 +219,23 @@ def delete(
     user_id: UserArg,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")] = False,
 ) -> None:
-    """Delete every version of USER's persona and their long-term memory, for good."""
-    from persona_plugin.graph import forget_user
-    from persona_plugin.memory.long_term import LongTermMemory
+    """Delete everything kept about USER, for good: every persona version, long-term memory
+    and the checkpoints of their conversations."""
+    from persona_plugin.privacy import forget_user
 
     if not yes:
         if not sys.stdin.isatty():
             raise typer.BadParameter("refusing to delete without --yes when not interactive")
-        typer.confirm(f"Delete every version of '{user_id}'s persona?", abort=True)
-    settings = state.settings()
+        typer.confirm(f"Delete everything kept about '{user_id}'?", abort=True)
     with state.store() as store:
-        gone = forget_user(user_id, store=store, memory=LongTermMemory.from_settings(settings))
-    if not gone.versions and not gone.memory_items:
+        gone = forget_user(
+            user_id, store=store, memory=state.memory(), checkpointer=state.checkpointer()
+        )
+    if not gone:
         raise PersonaNotFoundError(f"user '{user_id}' has no persona to delete.")
     out.print(
-        f"deleted persona of '{user_id}' ({gone.versions} versions) and "
-        f"{gone.memory_items} long-term memories"
+        f"deleted persona of '{user_id}' ({gone.versions} versions), "
+        f"{gone.memory_items} long-term memories and {gone.threads} conversations"
     )
 
 

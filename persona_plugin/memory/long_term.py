@@ -16,16 +16,20 @@ again overwrites rather than duplicates: an ingest cut short is simply re-run.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import math
+import re
+import shutil
+import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -38,6 +42,8 @@ from persona_plugin.memory.lexical import BM25Index, tokenize
 from persona_plugin.persona import LongTermMemoryLink, Persona, Turn, validate_user_id
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 DEFAULT_COLLECTION = "persona_memory"
 RRF_K = 60  # the usual reciprocal-rank-fusion constant (Cormack et al. 2009)
@@ -91,6 +97,54 @@ def _bad_unicode(text: str) -> bool:
 
 def _item_id(user_id: str, kind: str, key: str) -> str:
     return hashlib.sha256(f"{user_id}\x1f{kind}\x1f{key}".encode()).hexdigest()[:32]
+
+
+def _is_not_found(exc: Exception) -> bool:
+    # Chroma's NotFoundError (its class varies by version), or its message
+    return type(exc).__name__ == "NotFoundError" or "does not exist" in str(exc)
+
+
+def _fresh_collection(method: Callable[..., T]) -> Callable[..., T]:
+    """Run ``method`` again on a fresh collection when the cached one is gone: another
+    process (a second server worker, an admin script) may have deleted the user."""
+
+    @functools.wraps(method)
+    def wrapper(self: LongTermMemory, user_id: str, *args: Any, **kwargs: Any) -> T:
+        try:
+            return method(self, user_id, *args, **kwargs)
+        except Exception as exc:
+            if not _is_not_found(exc):
+                raise
+            with self._lock:
+                self._collections.pop(user_id, None)
+                self._lexical.pop(user_id, None)
+            return method(self, user_id, *args, **kwargs)
+
+    return wrapper
+
+
+def purge_deleted(path: Path) -> None:
+    """Make what Chroma deleted from the embedded store at ``path`` unreadable on disk.
+
+    Chroma deletes rows without zeroing their pages, so the text stays in the file's free
+    pages: vacuum it. Dropping a collection leaves its vector-index folder behind
+    (chroma-core/chroma #5520): remove the folders no segment names.
+    """
+    database = path / "chroma.sqlite3"
+    if not database.is_file():
+        return
+    conn = sqlite3.connect(str(database), timeout=60)
+    try:
+        conn.execute("VACUUM")
+        segments = {row[0] for row in conn.execute("SELECT id FROM segments")}
+    except sqlite3.Error as exc:
+        log.warning("could not vacuum %s after a delete: %s", database, exc)
+        return
+    finally:
+        conn.close()
+    for entry in path.iterdir():
+        if entry.is_dir() and _UUID.fullmatch(entry.name) and entry.name not in segments:
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 class LongTermMemory:
@@ -368,6 +422,7 @@ class LongTermMemory:
             "metadata": metadata,
         }
 
+    @_fresh_collection
     def _write(self, user_id: str, records: list[dict[str, Any]]) -> list[str]:
         if not records:
             return []
@@ -436,6 +491,7 @@ class LongTermMemory:
             self._lexical[user_id] = (time.monotonic(), index)
         return index
 
+    @_fresh_collection
     def recall(
         self,
         user_id: str,
@@ -553,6 +609,7 @@ class LongTermMemory:
                 break
         return items
 
+    @_fresh_collection
     def get(self, user_id: str, *, kinds: Sequence[str] | None = None) -> list[MemoryItem]:
         """Every item of the user (optionally of some kinds), oldest first."""
         validate_user_id(user_id)
@@ -570,6 +627,7 @@ class LongTermMemory:
         ]
         return sorted(items, key=lambda item: (item.timestamp or "", item.id))
 
+    @_fresh_collection
     def count(self, user_id: str) -> int:
         collection = self.collection_for(user_id, create=False)
         return 0 if collection is None else collection.count()
@@ -582,8 +640,15 @@ class LongTermMemory:
             self._collections.pop(user_id, None)
         if collection is None:
             return 0
-        removed = collection.count()
-        self.client.delete_collection(collection.name)
+        try:
+            removed = collection.count()
+            self.client.delete_collection(collection.name)
+        except Exception as exc:
+            if not _is_not_found(exc):  # deleted meanwhile by another process: gone anyway
+                raise
+            removed = 0
+        if self.path is not None and self.url is None:
+            purge_deleted(self.path)
         return removed
 
 

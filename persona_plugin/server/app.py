@@ -273,6 +273,9 @@ def create_app(
                 "model": req.model,
                 "reflection": reflection,
                 "turn_id": completion_id,
+                # an OpenAI request carries its whole conversation: it is a thread of its
+                # own (a graph with a checkpointer would otherwise refuse it)
+                "thread_id": completion_id,
                 PARAMS_KEY: req.sampling_params(),
             },
             "run_name": "persona_openai_chat",
@@ -344,21 +347,17 @@ def create_app(
     @app.get("/v1/personas/{user_id}/export")
     def export_persona(user_id: str, grant: Authenticated) -> dict[str, Any]:
         authorize(grant, user_id, "user_id")
-        items = nodes.memory.get(user_id) if nodes.memory is not None else []
         try:
-            data = nodes.store.export(user_id)
+            data = graph.export(user_id)
         except PersonaNotFoundError as exc:
-            if not items:
-                raise _from_persona_error(exc) from None
-            data = {"user_id": user_id, "versions": []}
-        data["memory"] = [item.model_dump(mode="json") for item in items]
+            raise _from_persona_error(exc) from None
         return json.loads(json.dumps(data, default=str))
 
     @app.delete("/v1/personas/{user_id}")
     def delete_persona(user_id: str, grant: Authenticated) -> dict[str, Any]:
         authorize(grant, user_id, "user_id")
         gone = graph.forget(user_id, timeout=close_timeout)
-        if not gone.versions and not gone.memory_items:
+        if not gone:
             raise _from_persona_error(
                 PersonaNotFoundError(f"user '{user_id}' has no persona to delete.")
             )
@@ -369,6 +368,7 @@ def create_app(
             "deleted": True,
             "versions": versions,
             "memory_items": memory_items,
+            "threads": gone.threads,
         }
 
     return app

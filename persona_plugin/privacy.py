@@ -1,0 +1,133 @@
+"""Forgetting a user, and exporting what is kept about them: one path for every entry point.
+
+:func:`forget_user` removes every trace the project controls: the persona's versions, the
+user's long-term memory, the checkpoints of every thread the user ran (found by the
+``user_id`` LangGraph copies from the config into each checkpoint's metadata), the
+retrieval caches that remember their persona, and any background reflection still queued
+for them (run first, so it cannot write the persona back after the delete).
+:func:`export_user` returns all of it. The server's DELETE and export, ``persona delete``
+and ``persona export``, the bots' ``forget`` and :meth:`PersonaGraph.forget
+<persona_plugin.graph.PersonaGraph.forget>` all call these.
+
+Deleted text must not stay readable on disk. What the project writes to SQLite is
+deleted with ``secure_delete`` on (freed pages are zeroed) and the write-ahead log is
+truncated after the delete; the embedded Chroma store is vacuumed and the vector-index
+folder Chroma leaves behind for a dropped collection is removed
+(:meth:`~persona_plugin.memory.long_term.LongTermMemory.delete_user`). A PostgreSQL
+database or a Chroma server keeps deleted rows in its files until its own vacuum or
+compaction runs: README's privacy section says what such a deployment must do.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from persona_plugin.errors import PersonaNotFoundError
+from persona_plugin.persona import utc_now, validate_user_id
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Forgotten:
+    """What :func:`forget_user` removed."""
+
+    versions: int
+    memory_items: int
+    threads: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.versions or self.memory_items or self.threads)
+
+
+def user_threads(checkpointer: Any, user_id: str) -> list[str]:
+    """The ids of the threads with a checkpoint of ``user_id`` (in LangGraph's metadata)."""
+    if checkpointer is None:
+        return []
+    threads: dict[str, None] = {}
+    for item in checkpointer.list(None, filter={"user_id": user_id}):
+        threads[item.config["configurable"]["thread_id"]] = None
+    return list(threads)
+
+
+def _delete_threads(checkpointer: Any, threads: list[str]) -> None:
+    conn = getattr(checkpointer, "conn", None)
+    if isinstance(conn, sqlite3.Connection):
+        # SqliteSaver: zero the freed pages, then empty the write-ahead log, so the
+        # thread's messages are gone from the file and not only from the tables
+        with checkpointer.lock:
+            conn.execute("PRAGMA secure_delete=ON")
+        for thread in threads:
+            checkpointer.delete_thread(thread)
+        with checkpointer.lock:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return
+    for thread in threads:
+        checkpointer.delete_thread(thread)
+
+
+def forget_user(
+    user_id: str,
+    *,
+    store: Any,
+    memory: Any = None,
+    checkpointer: Any = None,
+    background: Any = None,
+    retrievers: Iterable[Any] = (),
+    timeout: float | None = 120,
+) -> Forgotten:
+    """Delete every trace of ``user_id`` the project controls; what went.
+
+    ``background`` (a :class:`~persona_plugin.reflection.background.BackgroundReflector`)
+    has the user's queued reflection run first; ``retrievers`` (LoRA or preference
+    retrievers) drop their cached results for the user.
+    """
+    validate_user_id(user_id)
+    if background is not None and not background.drain(timeout, user_id=user_id):
+        log.warning("forgetting %s: background reflections still running", user_id)
+    items = memory.delete_user(user_id) if memory is not None else 0
+    threads = user_threads(checkpointer, user_id)
+    if threads:
+        _delete_threads(checkpointer, threads)
+    try:
+        versions = store.delete(user_id)
+    except PersonaNotFoundError:
+        versions = 0
+    for retriever in retrievers:
+        retriever.forget(user_id)
+    return Forgotten(versions=versions, memory_items=items, threads=len(threads))
+
+
+def export_user(
+    user_id: str, *, store: Any, memory: Any = None, checkpointer: Any = None
+) -> dict[str, Any]:
+    """Everything kept about ``user_id``, as JSON-ready data: every persona version with
+    its record, every long-term memory item, and the messages of every thread.
+
+    Raises :class:`~persona_plugin.errors.PersonaNotFoundError` when nothing is kept.
+    """
+    validate_user_id(user_id)
+    items = memory.get(user_id) if memory is not None else []
+    threads = {}
+    for thread in user_threads(checkpointer, user_id):
+        saved = checkpointer.get_tuple({"configurable": {"thread_id": thread}})
+        messages = (
+            (saved.checkpoint.get("channel_values") or {}).get("messages", []) if saved else []
+        )
+        threads[thread] = [
+            {"role": getattr(m, "type", "unknown"), "content": getattr(m, "content", str(m))}
+            for m in messages
+        ]
+    try:
+        data = store.export(user_id)
+    except PersonaNotFoundError:
+        if not items and not threads:
+            raise
+        data = {"user_id": user_id, "exported_at": utc_now(), "versions": []}
+    data["memory"] = [item.model_dump(mode="json") for item in items]
+    data["threads"] = threads
+    return data
