@@ -337,7 +337,11 @@ class PersonaGraph:
     def save(self, state: PersonaState, config: RunnableConfig) -> dict[str, Any]:
         user_id, turn_id = state["user_id"], state["turn_id"]
         user_msg, reply = state["messages"][-2], state["messages"][-1]
-        if self.memory is not None:
+        replied = bool(reply.text.strip()) or bool(getattr(reply, "tool_calls", None))
+        if self.memory is not None and not replied:
+            # an empty reply is no answer: recalled later, it would read as one
+            log.info("turn %s of %s had an empty reply; not remembered", turn_id, user_id)
+        if self.memory is not None and replied:
             now = datetime.now(UTC)
             # recalled turns reach later prompts, so the guard reads them as it reads the
             # persona's short-term window: instructions are withheld, not remembered
@@ -356,7 +360,7 @@ class PersonaGraph:
                     {
                         "turn_id": f"{turn_id}:assistant",
                         "speaker": "assistant",
-                        "text": reply_text or "(no text)",
+                        "text": reply_text or "(a tool call)",
                         "timestamp": now,
                         "session": _configurable(config).get("thread_id"),
                     },
@@ -448,6 +452,16 @@ def build_persona_graph(
     return nodes
 
 
+def _redacted_url(url: str) -> str:
+    """``url`` with its password hidden, for messages."""
+    try:
+        import sqlalchemy as sa
+
+        return sa.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy reads: show no part of it that may be secret
+        return url.split("@")[-1]
+
+
 def make_checkpointer(url: str) -> Any:
     """LangGraph's SQLite checkpointer for ``sqlite:///path``, Postgres's for postgresql URLs."""
     if url.startswith("sqlite:///"):
@@ -462,9 +476,18 @@ def make_checkpointer(url: str) -> Any:
         from psycopg.rows import dict_row
 
         conninfo = url.replace("postgresql+psycopg://", "postgresql://")
-        conn = psycopg.connect(conninfo, autocommit=True, prepare_threshold=0, row_factory=dict_row)
-        saver = PostgresSaver(conn)
-        saver.setup()
+        try:
+            conn = psycopg.connect(
+                conninfo, autocommit=True, prepare_threshold=0, row_factory=dict_row
+            )
+            saver = PostgresSaver(conn)
+            saver.setup()
+        except psycopg.Error as exc:
+            where = _redacted_url(url)
+            raise PersonaConfigError(
+                f"cannot open the checkpointer at {where}: {exc}. Check "
+                "PERSONA_CHECKPOINTER_URL and that the database is reachable."
+            ) from None
         return saver
     raise PersonaConfigError(
         f"checkpointer URL {url!r} is not supported: use sqlite:///path or postgresql://..."

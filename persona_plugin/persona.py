@@ -15,6 +15,7 @@ and what to do.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -99,6 +100,12 @@ def _wrap_str(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
+def _unique(values: list[str]) -> list[str]:
+    # a list of preferences or interests is a set written in order: appending what is
+    # already there (a user edit, a second import) must not make it count twice
+    return list(dict.fromkeys(values))
+
+
 def _wrap_items(key: str) -> Any:
     def wrap(value: Any) -> Any:
         if isinstance(value, list):
@@ -129,6 +136,7 @@ class Personality(Section):
     description: str | None = None
 
     _wrap = field_validator("values", "interests", mode="before")(_wrap_str)
+    _dedupe = field_validator("values", "interests")(_unique)
 
 
 class Turn(_Model):
@@ -174,6 +182,7 @@ class Memory(Section):
     feedback: list[Feedback] = Field(default_factory=list, description="feedback and reflections")
 
     _wrap_functions = field_validator("functions", mode="before")(_wrap_str)
+    _dedupe_functions = field_validator("functions")(_unique)
     _wrap_feedback = field_validator("feedback", mode="before")(_wrap_items("text"))
 
 
@@ -201,6 +210,7 @@ class Preference(Section):
     _wrap = field_validator("style", "content", "format", "reasoning", "models", mode="before")(
         _wrap_str
     )
+    _dedupe = field_validator("style", "content", "format", "reasoning", "models")(_unique)
 
 
 class ToolAnnotation(_Model):
@@ -320,6 +330,10 @@ def utc_now() -> str:
 
 
 MAX_KEY_CHARS = 200
+#: how deep mappings and lists may nest (a persona needs a handful of levels)
+MAX_DEPTH = 32
+MAX_INT_BITS = 4096
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _JSON_SCALARS = (str, int, float, bool, type(None))
 
 
@@ -347,9 +361,19 @@ def check_limits(data: object, *, source: str, limits: PersonaLimits = DEFAULT_L
             raise too_big()
 
     def walk(value: Any, loc: list[Any]) -> None:
+        if len(loc) > MAX_DEPTH:
+            raise _too_deep(source)
         if isinstance(value, str):
             count(len(value) + 2)
-            if len(value) > limits.max_value_chars:
+            if _SURROGATE.search(value):
+                raise PersonaValidationError(
+                    source,
+                    format_path(loc),
+                    "value holds a lone surrogate (half of a UTF-16 pair), which is not text",
+                    "Re-encode the input as UTF-8.",
+                )
+            # meta is the store's (its timestamps are longer than a lowered value cap)
+            if len(value) > limits.max_value_chars and loc[:1] != ["meta"]:
                 raise PersonaValidationError(
                     source,
                     format_path(loc),
@@ -366,6 +390,13 @@ def check_limits(data: object, *, source: str, limits: PersonaLimits = DEFAULT_L
                         f"key {key!r} is a {type(key).__name__}, not a string",
                         "Quote the key so it is text.",
                     )
+                if _SURROGATE.search(key):
+                    raise PersonaValidationError(
+                        source,
+                        format_path(loc),
+                        "a key holds a lone surrogate (half of a UTF-16 pair)",
+                        "Re-encode the input as UTF-8.",
+                    )
                 if len(key) > MAX_KEY_CHARS:
                     raise PersonaValidationError(
                         source,
@@ -374,15 +405,26 @@ def check_limits(data: object, *, source: str, limits: PersonaLimits = DEFAULT_L
                         "Use a short key and put long text in its value.",
                     )
                 count(len(key) + 3)
-                if loc or key != "meta":  # meta is the store's, of bounded size
-                    walk(item, [*loc, key])
+                # meta too: the store writes it, but an input's meta is the input's
+                walk(item, [*loc, key])
         elif isinstance(value, list):
             count(2)
             for index, item in enumerate(value):
                 walk(item, [*loc, index])
-        elif isinstance(value, float) and value != value:  # NaN has no JSON form
+        elif isinstance(value, float) and not math.isfinite(value):  # no JSON form
             raise PersonaValidationError(
-                source, format_path(loc), "value is NaN", "Use a number or leave the key out."
+                source,
+                format_path(loc),
+                f"value {value} is not a finite number",
+                "Use a finite number or leave the key out.",
+            )
+        elif isinstance(value, int) and value.bit_length() > MAX_INT_BITS:
+            # beyond Python's int/str conversion limit: it could not be written as JSON
+            raise PersonaValidationError(
+                source,
+                format_path(loc),
+                f"the number is too large ({value.bit_length()} bits)",
+                "Write it as text if it is an identifier.",
             )
         elif not isinstance(value, _JSON_SCALARS):
             raise PersonaValidationError(
@@ -395,7 +437,10 @@ def check_limits(data: object, *, source: str, limits: PersonaLimits = DEFAULT_L
         else:
             count(1)
 
-    walk(data, [])
+    try:
+        walk(data, [])
+    except RecursionError:
+        raise _too_deep(source) from None
     size = len(json.dumps(data, ensure_ascii=False).encode("utf-8"))
     if size > limits.max_document_bytes:
         raise too_big(size)
@@ -464,9 +509,17 @@ def loads(
         fmt = "json" if decoded.lstrip().startswith("{") else "yaml"
     try:
         if fmt == "json":
-            data = json.loads(decoded, parse_constant=_reject_constant)
+            data = json.loads(
+                decoded, parse_constant=_reject_constant, object_pairs_hook=_unique_keys
+            )
         else:
             data = yaml.load(decoded, Loader=StrictSafeLoader)
+    except RecursionError:
+        raise _too_deep(source) from None
+    except _DuplicateKeyError as exc:
+        raise PersonaValidationError(
+            source, "", f"duplicate key {exc.key!r}", "Give each key once per mapping."
+        ) from None
     except json.JSONDecodeError as exc:
         raise PersonaValidationError(
             source,
@@ -476,8 +529,19 @@ def loads(
         ) from None
     except yaml.YAMLError as exc:
         raise yaml_error(exc, source) from None
-    except ValueError as exc:
-        raise PersonaValidationError(source, "", str(exc), "Use a finite number.") from None
+    except (TypeError, AttributeError, KeyError, IndexError) as exc:
+        # PyYAML's constructors fail like this on a value that does not fit its explicit
+        # tag (`!!timestamp soon`, `!!bool maybe`) or on an unhashable key
+        raise PersonaValidationError(
+            source,
+            "",
+            f"malformed YAML: a value does not fit its tag or cannot be a key ({exc!r})",
+            "Remove the !!tag, or write the value as plain text.",
+        ) from None
+    except ValueError as exc:  # NaN/Infinity, or a number of thousands of digits
+        raise PersonaValidationError(
+            source, "", f"a number cannot be read: {exc}", "Use a finite number of sane size."
+        ) from None
     if data is None:
         raise PersonaValidationError(
             source, "", "document is empty", "Write at least one section, e.g. 'identity: {}'."
@@ -487,6 +551,31 @@ def loads(
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid in a persona")
+
+
+class _DuplicateKeyError(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # JSON allows repeated keys (the last wins); a persona refuses them, as its YAML does
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKeyError(key)
+        out[key] = value
+    return out
+
+
+def _too_deep(source: str) -> PersonaValidationError:
+    return PersonaValidationError(
+        source,
+        "",
+        f"the document is nested deeper than {MAX_DEPTH} levels",
+        "Flatten it: a persona's values are short lists and small mappings.",
+    )
 
 
 def load(path: str | Path, *, limits: PersonaLimits = DEFAULT_LIMITS) -> Persona:

@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from pydantic import BaseModel, Field
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.pool import StaticPool
 
 from persona_plugin.config import Settings
 from persona_plugin.diff import Change, diff_documents
@@ -78,10 +79,14 @@ class PersonaStore:
     ``PERSONA_STORE_URL`` (default: a SQLite file under ``PERSONA_HOME``).
     """
 
-    def __init__(self, url: str, *, limits: PersonaLimits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self, url: str, *, limits: PersonaLimits = DEFAULT_LIMITS, create: bool = True
+    ) -> None:
+        """``create=False``: a SQLite file that does not exist is an error, not a new empty
+        store (a mistyped path must not look like a store without users)."""
         self.url = url
         self.limits = limits
-        self.engine = _make_engine(url)
+        self.engine = _make_engine(url, create=create)
         try:
             _metadata.create_all(self.engine, checkfirst=True)
         except OperationalError as exc:
@@ -91,11 +96,13 @@ class PersonaStore:
             ) from None
 
     @classmethod
-    def from_settings(cls, settings: Settings | None = None) -> PersonaStore:
+    def from_settings(
+        cls, settings: Settings | None = None, *, create: bool = True
+    ) -> PersonaStore:
         settings = settings or Settings.load()
-        if settings.store_url is None:
+        if settings.store_url is None and create:
             settings.home.mkdir(parents=True, exist_ok=True)
-        return cls(settings.resolved_store_url, limits=settings.limits)
+        return cls(settings.resolved_store_url, limits=settings.limits, create=create)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -384,7 +391,7 @@ def _redact(url: str) -> str:
     return sa.make_url(url).render_as_string(hide_password=True)
 
 
-def _make_engine(url: str) -> Engine:
+def _make_engine(url: str, *, create: bool = True) -> Engine:
     try:
         parsed = sa.make_url(url)
     except sa.exc.ArgumentError:
@@ -394,9 +401,20 @@ def _make_engine(url: str) -> Engine:
         ) from None
     backend = parsed.get_backend_name()
     if backend == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        engine = sa.create_engine(parsed, connect_args={"timeout": 60, "check_same_thread": False})
+        in_memory = parsed.database in (None, "", ":memory:")
+        if not in_memory:
+            file = Path(parsed.database).expanduser()
+            if not create and not file.exists():
+                raise PersonaConfigError(
+                    f"there is no persona store at {file}: check the path (--store, "
+                    "PERSONA_STORE_URL), or create one with `persona init USER`."
+                )
+            file.parent.mkdir(parents=True, exist_ok=True)
+        connect_args = {"timeout": 60, "check_same_thread": False}
+        # every connection to :memory: is a database of its own: one shared connection
+        # keeps the tables (async callers run on other threads)
+        pool = {"poolclass": StaticPool} if in_memory else {}
+        engine = sa.create_engine(parsed, connect_args=connect_args, **pool)
 
         @sa.event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

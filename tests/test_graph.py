@@ -878,3 +878,15 @@ def test_every_deployable_graph_loads_and_runs_a_turn(
             assert state["outcome"]["turn_ids"] == ["t1"]
             assert state["outcome"]["error"]
     assert (home / "personas.db").exists() and (home / "memory").is_dir()
+
+
+def test_an_empty_reply_is_not_remembered_as_a_turn(
+    store: PersonaStore, memory: LongTermMemory
+) -> None:
+    replies = ScriptedChatModel(script=["", "Lisbon is lovely."])
+    graph = build_persona_graph(replies, store=store, memory=memory, reflection="off")
+    say(graph, "I moved to Lisbon", config("ana", "t1"))
+    assert memory.count("ana") == 0  # no answer: nothing recalled later as one
+    say(graph, "Any tips?", config("ana", "t2"))
+    texts = [item.text for item in memory.get("ana")]
+    assert "assistant: Lisbon is lovely." in texts and len(texts) == 2

@@ -9,6 +9,7 @@ and must not hold the strings, while another user's data is still there.
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -112,6 +113,20 @@ def files_holding(root: Path, text: str) -> list[str]:
     )
 
 
+def index_folders(memory: Path) -> dict[str, str]:
+    """Each vector-index folder and whose it is, for a failure message."""
+    conn = sqlite3.connect(str(memory / "chroma.sqlite3"))
+    try:
+        owners = dict(
+            conn.execute(
+                "SELECT s.id, c.name FROM segments s JOIN collections c ON s.collection = c.id"
+            ).fetchall()
+        )
+    finally:
+        conn.close()
+    return {p.name: owners.get(p.name, "(orphan)") for p in memory.iterdir() if p.is_dir()}
+
+
 def delete_via(entry: str, parts: Parts, run_cli: Any) -> None:
     if entry == "graph":
         gone = parts.graph.forget("ana")
@@ -155,7 +170,7 @@ def test_forgetting_leaves_no_trace_on_disk(entry: str, parts: Parts, run_cli: A
 
     delete_via(entry, parts, run_cli)
 
-    assert files_holding(parts.home, SECRET) == []
+    assert files_holding(parts.home, SECRET) == [], index_folders(parts.home / "memory")
     assert files_holding(parts.home, OTHER), "the other user's data went too"
     assert not parts.store.exists("ana") and parts.store.exists("bob")
     assert parts.memory.count("ana") == 0 and parts.memory.count("bob") > 0
@@ -222,7 +237,7 @@ def test_forgetting_on_postgres_leaves_no_row(
             assert rows_holding(SECRET) == 0 and rows_holding(SECRET.encode().hex()) == 0
             assert rows_holding(OTHER) + rows_holding(OTHER.encode().hex()) > 0
         engine.dispose()
-        assert files_holding(home, SECRET) == []
+        assert files_holding(home, SECRET) == [], index_folders(home / "memory")
     finally:
         parts.graph.close(timeout=10)
         parts.store.close()

@@ -293,7 +293,10 @@ _SAVER = textwrap.dedent(
     if not store.exists("k"):
         store.create("k")
     while True:
-        store.update("k", lambda p: p.personality.interests.append("x" * 500))
+        # distinct items: a list of interests holds each once
+        store.update("k", lambda p: p.personality.interests.append(
+            f"{len(p.personality.interests)}" + "x" * 500
+        ))
     """
 )
 
@@ -357,3 +360,57 @@ def test_lowering_a_cap_keeps_stored_personas_readable(store_url):
             tight.update("alice", lambda p: None)
         tight.update("alice", lambda p: setattr(p.identity, "name", "Alice"))
         assert tight.get("alice").identity.name == "Alice"
+
+
+# -- store URLs ---------------------------------------------------------------------------
+
+
+def test_an_in_memory_store_works_from_other_threads_and_async() -> None:
+    import asyncio
+
+    from langchain_core.language_models.fake_chat_models import FakeListChatModel
+
+    from persona_plugin import with_persona
+
+    with PersonaStore("sqlite:///:memory:") as store:
+        store.create("ana", Persona.new("ana"))
+        seen: list[int] = []
+        worker = threading.Thread(target=lambda: seen.append(store.current_version("ana")))
+        worker.start()
+        worker.join(10)
+        assert seen == [1]
+        chat = with_persona(FakeListChatModel(responses=["hi"]), store)
+        cfg = {"configurable": {"user_id": "ana"}}
+        assert asyncio.run(chat.ainvoke("hello", config=cfg)).content == "hi"
+
+
+def test_a_missing_store_file_is_an_error_when_not_creating(tmp_path) -> None:
+    missing = tmp_path / "no" / "such" / "dir" / "x.db"
+    with pytest.raises(PersonaConfigError, match="no persona store"):
+        PersonaStore(f"sqlite:///{missing}", create=False)
+    assert not missing.parent.exists()  # and nothing was created on the way
+    with PersonaStore(f"sqlite:///{missing}") as created:  # the default creates it
+        assert created.users() == []
+    with PersonaStore(f"sqlite:///{missing}", create=False) as existing:
+        assert existing.users() == []
+
+
+def test_an_unreachable_checkpointer_is_a_config_error() -> None:
+    from persona_plugin import make_checkpointer
+
+    with pytest.raises(PersonaConfigError, match="cannot open the checkpointer") as exc:
+        make_checkpointer("postgresql://nobody:s3cret@127.0.0.1:1/nothing")
+    assert "s3cret" not in str(exc.value)
+
+
+def test_a_user_edit_does_not_duplicate_list_items(sqlite_url: str) -> None:
+    with PersonaStore(sqlite_url) as store:
+        persona = Persona.new("ana")
+        persona.preference.style = ["concise"]
+        store.create("ana", persona)
+        # the README's own snippet, on a persona that already holds the value
+        store.update("ana", lambda p: p.preference.style.append("concise"), reason="asked")
+        store.update("ana", lambda p: p.personality.interests.extend(["jazz", "jazz"]))
+        saved = store.get("ana")
+        assert saved.preference.style == ["concise"]
+        assert saved.personality.interests == ["jazz"]

@@ -38,6 +38,7 @@ import httpx
 
 from persona_plugin.backends.types import (
     BackendError,
+    BackendProtocolError,
     BackendRequestError,
     BackendStreamError,
     BackendUnavailableError,
@@ -189,7 +190,12 @@ class _Retrier:
         self.attempt += 1
         what = f"{self.backend} at {self.where}"
         if not failure.retryable:
-            if failure.kind in ("protocol", "cut"):
+            if failure.kind == "protocol":
+                raise BackendProtocolError(
+                    f"{what} answered without the documented shape: {failure.message}",
+                    backend=self.backend,
+                )
+            if failure.kind == "cut":
                 raise BackendError(f"{what}: {failure.message}", backend=self.backend)
             raise BackendRequestError(
                 f"{what} rejected the request: {failure.message}. This is not retried: fix "

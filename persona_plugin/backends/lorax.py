@@ -37,6 +37,7 @@ from persona_plugin.backends.types import (
     SERVED_BASE,
     SERVED_MERGED,
     AdapterNotServedError,
+    BackendProtocolError,
     GenerationChunk,
     GenerationRequest,
     GenerationResult,
@@ -234,8 +235,15 @@ class LoRAXBackend(HttpBackend):
     ) -> GenerationResult:
         text = body.get("generated_text")
         if not isinstance(text, str):
-            raise Failure(f"no generated_text in {body!r:.120}", retryable=False, kind="protocol")
-        return self._result(request, served_by, text, body.get("details"))
+            raise BackendProtocolError(
+                f"LoRAX at {self.base_url} answered without the documented shape: no "
+                f"generated_text in {body!r:.120}",
+                backend=self.name,
+            )
+        details = body.get("details")
+        return self._result(
+            request, served_by, text, details if isinstance(details, Mapping) else None
+        )
 
     # -- generate -------------------------------------------------------------------------
 

@@ -287,11 +287,13 @@ class TGIBackend(BaseBackend):
         if not output.choices:
             raise Failure("the response has no choices", retryable=False, kind="protocol")
         choice = output.choices[0]
+        if choice.message.content is None:  # content: null is no reply, not an empty one
+            raise Failure("the reply has no text (content: null)", retryable=False, kind="protocol")
         usage = output.usage
         return self._result(
             request,
             served,
-            choice.message.content or "",
+            choice.message.content,
             choice.finish_reason,
             usage.prompt_tokens if usage else None,
             usage.completion_tokens if usage else None,

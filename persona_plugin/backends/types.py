@@ -94,6 +94,11 @@ class BackendUnavailableError(BackendError):
         super().__init__(message, backend=backend)
 
 
+class BackendProtocolError(BackendError):
+    """The server answered, but not in its documented shape (a 200 without the text, a
+    ``content: null`` reply): a fault of the server or of what sits in front of it."""
+
+
 class BackendStreamError(BackendError):
     """A stream broke after text was handed out; ``partial_text`` is what arrived."""
 

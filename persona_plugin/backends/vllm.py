@@ -43,6 +43,7 @@ from persona_plugin.backends.base import (
 from persona_plugin.backends.types import (
     SERVED_MERGED,
     AdapterNotServedError,
+    BackendProtocolError,
     BackendRequestError,
     GenerationChunk,
     GenerationRequest,
@@ -267,6 +268,12 @@ class VLLMBackend(HttpBackend):
         body["prompt"] = request.prompt
         return "/v1/completions", body
 
+    def _protocol_error(self, problem: str) -> BackendProtocolError:
+        return BackendProtocolError(
+            f"vLLM at {self.base_url} answered without the documented shape: {problem}",
+            backend=self.name,
+        )
+
     def _result(
         self,
         request: GenerationRequest,
@@ -291,13 +298,19 @@ class VLLMBackend(HttpBackend):
     def _from_response(
         self, request: GenerationRequest, served: Served, body: Mapping[str, Any]
     ) -> GenerationResult:
-        choices = sorted(body.get("choices") or [], key=lambda c: c.get("index", 0))
-        if not choices:
-            raise Failure(f"no choices in {body!r:.120}", retryable=False, kind="protocol")
-        texts = [
-            c["message"].get("content") or "" if "message" in c else c.get("text", "")
-            for c in choices
-        ]
+        choices = body.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise self._protocol_error(f"no choices in {body!r:.120}")
+        if not all(isinstance(c, dict) for c in choices):
+            raise self._protocol_error(f"choices that are not objects in {body!r:.120}")
+        choices = sorted(choices, key=lambda c: c.get("index") or 0)
+        texts = []
+        for choice in choices:
+            message = choice.get("message")
+            text = message.get("content") if isinstance(message, dict) else choice.get("text")
+            if not isinstance(text, str):  # content: null, or no text at all
+                raise self._protocol_error(f"a choice without text ({choice!r:.120})")
+            texts.append(text)
         finishes = [c.get("finish_reason") for c in choices]
         return self._result(request, served, texts, finishes, body.get("usage"))
 

@@ -25,6 +25,7 @@ and a ``fallback`` chat model is set, the fallback answers and the reply's metad
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, ClassVar
 
@@ -53,8 +54,31 @@ from persona_plugin.chat_models.persona_aware import LiftsConfigurable, coerce_p
 from persona_plugin.errors import PersonaConfigError
 
 #: keys of ``config["configurable"]`` this model reads
+log = logging.getLogger(__name__)
 CONFIGURABLE_KEYS = ("adapters", "persona")
 _SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "seed", "n")
+
+
+#: OpenAI's names for what the backends call otherwise
+_OPENAI_ALIASES = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens"}
+#: OpenAI sampling parameters no backend here applies: accepted, so an OpenAI client that
+#: sends them is served, and dropped (logged), as vLLM drops what it does not support
+_OPENAI_IGNORED = ("presence_penalty", "frequency_penalty")
+
+
+def _openai_sampling(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with OpenAI's sampling names mapped onto the backends' (``max_tokens``
+    is ``max_new_tokens``) and the penalties no backend applies dropped."""
+    out = dict(kwargs)
+    for openai_name, name in _OPENAI_ALIASES.items():
+        if openai_name in out:
+            value = out.pop(openai_name)
+            if value is not None:
+                out.setdefault(name, value)
+    for name in _OPENAI_IGNORED:
+        if out.pop(name, None) not in (None, 0, 0.0):
+            log.debug("MultiLoraChatModel ignores %s: no backend applies it", name)
+    return out
 
 
 def message_dicts(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
@@ -138,6 +162,10 @@ class MultiLoraChatModel(LiftsConfigurable, BaseChatModel):
         kwargs: dict[str, Any],
         stream: bool = False,
     ) -> tuple[GenerationRequest, list[tuple[str, float, float]] | None]:
+        kwargs = _openai_sampling(kwargs)
+        if "stop" in kwargs:  # bound with .bind(stop=...), as the persona server does
+            bound_stop = kwargs.pop("stop")
+            stop = [*(stop or ()), *([bound_stop] if isinstance(bound_stop, str) else bound_stop)]
         unknown = sorted(
             k
             for k in kwargs

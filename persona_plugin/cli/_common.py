@@ -36,10 +36,15 @@ class CliState:
         overrides = {"store_url": self.store_url} if self.store_url else {}
         return Settings.load(self.config_file, **overrides)
 
-    def store(self) -> Any:
+    def store(self, *, create: bool = True) -> Any:
+        """The persona store; ``create=False`` for commands that only read or change an
+        existing persona, so a mistyped ``--store`` path is an error, not an empty store."""
         from persona_plugin.store import PersonaStore
 
-        return PersonaStore.from_settings(self.settings())
+        settings = self.settings()
+        # the default store under PERSONA_HOME is created on first use; a path the user
+        # named (--store, PERSONA_STORE_URL) must already exist to be read
+        return PersonaStore.from_settings(settings, create=create or settings.store_url is None)
 
     def memory(self) -> Any:
         """Long-term memory as configured (None when its embedded folder does not exist)."""

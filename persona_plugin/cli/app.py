@@ -88,7 +88,7 @@ def show(
 ) -> None:
     """Print USER's persona (the current version unless --version)."""
     fmt = check_format(fmt)
-    with state.store() as store:
+    with state.store(create=False) as store:
         persona = store.get(user_id, version)
     typer.echo(persona.dump(fmt).rstrip("\n"))
 
@@ -138,7 +138,7 @@ def schema() -> None:
 @app.command()
 def history(user_id: UserArg) -> None:
     """List USER's versions: when, by what, why, and what changed."""
-    with state.store() as store:
+    with state.store(create=False) as store:
         records = store.history(user_id)
     table = Table(title=f"persona history of '{user_id}'")
     for column in ("version", "time (UTC)", "source", "reason", "changes", "tokens"):
@@ -168,7 +168,7 @@ def diff(
     new: Annotated[int, typer.Argument(help="newer version")],
 ) -> None:
     """Show field-level changes from version OLD to NEW (coloured)."""
-    with state.store() as store:
+    with state.store(create=False) as store:
         changes = store.diff(user_id, old, new)
     if not changes:
         out.print(f"versions {old} and {new} of '{user_id}' have the same content")
@@ -184,7 +184,7 @@ def rollback(
     reason: Annotated[str, typer.Option(help="why (kept in history)")] = "",
 ) -> None:
     """Save a new version of USER equal to VERSION (history is kept)."""
-    with state.store() as store:
+    with state.store(create=False) as store:
         record = store.rollback(user_id, version, reason=reason)
     out.print(f"restored version {version} of '{user_id}' as version {record.version}")
 
@@ -200,7 +200,7 @@ def export(
     long-term memory, and the messages of their conversations."""
     from persona_plugin.privacy import export_user
 
-    with state.store() as store:
+    with state.store(create=False) as store:
         data = export_user(
             user_id, store=store, memory=state.memory(), checkpointer=state.checkpointer()
         )
@@ -227,7 +227,7 @@ def delete(
         if not sys.stdin.isatty():
             raise typer.BadParameter("refusing to delete without --yes when not interactive")
         typer.confirm(f"Delete everything kept about '{user_id}'?", abort=True)
-    with state.store() as store:
+    with state.store(create=False) as store:
         gone = forget_user(
             user_id, store=store, memory=state.memory(), checkpointer=state.checkpointer()
         )

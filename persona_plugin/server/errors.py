@@ -5,8 +5,9 @@ Every failure is answered as ``{"error": {"message", "type", "param", "code"}}``
 exceptions. The helpers map the library's own errors onto it: a
 :class:`~persona_plugin.errors.PersonaValidationError` is a 400 naming the param, a
 :class:`~persona_plugin.errors.PersonaNotFoundError` a 404, and a body FastAPI failed to
-validate a 400 worded like OpenAI's. Anything else is a 500 whose details go only to the
-server log, because internals are not the client's business.
+validate a 400 worded like OpenAI's. A failure of the model upstream is a 502, 503 or 504, which
+clients retry. Anything else is a 500 whose details go only to the server log, because
+internals are not the client's business.
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
+from persona_plugin.backends.types import (
+    AdapterNotServedError,
+    BackendError,
+    BackendUnavailableError,
+)
 from persona_plugin.errors import (
     PersonaNotFoundError,
     PersonaValidationError,
@@ -72,6 +78,16 @@ def _from_persona_error(exc: Exception) -> OpenAIError:
         return _bad(f"{exc.problem}. {exc.hint}", param if param != "user_id" else "user")
     if isinstance(exc, PersonaNotFoundError):
         return OpenAIError(404, str(exc), type="not_found_error", code="persona_not_found")
+    upstream = _upstream_status(exc)
+    if upstream is not None:
+        log.warning("the model upstream failed: %s: %s", type(exc).__name__, exc)
+        status, code, what = upstream
+        return OpenAIError(
+            status,
+            f"The model server {what}; try again shortly.",
+            type="server_error",
+            code=code,
+        )
     log.error("persona server request failed", exc_info=exc)
     return OpenAIError(
         500,
@@ -79,6 +95,25 @@ def _from_persona_error(exc: Exception) -> OpenAIError:
         type="server_error",
         code="internal_error",
     )
+
+
+def _upstream_status(exc: BaseException) -> tuple[int, str, str] | None:
+    """(status, code, wording) for a failure of the model upstream, which a client should
+    retry: 504 for a timeout, 503 for an overloaded or unreachable upstream, 502 for one
+    that answered with an error. None for anything else (this server's own fault)."""
+    if isinstance(exc, AdapterNotServedError):  # refused before any request: our config
+        return None
+    name = type(exc).__name__
+    status = getattr(exc, "status", None) or getattr(exc, "status_code", None)
+    status = status if isinstance(status, int) else None
+    timed_out = isinstance(exc, BackendUnavailableError) and "timed out" in str(exc)
+    if isinstance(exc, TimeoutError) or "Timeout" in name or timed_out:
+        return 504, "upstream_timeout", "did not answer in time"
+    if isinstance(exc, BackendUnavailableError) or status == 429 or name.startswith("RateLimit"):
+        return 503, "upstream_unavailable", "is overloaded or unavailable"
+    if isinstance(exc, BackendError) or (status or 0) >= 500 or "ConnectionError" in name:
+        return 502, "upstream_error", "answered with an error"
+    return None
 
 
 def _loc_param(loc: tuple[Any, ...]) -> str | None:

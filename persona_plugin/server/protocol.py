@@ -29,7 +29,7 @@ from langchain_core.messages import (
     SystemMessage,
 )
 from langchain_core.runnables import RunnableConfig, RunnableLambda
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from persona_plugin.server.errors import _bad, _too_large
 
@@ -54,7 +54,7 @@ _CREATED = int(time.time())
 
 
 class _StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class ChatCompletionRequest(BaseModel):
@@ -64,7 +64,8 @@ class ChatCompletionRequest(BaseModel):
 
     model: str = Field(min_length=1, max_length=256)
     messages: list[dict[str, Any]] = Field(min_length=1)
-    stream: bool = False
+    # strict: OpenAI refuses "stream": "yes", and so must a drop-in replacement
+    stream: StrictBool = False
     stream_options: _StreamOptions | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
@@ -78,7 +79,7 @@ class ChatCompletionRequest(BaseModel):
     user: str | None = None
     tools: list[Any] | None = None
     functions: list[Any] | None = None
-    logprobs: bool | None = None
+    logprobs: StrictBool | None = None
     response_format: dict[str, Any] | None = None
 
     def sampling_params(self) -> dict[str, Any]:
@@ -276,6 +277,10 @@ async def _read_json(request: Request, max_bytes: int) -> Any:
     raw = b"".join(chunks)
     try:
         return json.loads(raw)
+    except RecursionError:
+        raise _bad(
+            "The JSON body of your request is nested too deeply.", None, "invalid_json"
+        ) from None
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise _bad(
             "We could not parse the JSON body of your request. The body must be a JSON object.",

@@ -36,6 +36,7 @@ from persona_plugin.backends import (
     AdapterNotServedError,
     Backend,
     BackendError,
+    BackendProtocolError,
     BackendRequestError,
     BackendStreamError,
     BackendUnavailableError,
@@ -210,7 +211,8 @@ class StandIn:
     """A threaded HTTP server on 127.0.0.1 playing TGI, LoRAX or vLLM.
 
     Replies are scripted with :meth:`then` (one action per request, in order; then
-    success): ``{"status": 429, "headers": {...}}`` an error reply, ``{"sleep": s}`` a
+    success): ``{"status": 429, "headers": {...}}`` an error reply, ``{"malformed": body}``
+    a 200 with a body off the spec, ``{"sleep": s}`` a
     slow reply, ``{"cut_after": k}`` a stream that stops after k token events,
     ``{"garble_after": k}`` one cut mid-event, ``{"error_after": k}`` an error event.
     """
@@ -351,6 +353,9 @@ class StandIn:
             time.sleep(action["sleep"])
         if "status" in action:
             self._error(h, path, action)
+            return
+        if "malformed" in action:  # a 200 whose body breaks the documented shape
+            self._send_json(h, 200, action["malformed"], {})
             return
         getattr(self, f"_{self.flavor}")(h, path, body, action)
 
@@ -1397,3 +1402,62 @@ def test_backend_error_types_share_a_base() -> None:
     for cls in (AdapterNotServedError, BackendRequestError, BackendUnavailableError):
         assert issubclass(cls, BackendError)
     assert issubclass(BackendStreamError, BackendError)
+
+
+# -- answers off the spec -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"choices": []},
+        {"choices": "nope"},
+        {"choices": [1, 2]},
+        {"choices": [{"index": 0, "message": {"role": "assistant", "content": None}}]},
+        {"choices": [{"index": 0, "message": "text"}]},
+        {"choices": [{"index": None, "text": None}]},
+    ],
+)
+def test_vllm_answers_off_the_spec_are_protocol_errors(
+    vllm_server: StandIn, sleeps: Sleeps, body: dict[str, Any]
+) -> None:
+    backend = vllm(vllm_server, sleeps)
+    vllm_server.then({"malformed": body})
+    request = chat() if "message" in str(body) else prompt()
+    with pytest.raises(BackendProtocolError, match="documented shape"):
+        backend.generate(request)
+
+
+@pytest.mark.parametrize(
+    "body", [{}, {"generated_text": None}, {"generated_text": 5}, [1, 2], "text"]
+)
+def test_lorax_answers_off_the_spec_are_protocol_errors(
+    lorax_server: StandIn, sleeps: Sleeps, body: Any
+) -> None:
+    backend = lorax(lorax_server, sleeps)
+    lorax_server.then({"malformed": body})
+    with pytest.raises(BackendProtocolError):
+        backend.generate(prompt())
+
+
+def test_tgi_content_null_is_no_reply(tgi_server: StandIn, sleeps: Sleeps) -> None:
+    backend = tgi(tgi_server, sleeps)
+    null = {
+        "id": "x",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "tgi",
+        "system_fingerprint": "3.3.0",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": None},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 0, "total_tokens": 1},
+    }
+    tgi_server.then({"malformed": null})
+    with pytest.raises(BackendProtocolError, match="content: null"):
+        backend.generate(chat())

@@ -645,3 +645,15 @@ def test_prefs_is_mounted_and_reads_the_configured_hub(run, monkeypatch, tmp_pat
     assert {"brevity", "formality", "warmth"} <= ids  # the bundled demo models
     missing = run("prefs", "show", "no-such-model")
     assert missing.code == 1 and "no-such-model" in missing.err
+
+
+def test_reading_from_a_mistyped_store_path_is_an_error_not_an_empty_store(
+    run, tmp_path: Path
+) -> None:
+    missing = tmp_path / "typo" / "personas.db"
+    for args in (["show", "alice"], ["history", "alice"], ["export", "alice"]):
+        result = run("--store", f"sqlite:///{missing}", *args)
+        assert result.code == 2 and "no persona store" in result.err, result.output
+    assert not missing.parent.exists()
+    assert run("--store", f"sqlite:///{missing}", "init", "alice").code == 0
+    assert run("--store", f"sqlite:///{missing}", "show", "alice").code == 0
