@@ -92,6 +92,12 @@ class Settings(BaseSettings):
     short_term_window: int = Field(
         10, ge=0, le=200, description="recent turns kept in the persona's memory section"
     )
+    history_tokens: int = Field(
+        2000,
+        ge=0,
+        description="tokens of the thread's earlier messages sent with each turn; older "
+        "ones stay in the checkpoint, and long-term memory recalls them when they matter",
+    )
     server_tokens: dict[str, dict[str, list[str] | str]] = Field(
         default_factory=dict,
         description="bearer tokens of `persona serve` (the OpenAI-compatible server), JSON: "

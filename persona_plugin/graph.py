@@ -38,7 +38,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
-from langchain_core.messages import AnyMessage, BaseMessage, HumanMessage, RemoveMessage
+from langchain_core.messages import (
+    AnyMessage,
+    BaseMessage,
+    HumanMessage,
+    RemoveMessage,
+    trim_messages,
+)
 from langchain_core.runnables import RunnableBinding, RunnableConfig
 from langgraph.graph import END, START, StateGraph, add_messages
 from typing_extensions import TypedDict  # pydantic reads only this one on Python < 3.12
@@ -49,14 +55,14 @@ from persona_plugin.config import Settings
 from persona_plugin.errors import PersonaConfigError, PersonaNotFoundError, PersonaValidationError
 from persona_plugin.guard import instruction_reason
 from persona_plugin.memory.knowledge_base import KnowledgeBaseSearch
-from persona_plugin.persona import Persona, Turn, validate_user_id
+from persona_plugin.persona import Persona, validate_user_id
 from persona_plugin.privacy import Forgotten, export_user, forget_user
 from persona_plugin.prompt import PromptAssembler, token_counter_for
-from persona_plugin.reflection.apply import WITHHELD, ReflectionJob
+from persona_plugin.reflection.apply import WITHHELD, ReflectionJob, roll_back
 from persona_plugin.reflection.background import BackgroundReflector
 from persona_plugin.reflection.reflector import reflector_for
 from persona_plugin.reflection.types import ReflectionMode, ReflectionModel, ReflectionTurn
-from persona_plugin.store import PersonaStore
+from persona_plugin.store import PersonaStore, VersionRecord
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +87,14 @@ class PersonaState(TypedDict, total=False):
 
 def _configurable(config: RunnableConfig | None) -> dict[str, Any]:
     return dict((config or {}).get("configurable") or {})
+
+
+def _turn_text(memory_text: str) -> str:
+    """A remembered turn's text without its speaker label ("user: ...")."""
+    for speaker in ("user: ", "assistant: "):
+        if memory_text.startswith(speaker):
+            return memory_text[len(speaker) :].strip()
+    return memory_text.strip()
 
 
 def _check_mbr_n(value: Any) -> int:
@@ -114,6 +128,7 @@ class PersonaGraph:
         recall_k: int = 5,
         max_message_chars: int = 16000,
         short_term_window: int = 10,
+        history_tokens: int = 2000,
         cold_start: bool = True,
         mbr_n: int = 0,
         preference_hub: Any = None,
@@ -131,6 +146,7 @@ class PersonaGraph:
         self.recall_k = recall_k
         self.max_message_chars = max_message_chars
         self.short_term_window = short_term_window
+        self.history_tokens = history_tokens
         self.cold_start = cold_start
         self.mbr_n = _check_mbr_n(mbr_n)
         self.preference_hub = preference_hub
@@ -231,11 +247,38 @@ class PersonaGraph:
             )
         return message
 
+    def _window(self, state: PersonaState) -> list[BaseMessage]:
+        """The thread as the model sees it: its latest messages within ``history_tokens``
+        (from a user message on, the app's system message kept), then this turn's
+        message. Older messages stay in the checkpoint; memory recalls them when they
+        matter, so token cost stops growing with the thread."""
+        *earlier, current = state["messages"]
+        if not earlier:
+            return [current]
+        count = self.assembler.token_counter
+
+        def tokens(messages: list[BaseMessage]) -> int:
+            return sum(count(m.text) + 4 for m in messages)  # ~4 tokens of role framing
+
+        kept = trim_messages(
+            earlier,
+            max_tokens=max(self.history_tokens - tokens([current]), 0),
+            token_counter=tokens,
+            strategy="last",
+            start_on="human",
+            include_system=True,
+            allow_partial=False,
+        )
+        return [*kept, current]
+
     def recall(self, state: PersonaState, config: RunnableConfig) -> dict[str, Any]:
         query = state["messages"][-1].text
         context: dict[str, list[str]] = {}
         if self.memory is not None and state.get("persona_exists"):
             items = self.memory.recall(state["user_id"], query, k=self.recall_k)
+            # what the model reads in the thread already is not recalled a second time
+            in_window = {m.text.strip() for m in self._window(state)[:-1]}
+            items = [i for i in items if _turn_text(i.text) not in in_window]
             context["memory"] = [
                 f"({item.timestamp[:10]}) {item.text}" if item.timestamp else item.text
                 for item in items
@@ -266,7 +309,7 @@ class PersonaGraph:
                     f"model {name!r} is not configured; choose one of {sorted(self.models)}."
                 )
             model = self.models[name]
-        messages = list(state["messages"])
+        messages = self._window(state)
         if state.get("system_prompt"):
             messages = merge_system_message(messages, state["system_prompt"])
         mbr_n = _check_mbr_n(_configurable(config).get("mbr_n", self.mbr_n))
@@ -305,7 +348,7 @@ class PersonaGraph:
         if mode == "off":
             return {}
         if mode == "background":
-            self.background.submit(state["user_id"], turn, self._short_term([turn]))
+            self.background.submit(state["user_id"], turn)
             return {"reflection": {"queued": True}}
         turns = [turn]
         if mode == "every_n_turns" and not self.has_checkpointer:
@@ -318,21 +361,12 @@ class PersonaGraph:
             if len(pending) < self.every_n_turns:
                 return {"pending_turns": pending}
             turns = [ReflectionTurn(**t) for t in pending]
-        outcome = self.reflect_job(state["user_id"], turns, self._short_term(turns))
+        # the recent turns live in the thread, not in the persona: a version is a change
+        outcome = self.reflect_job(state["user_id"], turns, [])
         update: dict[str, Any] = {"reflection": outcome.model_dump() if outcome else None}
         if mode == "every_n_turns":
             update["pending_turns"] = []
         return update
-
-    def _short_term(self, turns: list[ReflectionTurn]) -> list[Turn]:
-        now = datetime.now(UTC).isoformat(timespec="seconds")
-        out = []
-        for t in turns:
-            out.append(Turn(role="user", content=t.user[:2000], turn_id=t.turn_id, timestamp=now))
-            out.append(
-                Turn(role="assistant", content=t.assistant[:2000], turn_id=t.turn_id, timestamp=now)
-            )
-        return out
 
     def save(self, state: PersonaState, config: RunnableConfig) -> dict[str, Any]:
         user_id, turn_id = state["user_id"], state["turn_id"]
@@ -393,6 +427,11 @@ class PersonaGraph:
             retrievers=self._retrievers(),
             timeout=timeout,
         )
+
+    def rollback(self, user_id: str, to_version: int, *, reason: str = "") -> VersionRecord:
+        """Restore ``to_version`` as a new version and withdraw the facts the rolled-back
+        reflections stored (see :func:`~persona_plugin.reflection.apply.roll_back`)."""
+        return roll_back(user_id, to_version, store=self.store, memory=self.memory, reason=reason)
 
     def export(self, user_id: str) -> dict[str, Any]:
         """Everything kept about ``user_id`` (see :func:`~persona_plugin.privacy.export_user`)."""
@@ -512,6 +551,7 @@ def build_persona_graph_from_settings(
         assembler=PromptAssembler.from_settings(settings, token_counter=token_counter_for(model)),
         reflection=settings.reflection,
         short_term_window=settings.short_term_window,
+        history_tokens=settings.history_tokens,
         mbr_n=settings.mbr_n,
         preference_hub=PreferenceHub.from_settings(settings) if settings.mbr_n else None,
     )

@@ -272,6 +272,7 @@ class PersonaStore:
         reason: str = "",
         details: dict[str, Any] | Callable[[], dict[str, Any]] | None = None,
         create_missing: bool = False,
+        skip_unchanged: bool = False,
         max_attempts: int = 200,
     ) -> VersionRecord:
         """Apply ``fn`` to the current persona and save, retrying on conflicts.
@@ -279,7 +280,9 @@ class PersonaStore:
         ``fn`` gets a private copy; it may change it in place (returning ``None``) or
         return a new persona. It may run several times, so it should only compute.
         ``details`` may be a callable, called after each run of ``fn``, for details that
-        depend on what ``fn`` found.
+        depend on what ``fn`` found. ``skip_unchanged``: when ``fn`` changed nothing, no
+        version is written and the current version's record is returned (a version is a
+        change someone can read).
         """
         delay = 0.002
         for _attempt in range(max_attempts):
@@ -289,8 +292,11 @@ class PersonaStore:
                 if not create_missing:
                     raise
                 persona = Persona.new(user_id)
+            before = persona.content_dict() if skip_unchanged and persona.meta.version else None
             result = fn(persona)
             updated = persona if result is None else result
+            if before is not None and updated.content_dict() == before:
+                return self.get_version(user_id, persona.meta.version)
             try:
                 return self.save(
                     user_id,

@@ -216,9 +216,8 @@ def test_multi_turn_conversation_learns_the_persona(store_url: str, memory: Long
         assert persona.preference.style == ["short answers"]
         assert persona.extensions == {}
         assert persona.memory.long_term == memory.link()
-        assert [(t.role, t.turn_id) for t in persona.memory.short_term] == [
-            (role, f"t{n}") for n in (1, 2, 3) for role in ("user", "assistant")
-        ]
+        # the recent turns live in the thread, not in the versioned persona
+        assert persona.memory.short_term == []
         # the old facts stay in history
         assert store.get("ana", 1).demographics.location == "Berlin"
         assert store.get("ana", 2).preference.content == ["fish recipes"]
@@ -285,7 +284,10 @@ def test_one_model_for_replies_and_reflection_costs_one_call_each(
     reflection_calls = [c for c in model.calls if "[turn " in c[-1].text]
     assert len(reflection_calls) == 3
     assert store.get("ana").personality.interests == ["chess", "go"]
-    assert store.current_version("ana") == 3
+    # "Chess" again taught nothing: no version for it, a version is a change
+    assert [r["reflection"]["saved"] for r in replies] == [True, True, False]
+    assert store.current_version("ana") == 2
+    assert [h.source for h in store.history("ana")] == ["reflection turn t1", "reflection turn t2"]
 
 
 # -- reflection modes -----------------------------------------------------------------------
@@ -337,7 +339,7 @@ def test_background_mode_replies_at_once_and_reflects_once_later(
     persona = store.get("ana")
     assert persona.personality.interests == ["jazz", "cello"]
     assert persona.demographics.location == "Porto"
-    assert [t.turn_id for t in persona.memory.short_term] == ["t1", "t1", "t2", "t2", "t3", "t3"]
+    assert persona.memory.short_term == []  # the recent turns live in the thread
     assert [i.source_turn_ids for i in memory.get("ana", kinds=["fact"])] == [["t1"]]
 
 
@@ -890,3 +892,84 @@ def test_an_empty_reply_is_not_remembered_as_a_turn(
     say(graph, "Any tips?", config("ana", "t2"))
     texts = [item.text for item in memory.get("ana")]
     assert "assistant: Lisbon is lovely." in texts and len(texts) == 2
+
+
+def test_the_thread_reaches_the_model_within_its_token_window(
+    store: PersonaStore, sqlite_checkpointer: Any
+) -> None:
+    replies = ScriptedChatModel(default=echo_reply)
+    graph = build_persona_graph(
+        replies,
+        store=store,
+        checkpointer=sqlite_checkpointer,
+        reflection="off",
+        history_tokens=60,
+    )
+    for n in range(1, 13):
+        say(graph, f"message number {n} about the weekend", config("ana", f"t{n}", thread="w"))
+    sizes = [len([m for m in call if not isinstance(m, SystemMessage)]) for call in replies.calls]
+    # the thread holds every turn; what the model gets stops growing
+    state = graph.get_state(config("ana", thread="w")).values
+    assert len(state["messages"]) == 24
+    assert max(sizes) <= 7 and sizes[-1] == sizes[-2]
+    last = [m for m in replies.calls[-1] if not isinstance(m, SystemMessage)]
+    assert isinstance(last[0], HumanMessage)  # the window starts on a user message
+    assert last[-1].text == "message number 12 about the weekend"
+
+
+def test_what_the_thread_shows_is_not_recalled_again(
+    store: PersonaStore, memory: LongTermMemory, sqlite_checkpointer: Any
+) -> None:
+    replies = ScriptedChatModel(default=echo_reply)
+    graph = build_persona_graph(
+        replies, store=store, memory=memory, checkpointer=sqlite_checkpointer, reflection="off"
+    )
+    say(graph, "I adopted a greyhound named Biscuit", config("ana", "t1", thread="a"))
+    say(graph, "What is my dog called?", config("ana", "t2", thread="a"))
+    # the first turn is in the thread the model reads: not recalled into the profile too
+    assert "Biscuit" not in replies.system_texts()[-1]
+    # in another thread, memory is how the model knows it
+    say(graph, "What is my dog called?", config("ana", "t3", thread="b"))
+    assert "Biscuit" in replies.system_texts()[-1]
+
+
+def test_rollback_withdraws_the_facts_of_the_rolled_back_reflections(
+    store: PersonaStore, memory: LongTermMemory
+) -> None:
+    reflections = ScriptedChatModel(
+        default=reflect_by_turn(
+            {
+                "t1": {
+                    "ops": [{"op": "set", "path": "demographics.location", "value": "Lisbon"}],
+                    "memories": ["Ana lives in Lisbon"],
+                },
+                "t2": {
+                    "ops": [{"op": "set", "path": "demographics.location", "value": "Porto"}],
+                    "memories": ["Ana moved from Lisbon to Porto"],
+                },
+            }
+        )
+    )
+    graph = build_persona_graph(
+        ScriptedChatModel(default=echo_reply),
+        store=store,
+        memory=memory,
+        reflector=Reflector(reflections),
+    )
+    say(graph, "I live in Lisbon", config("ana", "t1"))
+    say(graph, "I moved to Porto", config("ana", "t2"))
+    assert store.get("ana").demographics.location == "Porto"
+
+    record = graph.rollback("ana", 1, reason="the move fell through")
+    assert record.source == "rollback to version 1"
+    assert store.get("ana").demographics.location == "Lisbon"
+    recalled = [i.text for i in memory.recall("ana", "where does Ana live?", k=10)]
+    assert "Ana lives in Lisbon" in recalled
+    assert "Ana moved from Lisbon to Porto" not in recalled
+    # kept for the record, marked by the rollback; the dialogue itself is still remembered
+    (withdrawn,) = [i for i in memory.get("ana") if i.kind == "superseded"]
+    assert withdrawn.text == "Ana moved from Lisbon to Porto"
+    assert any("I moved to Porto" in i.text for i in memory.get("ana", kinds=["turn"]))
+    assert [i.text for i in memory.recall("ana", "Porto", kinds=["superseded"])] == [
+        "Ana moved from Lisbon to Porto"
+    ]

@@ -302,7 +302,7 @@ def test_injected_user_message_is_withheld_from_persona_and_memory(
         {"configurable": {"user_id": "mallory", "thread_id": "x", "turn_id": "t1"}},
     )
     persona = store.get("mallory")
-    assert [t.content for t in persona.memory.short_term] == [WITHHELD, "I can't do that."]
+    assert persona.memory.short_term == []  # recent turns are in the thread, not the persona
     texts = sorted(i.text for i in memory.get("mallory"))
     assert texts == ["assistant: I can't do that.", f"user: {WITHHELD}"]
     assert attack not in json.dumps(store.get("mallory").to_dict())

@@ -130,7 +130,7 @@ def index_folders(memory: Path) -> dict[str, str]:
 def delete_via(entry: str, parts: Parts, run_cli: Any) -> None:
     if entry == "graph":
         gone = parts.graph.forget("ana")
-        assert gone.versions >= 3 and gone.memory_items >= 5 and gone.threads >= 2
+        assert gone.versions >= 2 and gone.memory_items >= 5 and gone.threads >= 2
     elif entry == "server":
         app = create_app(graph=parts.graph, tokens={TOKEN: {"users": ["ana"]}})
         with TestClient(app) as client:

@@ -334,6 +334,30 @@ class CardRetriever:
 
     # -- cache ----------------------------------------------------------------------------
 
+    def _retrieve(
+        self,
+        cards: Sequence[Any],
+        persona: Persona | str | None,
+        input: str,
+        key_extra: tuple[Hashable, ...],
+        score: Callable[[np.ndarray], tuple[Any, ...]],
+    ) -> tuple[tuple[Any, ...], bool]:
+        """What a retrieval found, and whether it came from the cache: the result kept for
+        (this retriever, the persona, ``input``, ``key_extra``), else ``score(query)`` over
+        the ``cards`` (nothing when there are no cards or nothing to retrieve with)."""
+        persona_key, persona_text = self._persona_key(persona)
+        key = (type(self).__name__, persona_key, input, *key_extra)
+        hit = self._cached(key)
+        if hit is not None:
+            return hit, True
+        found: tuple[Any, ...] = ()
+        if cards:
+            query = self._query(persona, persona_key, persona_text, input)
+            if query is not None:
+                found = score(query)
+        self._remember(key, found)
+        return found, False
+
     def _cached(self, key: Hashable) -> Any:
         with self._lock:
             hit = self._results.get(key)

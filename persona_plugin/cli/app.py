@@ -136,10 +136,23 @@ def schema() -> None:
 
 
 @app.command()
-def history(user_id: UserArg) -> None:
+def history(
+    user_id: UserArg,
+    limit: Annotated[
+        int | None, typer.Option("--limit", "-n", min=1, help="only the latest N versions")
+    ] = None,
+    show_all: Annotated[
+        bool,
+        typer.Option("--all", help="also versions that changed nothing (older stores have them)"),
+    ] = False,
+) -> None:
     """List USER's versions: when, by what, why, and what changed."""
     with state.store(create=False) as store:
         records = store.history(user_id)
+    if not show_all:  # the first version is always shown: it is where the persona began
+        records = [r for r in records if r.change or r.version == 1]
+    if limit is not None:
+        records = records[-limit:]
     table = Table(title=f"persona history of '{user_id}'")
     for column in ("version", "time (UTC)", "source", "reason", "changes", "tokens"):
         table.add_column(column, overflow="fold")
@@ -183,9 +196,12 @@ def rollback(
     version: Annotated[int, typer.Argument(help="the version to restore")],
     reason: Annotated[str, typer.Option(help="why (kept in history)")] = "",
 ) -> None:
-    """Save a new version of USER equal to VERSION (history is kept)."""
+    """Save a new version of USER equal to VERSION (history is kept); the facts that the
+    rolled-back reflections stored in long-term memory are marked superseded."""
+    from persona_plugin.reflection.apply import roll_back
+
     with state.store(create=False) as store:
-        record = store.rollback(user_id, version, reason=reason)
+        record = roll_back(user_id, version, store=store, memory=state.memory(), reason=reason)
     out.print(f"restored version {version} of '{user_id}' as version {record.version}")
 
 

@@ -29,9 +29,11 @@ the input out of its window.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Hashable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from persona_plugin.cards.retrieval import (
     CardMixture,
@@ -146,31 +148,23 @@ class LoraRetriever(CardRetriever):
         allowed_set = frozenset(allowed) if allowed is not None else None
         cards = self._candidates(kind_set, exclude, allowed_set)
         hashes = [c.content_hash for c in cards]
-        persona_key, persona_text = self._persona_key(persona)
-        key = (persona_key, input, k, temp, kind_set, exclude, allowed_set, tuple(hashes))
-        hit = self._cached(key)
-        if hit is not None:
-            return LoraMixture(hit, cached=True)
-        adapters = self._score(cards, hashes, persona, persona_key, persona_text, input, k, temp)
-        self._remember(key, adapters)
-        return LoraMixture(adapters)
+        adapters, cached = self._retrieve(
+            cards,
+            persona,
+            input,
+            (k, temp, kind_set, exclude, allowed_set, tuple(hashes)),
+            lambda query: self._score(cards, hashes, query, k, temp),
+        )
+        return LoraMixture(adapters, cached=cached)
 
     def _score(
         self,
         cards: list[AdapterCard],
         hashes: list[str],
-        persona: Persona | str | None,
-        persona_key: Hashable,
-        persona_text: str | None,
-        input: str,
+        query: np.ndarray,
         k: int,
         temperature: float,
     ) -> tuple[RetrievedAdapter, ...]:
-        if not cards:
-            return ()
-        query = self._query(persona, persona_key, persona_text, input)
-        if query is None:
-            return ()
         groups = [(h, c.embedding_texts()) for c, h in zip(cards, hashes, strict=True)]
         scores = self._mean_vectors(groups) @ query
         order, weights = self._softmax_top(scores, k, temperature)

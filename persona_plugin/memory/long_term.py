@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
+#: the kind of a fact whose persona versions were rolled back (kept, not recalled)
+SUPERSEDED = "superseded"
 DEFAULT_COLLECTION = "persona_memory"
 RRF_K = 60  # the usual reciprocal-rank-fusion constant (Cormack et al. 2009)
 _UPSERT_BATCH = 512
@@ -595,6 +597,8 @@ class LongTermMemory:
             meta = hit["metadata"]
             if meta.get("user_id") != user_id:  # the filter failed: never hand it out
                 raise RuntimeError(f"memory isolation violated for item {item_id}")
+            if not kinds and meta.get("kind") == SUPERSEDED:  # rolled back: not what is known
+                continue
             tokens = set(tokenize(hit["document"]))
             if dedupe < 1.0 and any(_jaccard(tokens, seen) >= dedupe for seen in kept_tokens):
                 continue
@@ -626,6 +630,26 @@ class LongTermMemory:
             if m.get("user_id") == user_id
         ]
         return sorted(items, key=lambda item: (item.timestamp or "", item.id))
+
+    @_fresh_collection
+    def supersede(self, user_id: str, turn_ids: Iterable[str], *, note: str) -> int:
+        """Mark the facts drawn from ``turn_ids`` superseded (kind ``superseded``, with
+        ``note``, e.g. "rolled back to version 3"); how many. Recall leaves them out unless
+        asked for that kind; :meth:`get` and export still list them (nothing is erased)."""
+        wanted = set(turn_ids)
+        collection = self.collection_for(user_id, create=False)
+        if collection is None or not wanted:
+            return 0
+        got = collection.get(where={"kind": "fact"}, include=["metadatas"])
+        ids, metadatas = [], []
+        for item_id, meta in zip(got["ids"], got["metadatas"], strict=True):
+            sources = set(json.loads(meta.get("source_turn_ids") or "[]"))
+            if sources and sources <= wanted:
+                ids.append(item_id)
+                metadatas.append({**meta, "kind": SUPERSEDED, "superseded_by": note})
+        if ids:
+            collection.update(ids=ids, metadatas=metadatas)
+        return len(ids)
 
     @_fresh_collection
     def count(self, user_id: str) -> int:

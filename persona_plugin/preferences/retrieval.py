@@ -15,7 +15,7 @@ pairs, ids) to the same form.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -182,30 +182,22 @@ class PreferenceRetriever(CardRetriever):
         allowed_set = frozenset(allowed) if allowed is not None else None
         cards = self._candidates(kind_set, allowed_set)
         hashes = tuple(c.content_hash for c in cards)
-        persona_key, persona_text = self._persona_key(persona)
-        key: Hashable = ("prefs", persona_key, input, k, temp, kind_set, allowed_set, hashes)
-        hit = self._cached(key)
-        if hit is not None:
-            return PreferenceMixture(hit, cached=True)
-        models = self._score(cards, persona, persona_key, persona_text, input, k, temp)
-        self._remember(key, models)
-        return PreferenceMixture(models)
+        models, cached = self._retrieve(
+            cards,
+            persona,
+            input,
+            (k, temp, kind_set, allowed_set, hashes),
+            lambda query: self._score(cards, query, k, temp),
+        )
+        return PreferenceMixture(models, cached=cached)
 
     def _score(
         self,
         cards: list[PreferenceCard],
-        persona: Persona | str | None,
-        persona_key: Hashable,
-        persona_text: str | None,
-        input: str,
+        query: np.ndarray,
         k: int,
         temperature: float,
     ) -> tuple[RetrievedPreference, ...]:
-        if not cards:
-            return ()
-        query = self._query(persona, persona_key, persona_text, input)
-        if query is None:
-            return ()
         positive = self._mean_vectors([(c.content_hash, c.embedding_texts()) for c in cards])
         similarity = positive @ query
         sign = np.ones(len(cards))

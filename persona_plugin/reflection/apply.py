@@ -93,6 +93,7 @@ def reflect_and_save(
             accepted.append(fact)
 
     def update(current: Persona) -> Persona:
+        before = current.content_dict()
         result = apply_operations(
             current,
             output.operations,
@@ -108,6 +109,7 @@ def reflect_and_save(
             updated.memory.short_term = recent[-short_term_window:] if short_term_window else []
         if memory_link is not None and updated.memory.long_term is None:
             updated.memory.long_term = memory_link
+        results["changed"] = updated.content_dict() != before
         return updated
 
     def details() -> dict[str, Any]:
@@ -132,13 +134,24 @@ def reflect_and_save(
         reason="; ".join(output.loss.revealed)[:500],
         create_missing=True,
         details=details,
+        # a turn that taught nothing leaves the persona's history alone; its token use
+        # is logged here (and, once it exists, in the interaction log)
+        skip_unchanged=True,
     )
+    if not results["changed"]:
+        log.info(
+            "reflection on %s's turns %s changed nothing (tokens %s); no new version",
+            user_id,
+            sorted(turn_ids),
+            call.token_usage,
+        )
     result = results["last"]
     outcome.applied, outcome.refused, outcome.version = (
         result.applied,
         result.refused,
         record.version,
     )
+    outcome.saved = results["changed"]
 
     outcome.memories = [fact.text for fact in accepted]
     outcome.refused_memories = [fact["text"] for fact in refused_facts]
@@ -149,6 +162,32 @@ def reflect_and_save(
         for evidence, texts in by_evidence.items():
             memory.add_facts(user_id, texts, kind="fact", source_turn_ids=list(evidence))
     return outcome
+
+
+def roll_back(
+    user_id: str, to_version: int, *, store: PersonaStore, memory: Any = None, reason: str = ""
+) -> VersionRecord:
+    """Restore ``to_version`` of the persona as a new version, and withdraw what the
+    rolled-back reflections wrote to long-term memory.
+
+    A rollback says: what was learned after ``to_version`` is not so. The facts those
+    reflections stored (found by the turn ids in their versions' details) are marked
+    superseded with the rollback, so recall stops offering them, while the dialogue turns
+    themselves stay remembered (they happened) and nothing is erased from the audit trail.
+    """
+    current = store.current_version(user_id)
+    store.get(user_id, to_version)  # an unknown version fails here, before anything changes
+    turn_ids: set[str] = set()
+    for version in range(to_version + 1, current + 1):
+        reflection = store.get_version(user_id, version).details.get("reflection") or {}
+        turn_ids.update(reflection.get("turn_ids") or [])
+    record = store.rollback(user_id, to_version, reason=reason)
+    if memory is not None and turn_ids:
+        withdrawn = memory.supersede(
+            user_id, sorted(turn_ids), note=f"rolled back to version {to_version}"
+        )
+        log.info("rollback of %s to v%s withdrew %s facts", user_id, to_version, withdrawn)
+    return record
 
 
 @dataclass

@@ -126,6 +126,9 @@ class ReflectionOutcome(BaseModel):
     refused: list[RefusedOperation] = Field(default_factory=list)
     memories: list[str] = Field(default_factory=list)
     refused_memories: list[str] = Field(default_factory=list)
+    #: the persona's version after the reflection: a new one when ``saved``
     version: int | None = None
+    #: whether the reflection wrote a version (it does only when something changed)
+    saved: bool = False
     token_usage: dict[str, int] = Field(default_factory=dict)
     error: str | None = None

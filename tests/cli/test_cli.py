@@ -600,10 +600,15 @@ def test_chat_runs_offline_and_creates_the_persona(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert 'assistant> You said: "I live in Porto"' in result.stdout
-    # the second turn's prompt carried what long-term memory recalled from the first
+    # in the same conversation the first turn is in the thread, so it is not recalled again
     second = next(line for line in result.stdout.splitlines() if "Where do I live?" in line)
-    assert "0 facts" not in second
+    assert "0 facts" in second
     assert "persona v0 -> v1" in result.stdout  # the first turn created the persona
+    # in a new conversation, long-term memory recalls it into the prompt
+    later = run_exe("chat", "carol", "--thread", "another", stdin=b"Where do I live?\n/quit\n")
+    assert later.returncode == 0, later.stderr
+    asked = next(line for line in later.stdout.splitlines() if "Where do I live?" in line)
+    assert "0 facts" not in asked
     from persona_plugin import PersonaStore, Settings
 
     with PersonaStore.from_settings(Settings.load()) as store:
@@ -657,3 +662,16 @@ def test_reading_from_a_mistyped_store_path_is_an_error_not_an_empty_store(
     assert not missing.parent.exists()
     assert run("--store", f"sqlite:///{missing}", "init", "alice").code == 0
     assert run("--store", f"sqlite:///{missing}", "show", "alice").code == 0
+
+
+def test_history_takes_a_limit_and_hides_versions_that_changed_nothing(run, alice_at_v2) -> None:
+    with PersonaStore.from_settings() as store:
+        store.update("alice", lambda p: None, source="touch", reason="nothing changed")
+        store.update("alice", lambda p: p.personality.interests.append("tango"))
+        assert store.current_version("alice") == 4
+    shown = run("history", "alice")
+    assert shown.code == 0 and "touch" not in shown.out and "tango" in shown.out
+    assert "touch" in run("history", "alice", "--all").out
+    assert "persona init" in shown.out  # version 1 is where the persona began
+    latest = run("history", "alice", "--limit", "1")
+    assert "tango" in latest.out and "persona init" not in latest.out
