@@ -154,7 +154,7 @@ class PersonaGraph:
         self.knowledge_bases = KnowledgeBaseSearch(getattr(memory, "client", None))
         # this turn's parsed persona, by turn id: the state holds it as plain data (what a
         # checkpointer can store), and re-validating it in every node cost four parses a turn
-        self._personas: OrderedDict[str, Persona] = OrderedDict()
+        self._personas: OrderedDict[tuple[str, str], Persona] = OrderedDict()
         self.has_checkpointer = False
         self.compiled: Any = None
         self.reflect_job = ReflectionJob(
@@ -174,7 +174,7 @@ class PersonaGraph:
         return getattr(compiled, name)
 
     def _persona(self, state: PersonaState) -> Persona:
-        persona = self._personas.get(state.get("turn_id", ""))
+        persona = self._personas.get((state.get("user_id", ""), state.get("turn_id", "")))
         if persona is None:  # a run resumed from a checkpoint, in another process
             persona = Persona.model_validate(state["persona"])
         return persona
@@ -198,7 +198,8 @@ class PersonaGraph:
                 raise
             persona, exists = Persona.new(user_id), False
         turn_id = str(configurable.get("turn_id") or f"t{uuid.uuid4().hex[:10]}")
-        self._personas[turn_id] = persona
+        # keyed by user too: turn ids come from callers, and two users' may be equal
+        self._personas[(user_id, turn_id)] = persona
         while len(self._personas) > MAX_TURNS_IN_FLIGHT:  # runs that failed before save
             self._personas.popitem(last=False)
         update: dict[str, Any] = {
@@ -275,10 +276,11 @@ class PersonaGraph:
         query = state["messages"][-1].text
         context: dict[str, list[str]] = {}
         if self.memory is not None and state.get("persona_exists"):
-            items = self.memory.recall(state["user_id"], query, k=self.recall_k)
-            # what the model reads in the thread already is not recalled a second time
+            # what the model reads in the thread already is not recalled a second time; ask
+            # for more, so that leaving those out still leaves recall_k items
             in_window = {m.text.strip() for m in self._window(state)[:-1]}
-            items = [i for i in items if _turn_text(i.text) not in in_window]
+            items = self.memory.recall(state["user_id"], query, k=self.recall_k + len(in_window))
+            items = [i for i in items if _turn_text(i.text) not in in_window][: self.recall_k]
             context["memory"] = [
                 f"({item.timestamp[:10]}) {item.text}" if item.timestamp else item.text
                 for item in items
@@ -409,7 +411,7 @@ class PersonaGraph:
                 self.store.create(user_id, persona, source="first turn", reason=f"turn {turn_id}")
             except Exception as exc:
                 log.info("persona of %s created concurrently: %s", user_id, exc)
-        self._personas.pop(turn_id, None)
+        self._personas.pop((user_id, turn_id), None)
         return {"persona_exists": True}
 
     # -- the app's handle -----------------------------------------------------------------

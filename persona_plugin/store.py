@@ -10,6 +10,7 @@ and retries for callers that just want their change applied.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -41,6 +42,7 @@ from persona_plugin.persona import (
 
 _NO_CAPS = PersonaLimits(max_value_chars=2**31, max_document_bytes=2**31)
 
+log = logging.getLogger(__name__)
 _metadata = sa.MetaData()
 
 versions_table = sa.Table(
@@ -356,7 +358,9 @@ class PersonaStore:
         if deleted and self.engine.dialect.name == "sqlite":
             # the old pages live on in the write-ahead log until it is checkpointed
             with self.engine.connect() as conn:
-                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+                busy = conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").first()
+            if busy and busy[0]:  # a reader held the log: its old pages stay until later
+                log.warning("the WAL of %s was busy after deleting %s", _redact(self.url), user_id)
         if not deleted:
             raise PersonaNotFoundError(f"user '{user_id}' has no persona to delete.")
         return deleted

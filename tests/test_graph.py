@@ -973,3 +973,74 @@ def test_rollback_withdraws_the_facts_of_the_rolled_back_reflections(
     assert [i.text for i in memory.recall("ana", "Porto", kinds=["superseded"])] == [
         "Ana moved from Lisbon to Porto"
     ]
+
+
+def test_two_users_with_the_same_turn_id_keep_their_own_persona(store: PersonaStore) -> None:
+    """Turn ids come from callers; two concurrent turns with one id must not swap personas."""
+    import threading
+
+    for user, city in (("ana", "Lisbon"), ("bo", "Oslo")):
+        persona = Persona.new(user)
+        persona.demographics.location = city
+        store.create(user, persona)
+    both_in = threading.Barrier(2, timeout=30)
+
+    class MeetingMemory:
+        """Recall waits until both turns have loaded their persona, then finds nothing."""
+
+        client = None
+
+        def recall(self, user_id: str, query: str, k: int = 5) -> list[Any]:
+            both_in.wait()
+            return []
+
+        def remember(self, user_id: str, turns: Any) -> None:
+            pass
+
+        def link(self) -> Any:
+            return None
+
+    def answer(messages: list[BaseMessage]) -> AIMessage:
+        return AIMessage(content=messages[0].text)
+
+    graph = build_persona_graph(
+        ScriptedChatModel(default=answer), store=store, memory=MeetingMemory(), reflection="off"
+    )
+    replies: dict[str, str] = {}
+
+    def turn(user: str) -> None:
+        state = say(graph, "hello", config(user, "same-id"))
+        replies[user] = state["messages"][-1].text
+
+    workers = [threading.Thread(target=turn, args=(u,)) for u in ("ana", "bo")]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert '"Lisbon"' in replies["ana"] and '"Oslo"' not in replies["ana"]
+    assert '"Oslo"' in replies["bo"] and '"Lisbon"' not in replies["bo"]
+
+
+def test_rollback_also_withdraws_facts_of_a_reflection_that_changed_no_field(
+    store: PersonaStore, memory: LongTermMemory
+) -> None:
+    reflections = ScriptedChatModel(
+        default=reflect_by_turn(
+            {
+                "t1": {"ops": [interest("chess")]},
+                "t2": {"memories": ["Ana is training for a marathon"]},  # a fact, no edit
+            }
+        )
+    )
+    graph = build_persona_graph(
+        ScriptedChatModel(default=echo_reply),
+        store=store,
+        memory=memory,
+        reflector=Reflector(reflections),
+    )
+    say(graph, "I play chess", config("ana", "t1"))
+    second = say(graph, "I am training for a marathon", config("ana", "t2"))
+    assert second["reflection"]["saved"] and store.current_version("ana") == 2
+    graph.rollback("ana", 1)
+    recalled = [i.text for i in memory.recall("ana", "marathon", k=10)]
+    assert "Ana is training for a marathon" not in recalled

@@ -66,6 +66,18 @@ def parse_card_text(text: str | bytes, *, source: str) -> Any:
         return yaml.load(text, Loader=StrictSafeLoader)
     except yaml.YAMLError as exc:
         raise yaml_error(exc, source) from None
+    except RecursionError:
+        raise PersonaValidationError(
+            source, "", "the card is nested too deeply", "Flatten it."
+        ) from None
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
+        # PyYAML's constructors fail so on a value that does not fit its !!tag
+        raise PersonaValidationError(
+            source,
+            "",
+            f"malformed YAML: a value does not fit its tag or cannot be a key ({exc!r})",
+            "Remove the !!tag, or write the value as plain text.",
+        ) from None
 
 
 class CardFolder(Generic[CardT]):

@@ -395,9 +395,13 @@ class CardRetriever:
         dropped = 0
         with self._lock:
             for cache in (self._persona_vectors, self._results):
-                for key in [k for k in cache.data if mentions(k)]:
+                for key in [k for k in cache.data if mentions(k) or _keyed_by_text(k)]:
                     del cache.data[key]
                     dropped += 1
+            # inputs are keyed by their text and unsaved personas by a hash of theirs:
+            # whose they were is not known, so they all go (they are cheap to embed again)
+            dropped += len(self._input_vectors.data)
+            self._input_vectors.data.clear()
         return dropped
 
     def clear_cache(self) -> None:
@@ -406,6 +410,15 @@ class CardRetriever:
             for cache in (self._persona_vectors, self._input_vectors, self._results):
                 cache.data.clear()
             self.hits = self.misses = 0
+
+
+def _keyed_by_text(key: Any) -> bool:
+    """Whether a cache key holds a persona keyed by its text (not by user and version)."""
+    if not isinstance(key, tuple):
+        return False
+    if len(key) > 1 and key[0] == "text":
+        return True
+    return any(_keyed_by_text(part) for part in key)
 
 
 def check_top_k(top_k: int) -> int:

@@ -129,14 +129,24 @@ def purge_deleted(path: Path) -> None:
     """Make what Chroma deleted from the embedded store at ``path`` unreadable on disk.
 
     Chroma deletes rows without zeroing their pages, so the text stays in the file's free
-    pages: vacuum it. Dropping a collection leaves its vector-index folder behind
+    pages, and its full-text index keeps the deleted documents' trigrams until its segments
+    are merged: merge them, then vacuum. Dropping a collection leaves its vector-index folder behind
     (chroma-core/chroma #5520): remove the folders no segment names.
     """
     database = path / "chroma.sqlite3"
     if not database.is_file():
         return
+    # folders first, segments after: a collection created meanwhile has its segment row
+    # before its folder, so a folder listed here and not in the table is truly orphaned
+    folders = [e for e in path.iterdir() if e.is_dir() and _UUID.fullmatch(e.name)]
     conn = sqlite3.connect(str(database), timeout=60)
     try:
+        # the full-text index keeps deleted documents' trigrams in its old segments until
+        # they are merged: merge them, then vacuum the freed pages
+        conn.execute(
+            "INSERT INTO embedding_fulltext_search(embedding_fulltext_search) VALUES('optimize')"
+        )
+        conn.commit()
         conn.execute("VACUUM")
         segments = {row[0] for row in conn.execute("SELECT id FROM segments")}
     except sqlite3.Error as exc:
@@ -144,8 +154,8 @@ def purge_deleted(path: Path) -> None:
         return
     finally:
         conn.close()
-    for entry in path.iterdir():
-        if entry.is_dir() and _UUID.fullmatch(entry.name) and entry.name not in segments:
+    for entry in folders:
+        if entry.name not in segments:
             shutil.rmtree(entry, ignore_errors=True)
 
 
@@ -437,7 +447,8 @@ class LongTermMemory:
         )
         stored = vectors.copy()
         for index, record in enumerate(records):
-            context = record.pop("context", None)
+            # read, not popped: a retry of this write (_fresh_collection) needs it again
+            context = record.get("context")
             if context:
                 mixed = vectors[index] + self.context_weight * vectors[context].mean(axis=0)
                 stored[index] = mixed / max(float(np.linalg.norm(mixed)), 1e-12)
@@ -658,15 +669,19 @@ class LongTermMemory:
 
     def delete_user(self, user_id: str) -> int:
         """Remove every item of the user; returns how many went."""
-        collection = self.collection_for(user_id, create=False)
+        # a fresh look, not the cached handle: another process may have deleted the
+        # collection and the user come back, so that a new one has the same name
         with self._lock:
             self._lexical.pop(user_id, None)
+            self._collections.pop(user_id, None)
+        collection = self.collection_for(user_id, create=False)
+        with self._lock:
             self._collections.pop(user_id, None)
         if collection is None:
             return 0
         try:
             removed = collection.count()
-            self.client.delete_collection(collection.name)
+            self.client.delete_collection(self.collection_name_for(user_id))
         except Exception as exc:
             if not _is_not_found(exc):  # deleted meanwhile by another process: gone anyway
                 raise

@@ -135,10 +135,12 @@ def reflect_and_save(
         create_missing=True,
         details=details,
         # a turn that taught nothing leaves the persona's history alone; its token use
-        # is logged here (and, once it exists, in the interaction log)
-        skip_unchanged=True,
+        # is logged here (and, once it exists, in the interaction log). Facts for memory
+        # keep their version: a rollback finds what to withdraw by the versions' turns
+        skip_unchanged=not accepted,
     )
-    if not results["changed"]:
+    saved = record.version != persona.meta.version
+    if not saved:
         log.info(
             "reflection on %s's turns %s changed nothing (tokens %s); no new version",
             user_id,
@@ -151,7 +153,7 @@ def reflect_and_save(
         result.refused,
         record.version,
     )
-    outcome.saved = results["changed"]
+    outcome.saved = saved
 
     outcome.memories = [fact.text for fact in accepted]
     outcome.refused_memories = [fact["text"] for fact in refused_facts]

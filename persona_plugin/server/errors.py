@@ -103,15 +103,18 @@ def _upstream_status(exc: BaseException) -> tuple[int, str, str] | None:
     that answered with an error. None for anything else (this server's own fault)."""
     if isinstance(exc, AdapterNotServedError):  # refused before any request: our config
         return None
+    if type(exc).__module__.startswith(("sqlalchemy", "psycopg", "sqlite3")):
+        return None  # the store's or checkpointer's trouble is this server's own
     name = type(exc).__name__
     status = getattr(exc, "status", None) or getattr(exc, "status_code", None)
     status = status if isinstance(status, int) else None
     timed_out = isinstance(exc, BackendUnavailableError) and "timed out" in str(exc)
     if isinstance(exc, TimeoutError) or "Timeout" in name or timed_out:
         return 504, "upstream_timeout", "did not answer in time"
-    if isinstance(exc, BackendUnavailableError) or status == 429 or name.startswith("RateLimit"):
+    overloaded = status in (429, 503, 529) or name.startswith("RateLimit")
+    if isinstance(exc, BackendUnavailableError | ConnectionError) or overloaded:
         return 503, "upstream_unavailable", "is overloaded or unavailable"
-    if isinstance(exc, BackendError) or (status or 0) >= 500 or "ConnectionError" in name:
+    if isinstance(exc, BackendError) or (status or 0) >= 500 or "Connect" in name:
         return 502, "upstream_error", "answered with an error"
     return None
 

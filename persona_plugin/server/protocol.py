@@ -287,3 +287,5 @@ async def _read_json(request: Request, max_bytes: int) -> Any:
             None,
             "invalid_json",
         ) from None
+    except ValueError as exc:  # a number of thousands of digits
+        raise _bad(f"The JSON body holds a number that cannot be read: {exc}", None) from None

@@ -354,3 +354,13 @@ def test_cli_help(run: Any) -> None:
 def test_added_cards_are_readable_by_others(hub: LoraHub) -> None:
     hub.add(parse_card(card()))
     assert (hub.directory / "formal-concise.yaml").stat().st_mode & 0o044 == 0o044
+
+
+@pytest.mark.parametrize(
+    "text", ["id: !!int abc\n", "id: !!timestamp soon\n", "id: " + "[" * 3000 + "]" * 3000]
+)
+def test_a_card_whose_values_break_yaml_names_the_file(tmp_path: Path, text: str) -> None:
+    (tmp_path / "bad.yaml").write_text(text, encoding="utf-8")
+    with pytest.raises(PersonaValidationError) as exc:
+        LoraHub(tmp_path).cards()
+    assert "bad.yaml" in str(exc.value)

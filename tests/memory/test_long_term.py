@@ -1039,3 +1039,30 @@ def test_locomo_evaluate_on_a_tiny_conversation(tmp_path: Path, embedding_functi
     (tmp_path / "one.json").write_text(json.dumps(data), encoding="utf-8")
     single = evaluate([tmp_path / "one.json"], ks=(1, 5), embedding_function=embedding_function)
     assert single["memory"] == {1: 1.0, 5: 1.0}
+
+
+def test_delete_leaves_no_trigram_of_the_text_in_the_full_text_index(
+    tmp_path: Path, embedding_function: Any
+) -> None:
+    """Chroma's full-text index keeps a deleted document's trigrams in its old segments
+    until they are merged; a delete merges them, and the file is vacuumed."""
+    import sqlite3
+
+    memory = LongTermMemory(tmp_path / "memory", embedding_function=embedding_function)
+    memory.remember("zed", [{"turn_id": "t1", "speaker": "user", "text": "my code is QXJWV"}])
+    memory.remember("amy", [{"turn_id": "t1", "speaker": "user", "text": "hello there"}])
+
+    def index_bytes() -> bytes:
+        conn = sqlite3.connect(str(tmp_path / "memory" / "chroma.sqlite3"))
+        try:
+            blocks = conn.execute("SELECT block FROM embedding_fulltext_search_data").fetchall()
+        finally:
+            conn.close()
+        return b"".join(b for (b,) in blocks if isinstance(b, bytes))
+
+    assert b"qxj" in index_bytes() and b"jwv" in index_bytes()
+    memory.delete_user("zed")
+    assert b"qxj" not in index_bytes() and b"jwv" not in index_bytes()
+    whole = (tmp_path / "memory" / "chroma.sqlite3").read_bytes()
+    assert b"QXJWV" not in whole and b"qxjwv" not in whole
+    assert [i.text for i in memory.recall("amy", "hello", k=1)] == ["user: hello there"]

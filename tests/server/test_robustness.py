@@ -176,3 +176,39 @@ def test_openai_sampling_parameters_reach_a_multi_lora_backend(
         0.2,
         3,
     )
+
+
+def test_a_number_too_long_to_read_is_a_400(store: PersonaStore) -> None:
+    body = '{"model": "m", "user": "ana", "seed": ' + "9" * 5000 + ', "messages": []}'
+    with client_for(store, EchoChatModel()) as client:
+        reply = client.post(
+            "/v1/chat/completions",
+            headers=AUTH | {"Content-Type": "application/json"},
+            content=body,
+        )
+    assert reply.status_code == 400, reply.text
+
+
+@pytest.mark.parametrize(
+    ("exc", "status"),
+    [
+        (ConnectionRefusedError("refused"), 503),
+        (type("APIStatusError", (Exception,), {"status_code": 529})("overloaded"), 503),
+        (type("InternalServerError", (Exception,), {"status_code": 500})("boom"), 502),
+        (TimeoutError("slow"), 504),
+    ],
+)
+def test_upstream_failures_of_any_client_map_to_retryable_statuses(
+    exc: Exception, status: int
+) -> None:
+    from persona_plugin.server.errors import _from_persona_error
+
+    assert _from_persona_error(exc).status == status
+
+
+def test_the_servers_own_database_timeout_is_not_blamed_on_the_upstream() -> None:
+    import sqlalchemy.exc
+
+    from persona_plugin.server.errors import _from_persona_error
+
+    assert _from_persona_error(sqlalchemy.exc.TimeoutError("pool")).status == 500
