@@ -92,6 +92,8 @@ def create_app(
     max_body_bytes: int = 4 * 1024 * 1024,
     close_timeout: float | None = 60.0,
     close_resources: Callable[[], None] | None = None,
+    request_timeout: float = 120.0,
+    max_concurrent_per_model: int = 16,
     **graph_options: Any,
 ) -> FastAPI:
     """The OpenAI-compatible persona server.
@@ -102,7 +104,11 @@ def create_app(
     ``store`` (default from ``settings``), ``memory`` (default none), ``reflector`` and
     further ``graph_options`` for :class:`~persona_plugin.graph.PersonaGraph`.
     ``tokens`` maps bearer tokens to grants (``{"users": [...]}``, ``{"tenant": "acme"}``);
-    default ``settings.server_tokens``. The app takes over the graph: it registers its
+    default ``settings.server_tokens``. A chat completion has ``request_timeout`` seconds in
+    all (then a 504, which clients retry), and at most ``max_concurrent_per_model`` run at
+    once per served model (the rest wait, within their deadline): a hung upstream ties up
+    that many worker threads, never the ones the health and persona routes answer from.
+    The app takes over the graph: it registers its
     models to accept per-request sampling parameters, and its shutdown drains pending
     background reflections (``graph.close()``).
     """
@@ -222,8 +228,11 @@ def create_app(
 
     # -- routes ---------------------------------------------------------------------------
 
+    # one limiter per served model: its requests run on threads of their own allowance
+    limiters = {name: anyio.CapacityLimiter(max_concurrent_per_model) for name in served}
+
     @app.get("/health")
-    def health() -> dict[str, Any]:
+    async def health() -> dict[str, Any]:  # async: no worker thread, so never starved
         return {"status": "ok", "models": len(served)}
 
     def _model_card(name: str) -> dict[str, Any]:
@@ -285,7 +294,18 @@ def create_app(
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return await _stream_response(run, completion_id, req.model, include_usage)
         try:
-            state = await anyio.to_thread.run_sync(run.invoke)
+            with anyio.fail_after(request_timeout):
+                state = await anyio.to_thread.run_sync(
+                    run.invoke, limiter=limiters[req.model], abandon_on_cancel=True
+                )
+        except TimeoutError:
+            # the worker may still be waiting on the upstream; the client is answered now
+            raise OpenAIError(
+                504,
+                f"The model server did not answer within {request_timeout:g} s; try again shortly.",
+                type="server_error",
+                code="upstream_timeout",
+            ) from None
         except OpenAIError:
             raise
         except Exception as exc:

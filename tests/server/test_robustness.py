@@ -12,11 +12,14 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
 
+import httpx
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 from langchain_core.language_models.fake_chat_models import FakeListChatModel
 
@@ -212,3 +215,67 @@ def test_the_servers_own_database_timeout_is_not_blamed_on_the_upstream() -> Non
     from persona_plugin.server.errors import _from_persona_error
 
     assert _from_persona_error(sqlalchemy.exc.TimeoutError("pool")).status == 500
+
+
+class SlowModel(FakeListChatModel):
+    """An upstream that takes ``delay`` seconds per answer (a hung one, for the test)."""
+
+    delay: float = 3.0
+
+    def _call(self, *args: Any, **kwargs: Any) -> str:
+        time.sleep(self.delay)
+        return "late"
+
+
+@contextmanager
+def serving(app: Any) -> Iterator[str]:
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_a_hung_upstream_gets_a_deadline_and_cannot_starve_the_other_routes(
+    store: PersonaStore,
+) -> None:
+    store.create("ana")
+    app = create_app(
+        models={"m": SlowModel(responses=["x"], delay=3.0)},
+        store=store,
+        tokens={TOKEN: {"users": ["ana"]}},
+        reflection="off",
+        request_timeout=0.5,
+        max_concurrent_per_model=2,
+    )
+    body = {"model": "m", "user": "ana", "messages": [{"role": "user", "content": "hi"}]}
+    with serving(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        statuses: list[int] = []
+
+        def ask() -> None:
+            statuses.append(
+                client.post("/v1/chat/completions", headers=AUTH, json=body).status_code
+            )
+
+        started = time.monotonic()
+        askers = [threading.Thread(target=ask) for _ in range(8)]
+        for asker in askers:
+            asker.start()
+        time.sleep(0.2)  # the chat requests are in flight (two running, six waiting)
+        quick = time.monotonic()
+        assert client.get("/health").status_code == 200
+        assert client.get("/v1/personas/ana", headers=AUTH).status_code == 200
+        assert time.monotonic() - quick < 1.0  # not queued behind the hung upstream
+        for asker in askers:
+            asker.join(30)
+        assert statuses == [504] * 8
+        assert time.monotonic() - started < 3.0  # each answered at its deadline, not 3 s on
