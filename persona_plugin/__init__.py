@@ -12,9 +12,9 @@ graph (load -> recall -> assemble -> generate -> reflect -> save):
 ``server``) list their own factories.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from persona_plugin.chat import with_persona
-from persona_plugin.chat_models.mbr import MBRChatModel
-from persona_plugin.chat_models.multi_lora import MultiLoraChatModel
 from persona_plugin.config import Settings
 from persona_plugin.diff import Change, diff_documents
 from persona_plugin.errors import (
@@ -24,19 +24,46 @@ from persona_plugin.errors import (
     PersonaNotFoundError,
     PersonaValidationError,
 )
-from persona_plugin.graph import (
-    PersonaGraph,
-    build_persona_graph,
-    build_persona_graph_from_settings,
-    make_checkpointer,
-)
-from persona_plugin.memory.long_term import LongTermMemory
 from persona_plugin.persona import Persona, PersonaLimits, json_schema, load, loads
 from persona_plugin.privacy import Forgotten, export_user, forget_user
 from persona_plugin.prompt import AssembledPersona, PromptAssembler, estimate_tokens
-from persona_plugin.reflection.reflector import Reflector
-from persona_plugin.server.app import create_app
 from persona_plugin.store import PersonaStore, VersionRecord
+
+if TYPE_CHECKING:
+    from persona_plugin.chat_models.mbr import MBRChatModel
+    from persona_plugin.chat_models.multi_lora import MultiLoraChatModel
+    from persona_plugin.graph import (
+        PersonaGraph,
+        build_persona_graph,
+        build_persona_graph_from_settings,
+        make_checkpointer,
+    )
+    from persona_plugin.memory.long_term import LongTermMemory
+    from persona_plugin.reflection.reflector import Reflector
+    from persona_plugin.server.app import create_app
+
+# imported on first use: the graph, memory, models and server pull in LangGraph, Chroma,
+# numpy and FastAPI, which `import persona_plugin` (and every `persona` command) need not pay
+_LAZY = {
+    "MBRChatModel": "persona_plugin.chat_models.mbr",
+    "MultiLoraChatModel": "persona_plugin.chat_models.multi_lora",
+    "PersonaGraph": "persona_plugin.graph",
+    "build_persona_graph": "persona_plugin.graph",
+    "build_persona_graph_from_settings": "persona_plugin.graph",
+    "make_checkpointer": "persona_plugin.graph",
+    "LongTermMemory": "persona_plugin.memory.long_term",
+    "Reflector": "persona_plugin.reflection.reflector",
+    "create_app": "persona_plugin.server.app",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 

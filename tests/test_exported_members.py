@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import importlib
+import subprocess
+import sys
 
 import pytest
 
@@ -31,7 +33,18 @@ def test_all_lists_every_public_name_of_the_root() -> None:
     }
     # submodules bound as attributes by importing them are packages, not exports
     public = {n for n in public if not hasattr(getattr(persona_plugin, n), "__path__")}
-    assert set(persona_plugin.__all__) - {"__version__"} == public
+    lazy = set(persona_plugin._LAZY)  # imported on first use
+    assert set(persona_plugin.__all__) - {"__version__"} == public | lazy
+
+
+def test_importing_the_root_does_not_load_the_heavy_parts() -> None:
+    code = (
+        "import sys, persona_plugin; "
+        "print(sorted(m for m in ('fastapi', 'langgraph', 'chromadb') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("name", ["", *SUBPACKAGES])
