@@ -104,8 +104,9 @@ def create_app(
     ``store`` (default from ``settings``), ``memory`` (default none), ``reflector`` and
     further ``graph_options`` for :class:`~persona_plugin.graph.PersonaGraph`.
     ``tokens`` maps bearer tokens to grants (``{"users": [...]}``, ``{"tenant": "acme"}``);
-    default ``settings.server_tokens``. A chat completion has ``request_timeout`` seconds in
-    all (then a 504, which clients retry), and at most ``max_concurrent_per_model`` run at
+    default ``settings.server_tokens``. A chat completion (streamed or not) has
+    ``request_timeout`` seconds in all (then a 504, which clients retry), and at most
+    ``max_concurrent_per_model`` run at
     once per served model (the rest wait, within their deadline): a hung upstream ties up
     that many worker threads, never the ones the health and persona routes answer from.
     The app takes over the graph: it registers its
@@ -292,7 +293,14 @@ def create_app(
         run = _Run(graph, {"messages": messages}, config, counters[req.model])
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return await _stream_response(run, completion_id, req.model, include_usage)
+            return await _stream_response(
+                run,
+                completion_id,
+                req.model,
+                include_usage,
+                timeout=request_timeout,
+                limiter=limiters[req.model],
+            )
         try:
             with anyio.fail_after(request_timeout):
                 state = await anyio.to_thread.run_sync(

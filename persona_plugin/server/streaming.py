@@ -12,6 +12,7 @@ run at its next event. The unfinished turn is not kept.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
@@ -20,6 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import closing
 from typing import Any
 
+import anyio
 from fastapi.responses import StreamingResponse
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import (
@@ -125,10 +127,42 @@ class _Run:
             emit(("error", exc))
 
 
-async def _stream_response(run: _Run, completion_id: str, model: str, include_usage: bool) -> Any:
+def _timed_out(timeout: float) -> OpenAIError:
+    return OpenAIError(
+        504,
+        f"The model server did not answer within {timeout:g} s; try again shortly.",
+        type="server_error",
+        code="upstream_timeout",
+    )
+
+
+async def _stream_response(
+    run: _Run,
+    completion_id: str,
+    model: str,
+    include_usage: bool,
+    *,
+    timeout: float = 120.0,
+    limiter: anyio.CapacityLimiter | None = None,
+) -> Any:
+    """The completion as server-sent events. ``timeout`` bounds the whole stream (a 504
+    before the first token, an error event after it); ``limiter`` is the model's allowance
+    of runs at once, held from before the run starts until its worker ends."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
     stop = threading.Event()
+    deadline = loop.time() + timeout
+    owner = object()
+    if limiter is not None:
+        try:
+            with anyio.fail_after(timeout):
+                await limiter.acquire_on_behalf_of(owner)
+        except TimeoutError:
+            raise _timed_out(timeout) from None
+
+    def release() -> None:
+        if limiter is not None:
+            limiter.release_on_behalf_of(owner)
 
     def emit(item: tuple[str, Any]) -> None:
         try:
@@ -136,12 +170,27 @@ async def _stream_response(run: _Run, completion_id: str, model: str, include_us
         except RuntimeError:  # the loop is gone (server shut down): nobody listens
             stop.set()
 
-    worker = threading.Thread(
-        target=run.stream, args=(emit, stop), name="persona-openai-stream", daemon=True
-    )
-    worker.start()
+    def work() -> None:
+        try:
+            run.stream(emit, stop)
+        finally:  # the allowance is the loop's to give back
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(release)
+
+    async def next_item() -> tuple[str, Any]:
+        return await asyncio.wait_for(queue.get(), timeout=max(deadline - loop.time(), 0))
+
+    worker = threading.Thread(target=work, name="persona-openai-stream", daemon=True)
     try:
-        first = await queue.get()
+        worker.start()
+    except BaseException:
+        release()
+        raise
+    try:
+        first = await next_item()
+    except TimeoutError:
+        stop.set()
+        raise _timed_out(timeout) from None
     except BaseException:  # cancelled: the client went away before the first token
         stop.set()
         raise
@@ -186,7 +235,11 @@ async def _stream_response(run: _Run, completion_id: str, model: str, include_us
                     error = value if isinstance(value, OpenAIError) else _from_persona_error(value)
                     yield _sse(error.body())
                     break
-                item = await queue.get()
+                try:
+                    item = await next_item()
+                except TimeoutError:
+                    yield _sse(_timed_out(timeout).body())
+                    break
             yield "data: [DONE]\n\n"
         finally:
             stop.set()  # a client gone mid-stream stops the run at the next chunk

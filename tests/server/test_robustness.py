@@ -226,6 +226,10 @@ class SlowModel(FakeListChatModel):
         time.sleep(self.delay)
         return "late"
 
+    def _stream(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        time.sleep(self.delay)
+        yield from super()._stream(*args, **kwargs)
+
 
 @contextmanager
 def serving(app: Any) -> Iterator[str]:
@@ -279,3 +283,31 @@ def test_a_hung_upstream_gets_a_deadline_and_cannot_starve_the_other_routes(
             asker.join(30)
         assert statuses == [504] * 8
         assert time.monotonic() - started < 3.0  # each answered at its deadline, not 3 s on
+
+
+def test_a_stream_gets_the_same_deadline_and_gives_its_allowance_back(
+    store: PersonaStore,
+) -> None:
+    slow = create_app(
+        models={"m": SlowModel(responses=["x"], delay=3.0)},
+        store=store,
+        tokens={TOKEN: {"users": ["ana"]}},
+        reflection="off",
+        request_timeout=0.5,
+    )
+    with TestClient(slow) as client:
+        started = time.monotonic()
+        reply = chat(client, stream=True)
+        assert reply.status_code == 504, reply.text
+        assert time.monotonic() - started < 2.5
+    quick = create_app(
+        models={"m": EchoChatModel()},
+        store=store,
+        tokens={TOKEN: {"users": ["ana"]}},
+        reflection="off",
+        max_concurrent_per_model=1,
+    )
+    with TestClient(quick) as client:
+        for _ in range(3):  # one at a time, each handing the allowance back when done
+            reply = chat(client, stream=True)
+            assert reply.status_code == 200 and reply.text.rstrip().endswith("data: [DONE]")
