@@ -54,6 +54,7 @@ from persona_plugin.server.auth import Authenticated, TokenGrant, parse_tokens
 from persona_plugin.server.errors import (
     OpenAIError,
     _bad,
+    _deadline_passed,
     _from_persona_error,
     _model_not_found,
     _validation_error,
@@ -308,12 +309,7 @@ def create_app(
                 )
         except TimeoutError:
             # the worker may still be waiting on the upstream; the client is answered now
-            raise OpenAIError(
-                504,
-                f"The model server did not answer within {request_timeout:g} s; try again shortly.",
-                type="server_error",
-                code="upstream_timeout",
-            ) from None
+            raise _deadline_passed(request_timeout) from None
         except OpenAIError:
             raise
         except Exception as exc:

@@ -119,6 +119,16 @@ def _upstream_status(exc: BaseException) -> tuple[int, str, str] | None:
     return None
 
 
+def _deadline_passed(timeout: float) -> OpenAIError:
+    """The 504 of a completion that outlasted its deadline (clients retry it)."""
+    return OpenAIError(
+        504,
+        f"The model server did not answer within {timeout:g} s; try again shortly.",
+        type="server_error",
+        code="upstream_timeout",
+    )
+
+
 def _loc_param(loc: tuple[Any, ...]) -> str | None:
     parts = [p for p in loc if p not in ("body", "query", "path", "header")]
     out = ""

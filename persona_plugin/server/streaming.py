@@ -30,7 +30,7 @@ from langchain_core.messages import (
 )
 from langchain_core.runnables import RunnableConfig
 
-from persona_plugin.server.errors import OpenAIError, _from_persona_error
+from persona_plugin.server.errors import OpenAIError, _deadline_passed, _from_persona_error
 from persona_plugin.server.protocol import _finish_reason, _usage
 
 log = logging.getLogger(__name__)
@@ -127,15 +127,6 @@ class _Run:
             emit(("error", exc))
 
 
-def _timed_out(timeout: float) -> OpenAIError:
-    return OpenAIError(
-        504,
-        f"The model server did not answer within {timeout:g} s; try again shortly.",
-        type="server_error",
-        code="upstream_timeout",
-    )
-
-
 async def _stream_response(
     run: _Run,
     completion_id: str,
@@ -158,7 +149,7 @@ async def _stream_response(
             with anyio.fail_after(timeout):
                 await limiter.acquire_on_behalf_of(owner)
         except TimeoutError:
-            raise _timed_out(timeout) from None
+            raise _deadline_passed(timeout) from None
 
     def release() -> None:
         if limiter is not None:
@@ -190,7 +181,7 @@ async def _stream_response(
         first = await next_item()
     except TimeoutError:
         stop.set()
-        raise _timed_out(timeout) from None
+        raise _deadline_passed(timeout) from None
     except BaseException:  # cancelled: the client went away before the first token
         stop.set()
         raise
@@ -238,7 +229,7 @@ async def _stream_response(
                 try:
                     item = await next_item()
                 except TimeoutError:
-                    yield _sse(_timed_out(timeout).body())
+                    yield _sse(_deadline_passed(timeout).body())
                     break
             yield "data: [DONE]\n\n"
         finally:

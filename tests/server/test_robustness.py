@@ -12,14 +12,12 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from langchain_core.language_models.fake_chat_models import FakeListChatModel
 
@@ -28,6 +26,7 @@ from persona_plugin.backends import RetryPolicy
 from persona_plugin.backends.vllm import VLLMBackend
 from persona_plugin.chat_models import EchoChatModel
 from persona_plugin.errors import PersonaError
+from tests.server.test_server import running
 
 TOKEN = "tok-robust-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -231,24 +230,6 @@ class SlowModel(FakeListChatModel):
         yield from super()._stream(*args, **kwargs)
 
 
-@contextmanager
-def serving(app: Any) -> Iterator[str]:
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-
-
 def test_a_hung_upstream_gets_a_deadline_and_cannot_starve_the_other_routes(
     store: PersonaStore,
 ) -> None:
@@ -262,7 +243,7 @@ def test_a_hung_upstream_gets_a_deadline_and_cannot_starve_the_other_routes(
         max_concurrent_per_model=2,
     )
     body = {"model": "m", "user": "ana", "messages": [{"role": "user", "content": "hi"}]}
-    with serving(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as client:
         statuses: list[int] = []
 
         def ask() -> None:
