@@ -104,6 +104,15 @@ class Settings(BaseSettings):
         '{"<token>": {"users": ["alice", "bob"]}, "<token>": {"tenant": "acme"}}; a tenant '
         "token acts on user ids acme:...",
     )
+    server_request_timeout: float = Field(
+        120.0, gt=0, description="seconds a chat completion of `persona serve` has in all"
+    )
+    server_max_concurrent: int = Field(
+        16,
+        ge=1,
+        description="chat completions of `persona serve` running at once per model; the rest "
+        "wait, within their deadline",
+    )
     lora_dir: Path | None = Field(
         None, description="LoRA hub: directory of adapter cards; default $PERSONA_HOME/lora"
     )

@@ -232,6 +232,7 @@ def create_app(
 
     # one limiter per served model: its requests run on threads of their own allowance
     limiters = {name: anyio.CapacityLimiter(max_concurrent_per_model) for name in served}
+    app.state.limiters, app.state.request_timeout = limiters, request_timeout
 
     @app.get("/health")
     async def health() -> dict[str, Any]:  # async: no worker thread, so never starved
@@ -445,6 +446,8 @@ def create_app_from_settings(
         default_model=next(iter(models)),
         reflection=reflection,
         close_resources=store.close,
+        request_timeout=settings.server_request_timeout,
+        max_concurrent_per_model=settings.server_max_concurrent,
     )
 
 

@@ -292,3 +292,21 @@ def test_a_stream_gets_the_same_deadline_and_gives_its_allowance_back(
         for _ in range(3):  # one at a time, each handing the allowance back when done
             reply = chat(client, stream=True)
             assert reply.status_code == 200 and reply.text.rstrip().endswith("data: [DONE]")
+
+
+def test_the_deadline_and_the_allowance_come_from_the_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from persona_plugin.config import Settings
+    from persona_plugin.errors import PersonaConfigError
+    from persona_plugin.server import create_app_from_settings
+
+    monkeypatch.setenv("PERSONA_SERVER_TOKENS", json.dumps({TOKEN: {"users": ["ana"]}}))
+    monkeypatch.setenv("PERSONA_SERVER_REQUEST_TIMEOUT", "7.5")
+    monkeypatch.setenv("PERSONA_SERVER_MAX_CONCURRENT", "3")
+    app = create_app_from_settings()
+    assert app.state.request_timeout == 7.5
+    assert [lim.total_tokens for lim in app.state.limiters.values()] == [3]
+    monkeypatch.setenv("PERSONA_SERVER_MAX_CONCURRENT", "0")
+    with pytest.raises(PersonaConfigError, match="server_max_concurrent"):
+        Settings.load()
