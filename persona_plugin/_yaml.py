@@ -174,3 +174,29 @@ def dump_yaml(data: Any) -> str:
     return yaml.dump(
         data, Dumper=SafeDumper, sort_keys=False, allow_unicode=True, default_flow_style=False
     )
+
+
+def load_yaml(text: str, *, source: str) -> Any:
+    """YAML text as plain data, read by :class:`StrictSafeLoader`; every way PyYAML can fail
+    on it is a :class:`PersonaValidationError` naming ``source``."""
+    try:
+        return yaml.load(text, Loader=StrictSafeLoader)
+    except yaml.YAMLError as exc:
+        raise yaml_error(exc, source) from None
+    except RecursionError:
+        raise PersonaValidationError(
+            source, "", "the document is nested too deeply", "Flatten it."
+        ) from None
+    except ValueError as exc:  # a number of thousands of digits, or `!!float abc`
+        raise PersonaValidationError(
+            source, "", f"a number cannot be read: {exc}", "Use a finite number of sane size."
+        ) from None
+    except (TypeError, AttributeError, KeyError, IndexError) as exc:
+        # PyYAML's constructors fail like this on a value that does not fit its explicit
+        # tag (`!!timestamp soon`, `!!bool maybe`) or on an unhashable key
+        raise PersonaValidationError(
+            source,
+            "",
+            f"malformed YAML: a value does not fit its tag or cannot be a key ({exc!r})",
+            "Remove the !!tag, or write the value as plain text.",
+        ) from None

@@ -173,6 +173,10 @@ class PersonaGraph:
             raise AttributeError(name)
         return getattr(compiled, name)
 
+    @property
+    def _checkpointer(self) -> Any:
+        return self.compiled.checkpointer if self.compiled is not None else None
+
     def _persona(self, state: PersonaState) -> Persona:
         persona = self._personas.get((state.get("user_id", ""), state.get("turn_id", "")))
         if persona is None:  # a run resumed from a checkpoint, in another process
@@ -424,7 +428,7 @@ class PersonaGraph:
             user_id,
             store=self.store,
             memory=self.memory,
-            checkpointer=self.compiled.checkpointer if self.compiled is not None else None,
+            checkpointer=self._checkpointer,
             background=self.background,
             retrievers=self._retrievers(),
             timeout=timeout,
@@ -441,7 +445,7 @@ class PersonaGraph:
             user_id,
             store=self.store,
             memory=self.memory,
-            checkpointer=self.compiled.checkpointer if self.compiled is not None else None,
+            checkpointer=self._checkpointer,
         )
 
     def _retrievers(self) -> list[Any]:

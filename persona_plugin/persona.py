@@ -22,7 +22,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -32,12 +31,11 @@ from pydantic import (
 )
 
 from persona_plugin._yaml import (
-    StrictSafeLoader,
     dump_yaml,
     format_path,
+    load_yaml,
     require_mapping,
     validate_document,
-    yaml_error,
 )
 from persona_plugin.errors import PersonaValidationError
 
@@ -507,13 +505,17 @@ def loads(
     decoded = _decode(text, source, limits)
     if fmt == "auto":
         fmt = "json" if decoded.lstrip().startswith("{") else "yaml"
+    data = _load_json(decoded, source) if fmt == "json" else load_yaml(decoded, source=source)
+    if data is None:
+        raise PersonaValidationError(
+            source, "", "document is empty", "Write at least one section, e.g. 'identity: {}'."
+        )
+    return parse_persona(data, source=source, limits=limits)
+
+
+def _load_json(text: str, source: str) -> Any:
     try:
-        if fmt == "json":
-            data = json.loads(
-                decoded, parse_constant=_reject_constant, object_pairs_hook=_unique_keys
-            )
-        else:
-            data = yaml.load(decoded, Loader=StrictSafeLoader)
+        return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
     except RecursionError:
         raise _too_deep(source) from None
     except _DuplicateKeyError as exc:
@@ -527,26 +529,10 @@ def loads(
             f"malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}",
             "Fix the syntax (a linter such as `python -m json.tool` points at it).",
         ) from None
-    except yaml.YAMLError as exc:
-        raise yaml_error(exc, source) from None
-    except (TypeError, AttributeError, KeyError, IndexError) as exc:
-        # PyYAML's constructors fail like this on a value that does not fit its explicit
-        # tag (`!!timestamp soon`, `!!bool maybe`) or on an unhashable key
-        raise PersonaValidationError(
-            source,
-            "",
-            f"malformed YAML: a value does not fit its tag or cannot be a key ({exc!r})",
-            "Remove the !!tag, or write the value as plain text.",
-        ) from None
     except ValueError as exc:  # NaN/Infinity, or a number of thousands of digits
         raise PersonaValidationError(
             source, "", f"a number cannot be read: {exc}", "Use a finite number of sane size."
         ) from None
-    if data is None:
-        raise PersonaValidationError(
-            source, "", "document is empty", "Write at least one section, e.g. 'identity: {}'."
-        )
-    return parse_persona(data, source=source, limits=limits)
 
 
 def _reject_constant(name: str) -> Any:

@@ -56,20 +56,19 @@ def user_threads(checkpointer: Any, user_id: str) -> list[str]:
 
 def _delete_threads(checkpointer: Any, threads: list[str]) -> None:
     conn = getattr(checkpointer, "conn", None)
-    if isinstance(conn, sqlite3.Connection):
-        # SqliteSaver: zero the freed pages, then empty the write-ahead log, so the
-        # thread's messages are gone from the file and not only from the tables
+    # SqliteSaver: zero the freed pages, then empty the write-ahead log, so the threads'
+    # messages are gone from the file and not only from the tables
+    sqlite = isinstance(conn, sqlite3.Connection)
+    if sqlite:
         with checkpointer.lock:
             conn.execute("PRAGMA secure_delete=ON")
-        for thread in threads:
-            checkpointer.delete_thread(thread)
+    for thread in threads:
+        checkpointer.delete_thread(thread)
+    if sqlite:
         with checkpointer.lock:
             busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         if busy and busy[0]:  # a reader held the log: its old pages stay until later
             log.warning("the checkpointer's WAL was busy after deleting threads %s", threads)
-        return
-    for thread in threads:
-        checkpointer.delete_thread(thread)
 
 
 def forget_user(

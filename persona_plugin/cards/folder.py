@@ -19,10 +19,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
-import yaml
-
 from persona_plugin._cache import write_atomically
-from persona_plugin._yaml import StrictSafeLoader, yaml_error
+from persona_plugin._yaml import load_yaml
 from persona_plugin.errors import (
     PersonaNotFoundError,
     PersonaValidationError,
@@ -62,22 +60,7 @@ def parse_card_text(text: str | bytes, *, source: str) -> Any:
             raise PersonaValidationError(
                 source, "", f"not UTF-8 (offset {exc.start})", "Save the card as UTF-8."
             ) from None
-    try:
-        return yaml.load(text, Loader=StrictSafeLoader)
-    except yaml.YAMLError as exc:
-        raise yaml_error(exc, source) from None
-    except RecursionError:
-        raise PersonaValidationError(
-            source, "", "the card is nested too deeply", "Flatten it."
-        ) from None
-    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
-        # PyYAML's constructors fail so on a value that does not fit its !!tag
-        raise PersonaValidationError(
-            source,
-            "",
-            f"malformed YAML: a value does not fit its tag or cannot be a key ({exc!r})",
-            "Remove the !!tag, or write the value as plain text.",
-        ) from None
+    return load_yaml(text, source=source)
 
 
 class CardFolder(Generic[CardT]):

@@ -93,7 +93,6 @@ def reflect_and_save(
             accepted.append(fact)
 
     def update(current: Persona) -> Persona:
-        before = current.content_dict()
         result = apply_operations(
             current,
             output.operations,
@@ -109,7 +108,6 @@ def reflect_and_save(
             updated.memory.short_term = recent[-short_term_window:] if short_term_window else []
         if memory_link is not None and updated.memory.long_term is None:
             updated.memory.long_term = memory_link
-        results["changed"] = updated.content_dict() != before
         return updated
 
     def details() -> dict[str, Any]:
