@@ -100,8 +100,30 @@ def validate_document(
 # -- YAML / JSON text ---------------------------------------------------------------------
 
 
+#: nesting past this stops the composer at once; the persona's own, lower cap
+#: (``persona.MAX_DEPTH``) names the field. Pure-Python composing thousands of levels until
+#: Python's recursion limit took 1.6 s on a loaded 2-core machine.
+MAX_YAML_DEPTH = 100
+
+
+class _TooDeep(Exception):
+    pass
+
+
 class StrictSafeLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that keeps dates as text and refuses duplicate keys."""
+    """``yaml.SafeLoader`` that keeps dates as text, refuses duplicate keys and stops at
+    :data:`MAX_YAML_DEPTH` levels of nesting."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise _TooDeep
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 # Dates would load as datetime objects that JSON cannot hold; a persona keeps them as text.
@@ -183,7 +205,7 @@ def load_yaml(text: str, *, source: str) -> Any:
         return yaml.load(text, Loader=StrictSafeLoader)
     except yaml.YAMLError as exc:
         raise yaml_error(exc, source) from None
-    except RecursionError:
+    except (RecursionError, _TooDeep):
         raise PersonaValidationError(
             source, "", "the document is nested too deeply", "Flatten it."
         ) from None
