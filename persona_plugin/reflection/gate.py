@@ -16,19 +16,19 @@ costs time.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from persona_plugin._linear import LogisticHead, load_head, save_head
 from persona_plugin.config import ASSETS_DIR
-from persona_plugin.errors import PersonaConfigError
 
 GATE_FILE = ASSETS_DIR / "gate" / "reflection-gate.json"
 #: send a turn when P(discloses) is at least this (leans toward sending)
 DEFAULT_THRESHOLD = 0.3
+_REBUILD = "python -m persona_plugin.lab.training.gate"
 
 
 class ReflectionGate:
@@ -42,10 +42,17 @@ class ReflectionGate:
         threshold: float = DEFAULT_THRESHOLD,
         embedder: Any = None,
     ) -> None:
-        self.weights = np.asarray(weights, dtype=np.float32)
-        self.bias = float(bias)
+        self.head = LogisticHead(weights, bias)
         self.threshold = threshold
         self._embedder = embedder
+
+    @property
+    def weights(self) -> np.ndarray:
+        return self.head.weights
+
+    @property
+    def bias(self) -> float:
+        return self.head.bias
 
     @property
     def embedder(self) -> Any:
@@ -59,8 +66,7 @@ class ReflectionGate:
         """P(the turn discloses something about its speaker), one per text."""
         if not texts:
             return np.zeros(0, dtype=np.float32)
-        logits = self.embedder.embed(list(texts)) @ self.weights + self.bias
-        return 1.0 / (1.0 + np.exp(-logits))
+        return self.head.probabilities(self.embedder.embed(list(texts)))
 
     def should_reflect(self, text: str) -> bool:
         return bool(self.probabilities([text])[0] >= self.threshold)
@@ -75,64 +81,28 @@ class ReflectionGate:
         *,
         embedder: Any = None,
         threshold: float = DEFAULT_THRESHOLD,
-        epochs: int = 1500,
-        learning_rate: float = 2.0,
-        l2: float = 1e-3,
+        **fit: Any,
     ) -> ReflectionGate:
-        """Fit a logistic regression by full-batch gradient descent (classes balanced)."""
+        """Fit the logistic head on the texts' embeddings (classes balanced)."""
         if len(texts) != len(labels) or not texts:
             raise ValueError("train needs as many labels as texts, and at least one of each")
-        y = np.asarray(labels, dtype=np.float32)
-        if y.min() == y.max():
-            raise ValueError("train needs both positive and negative examples")
         gate = cls(np.zeros(1), 0.0, threshold=threshold, embedder=embedder)
-        x = gate.embedder.embed(list(texts))
-        # balanced: each class weighs half, however many examples it has
-        sample = np.where(y == 1, 0.5 / y.sum(), 0.5 / (1 - y).sum()).astype(np.float32)
-        w = np.zeros(x.shape[1], dtype=np.float32)
-        b = 0.0
-        for _ in range(epochs):
-            p = 1.0 / (1.0 + np.exp(-(x @ w + b)))
-            error = (p - y) * sample
-            w -= learning_rate * (x.T @ error + l2 * w)
-            b -= learning_rate * float(error.sum())
-        gate.weights, gate.bias = w, b
+        gate.head = LogisticHead.fit(gate.embedder.embed(list(texts)), labels, **fit)
         return gate
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "model": "logistic regression on all-MiniLM-L6-v2 embeddings",
-            "threshold": self.threshold,
-            "bias": round(self.bias, 6),
-            "weights": [round(float(v), 6) for v in self.weights],
-        }
-
     def save(self, path: str | Path = GATE_FILE) -> Path:
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.to_dict()) + "\n")
-        tmp.replace(target)
-        return target
+        return save_head(
+            path,
+            self.head,
+            model="logistic regression on all-MiniLM-L6-v2 embeddings",
+            threshold=self.threshold,
+        )
 
     @classmethod
     def load(
         cls, path: str | Path = GATE_FILE, *, threshold: float | None = None, embedder: Any = None
     ) -> ReflectionGate:
         """The stored gate (default: the one that ships in the package)."""
-        file = Path(path)
-        try:
-            data = json.loads(file.read_text("utf-8"))
-            weights, bias = data["weights"], data["bias"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise PersonaConfigError(
-                f"cannot read the reflection gate {file} ({exc}): rebuild it with "
-                "`python -m persona_plugin.lab.training.gate`."
-            ) from None
-        if len(weights) != 384:
-            raise PersonaConfigError(
-                f"the reflection gate {file} has {len(weights)} weights, not 384: rebuild it "
-                "with `python -m persona_plugin.lab.training.gate`."
-            )
+        head, data = load_head(path, size=384, what="reflection gate", rebuild=_REBUILD)
         chosen = data.get("threshold", DEFAULT_THRESHOLD) if threshold is None else threshold
-        return cls(weights, bias, threshold=chosen, embedder=embedder)
+        return cls(head.weights, head.bias, threshold=chosen, embedder=embedder)
