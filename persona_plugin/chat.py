@@ -10,7 +10,7 @@ wrapped model unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
@@ -21,7 +21,12 @@ from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
 from persona_plugin.config import Settings
 from persona_plugin.errors import PersonaConfigError, PersonaNotFoundError
 from persona_plugin.persona import Persona, validate_user_id
-from persona_plugin.prompt import AssembledPersona, PromptAssembler, token_counter_for
+from persona_plugin.prompt import (
+    AssembledPersona,
+    PromptAssembler,
+    bound_tool_names,
+    token_counter_for,
+)
 from persona_plugin.store import PersonaStore
 
 
@@ -65,11 +70,14 @@ class PersonaInjector:
         *,
         cold_start: bool | Persona = False,
         user_id_key: str = "user_id",
+        tools: Collection[str] = (),
     ) -> None:
         self.store = store
         self.assembler = assembler
         self.cold_start = cold_start
         self.user_id_key = user_id_key
+        #: the tools the model is given: the persona's annotations of these are listed
+        self.tools = set(tools)
 
     def user_id(self, config: RunnableConfig | None) -> str:
         configurable = (config or {}).get("configurable") or {}
@@ -95,7 +103,7 @@ class PersonaInjector:
             return Persona.new(user_id)
 
     def assemble(self, config: RunnableConfig | None) -> AssembledPersona:
-        return self.assembler.assemble(self.persona(self.user_id(config)))
+        return self.assembler.assemble(self.persona(self.user_id(config)), tools=self.tools)
 
     def inject(self, value: LanguageModelInput, config: RunnableConfig) -> list[BaseMessage]:
         messages = _to_messages(value)
@@ -133,6 +141,12 @@ def with_persona(
         assembler = PromptAssembler.from_settings(
             settings, token_counter=token_counter_for(chat_model)
         )
-    injector = PersonaInjector(store, assembler, cold_start=cold_start, user_id_key=user_id_key)
+    injector = PersonaInjector(
+        store,
+        assembler,
+        cold_start=cold_start,
+        user_id_key=user_id_key,
+        tools=bound_tool_names(chat_model),
+    )
     inject = RunnableLambda(injector.inject, name="inject_persona")
     return (inject | chat_model).with_config(run_name="persona_chat")

@@ -53,12 +53,12 @@ from persona_plugin.chat import merge_system_message
 from persona_plugin.chat_models.persona_aware import takes_persona
 from persona_plugin.config import Settings
 from persona_plugin.errors import PersonaConfigError, PersonaNotFoundError, PersonaValidationError
-from persona_plugin.guard import instruction_reason
+from persona_plugin.guard import WITHHELD, instruction_reason
 from persona_plugin.memory.knowledge_base import KnowledgeBaseSearch
 from persona_plugin.persona import Persona, validate_user_id
 from persona_plugin.privacy import Forgotten, export_user, forget_user
-from persona_plugin.prompt import PromptAssembler, token_counter_for
-from persona_plugin.reflection.apply import WITHHELD, ReflectionJob, roll_back
+from persona_plugin.prompt import PromptAssembler, bound_tool_names, token_counter_for
+from persona_plugin.reflection.apply import ReflectionJob, roll_back
 from persona_plugin.reflection.background import BackgroundReflector
 from persona_plugin.reflection.reflector import reflector_for
 from persona_plugin.reflection.types import ReflectionMode, ReflectionModel, ReflectionTurn
@@ -303,18 +303,26 @@ class PersonaGraph:
 
     def assemble(self, state: PersonaState, config: RunnableConfig) -> dict[str, Any]:
         persona = self._persona(state)
-        assembled = self.assembler.assemble(persona, context=state.get("context") or {})
+        assembled = self.assembler.assemble(
+            persona,
+            context=state.get("context") or {},
+            tools=bound_tool_names(self._model(config)),
+        )
         return {"system_prompt": assembled.text}
 
-    def generate(self, state: PersonaState, config: RunnableConfig) -> dict[str, Any]:
+    def _model(self, config: RunnableConfig) -> Any:
+        """The chat model this call asked for (``configurable["model"]``), else the default."""
         name = _configurable(config).get("model")
-        model = self.chat_model
-        if name:
-            if name not in self.models:
-                raise PersonaConfigError(
-                    f"model {name!r} is not configured; choose one of {sorted(self.models)}."
-                )
-            model = self.models[name]
+        if not name:
+            return self.chat_model
+        if name not in self.models:
+            raise PersonaConfigError(
+                f"model {name!r} is not configured; choose one of {sorted(self.models)}."
+            )
+        return self.models[name]
+
+    def generate(self, state: PersonaState, config: RunnableConfig) -> dict[str, Any]:
+        model = self._model(config)
         messages = self._window(state)
         if state.get("system_prompt"):
             messages = merge_system_message(messages, state["system_prompt"])
@@ -386,7 +394,9 @@ class PersonaGraph:
             # recalled turns reach later prompts, so the guard reads them as it reads the
             # persona's short-term window: instructions are withheld, not remembered
             user_text = WITHHELD if instruction_reason(user_msg.text) else user_msg.text
-            reply_text = WITHHELD if instruction_reason(reply.text) else reply.text
+            # a reply to a withheld message is withheld too: it may echo it or comply
+            withheld = user_text == WITHHELD or instruction_reason(reply.text)
+            reply_text = WITHHELD if withheld else reply.text
             self.memory.remember(
                 user_id,
                 [

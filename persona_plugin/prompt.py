@@ -10,28 +10,39 @@ A value therefore cannot start a new line (and pose as a "System:" turn), cannot
 the ``</user_profile>`` block, and cannot spell a chat template's special tokens. The
 only unquoted text templates can print are labels, reduced to letters, digits, spaces
 and ``-``.
+
+The guard reads every value again as it is rendered (and every retrieved item): a value
+that reads as an instruction to the assistant is shown as the guard's "withheld" marker,
+and a retrieved item that does is left out, whatever path it came by (an old version, a
+persona written by hand or imported, a document in a knowledge base). Readings are cached,
+so an unchanged persona costs no second reading.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from jinja2 import BaseLoader, TemplateNotFound, TemplateSyntaxError
 from jinja2.sandbox import SandboxedEnvironment
+from langchain_core.runnables import RunnableBinding
 from pydantic import BaseModel
 
 from persona_plugin.config import DEFAULT_SECTION_PRIORITIES, Settings
 from persona_plugin.errors import PersonaConfigError
+from persona_plugin.guard import instruction_reason, withhold
 from persona_plugin.persona import SECTION_NAMES, Persona
 
 TokenCounter = Callable[[str], int]
+log = logging.getLogger(__name__)
 
 BLOCK_TAG = "user_profile"
 PREAMBLE = (
@@ -58,6 +69,23 @@ RENDER_ORDER: tuple[str, ...] = (
     "pattern",
     "memory",
 )
+
+
+def bound_tool_names(model: Any) -> set[str]:
+    """The names of the tools bound to ``model`` (``model.bind_tools([...])``), looking
+    through every binding; empty for a model with none."""
+    names: set[str] = set()
+    while isinstance(model, RunnableBinding):
+        for tool in model.kwargs.get("tools") or ():
+            if isinstance(tool, Mapping):
+                function = tool.get("function")
+                name = function.get("name") if isinstance(function, Mapping) else tool.get("name")
+            else:
+                name = getattr(tool, "name", None)
+            if isinstance(name, str):
+                names.add(name)
+        model = model.bound
+    return names
 
 
 def estimate_tokens(text: str) -> int:
@@ -133,6 +161,19 @@ def label(value: Any) -> _Label:
 # -- templates ----------------------------------------------------------------------------
 
 
+@lru_cache(maxsize=1)
+def _schema_keys() -> frozenset[str]:
+    """Every field name of the persona's models: keys the schema wrote, not a user."""
+    from persona_plugin import persona as schema
+
+    return frozenset(
+        name
+        for model in vars(schema).values()
+        if isinstance(model, type) and issubclass(model, BaseModel)
+        for name in model.model_fields
+    )
+
+
 class _TemplateLoader(BaseLoader):
     """Overrides first (given strings, then a directory), then the built-in templates."""
 
@@ -168,6 +209,8 @@ class AssembledPersona:
     tokens: int
     included: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
+    #: paths of persona values and retrieved items the guard kept out
+    withheld: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -194,7 +237,9 @@ class PromptAssembler:
         priorities: Mapping[str, int] | None = None,
         token_budget: int = 1024,
         token_counter: TokenCounter | None = None,
+        guard: bool = True,
     ) -> None:
+        self.guard = guard
         self.priorities = {**DEFAULT_SECTION_PRIORITIES, **(priorities or {})}
         self.token_budget = token_budget
         self.token_counter = token_counter or estimate_tokens
@@ -257,7 +302,7 @@ class PromptAssembler:
 
     # -- rendering ------------------------------------------------------------------------
 
-    def render_sections(self, persona: Persona) -> list[_Block]:
+    def render_sections(self, persona: Persona, *, tools: Collection[str] = ()) -> list[_Block]:
         blocks: list[_Block] = []
         for name in RENDER_ORDER:
             section: BaseModel = getattr(persona, name)
@@ -274,9 +319,13 @@ class PromptAssembler:
             if body:
                 text = f"## {label(ext_name)}\n{body}"
                 blocks.append(_Block(f"extensions.{ext_name}", self.priorities["extensions"], text))
-        if persona.tools:
-            tools = {name: t.model_dump(mode="json") for name, t in persona.tools.items()}
-            body = self._render("tools", s=tools, extras={})
+        # only tools the model can call are listed: a knowledge base is searched for it, and
+        # its results, not its name, are what the model gets
+        usable = {
+            name: t.model_dump(mode="json") for name, t in persona.tools.items() if name in tools
+        }
+        if usable:
+            body = self._render("tools", s=usable, extras={})
             if body:
                 blocks.append(
                     _Block("tools", self.priorities["tools"], f"## {_HEADINGS['tools']}\n{body}")
@@ -299,27 +348,39 @@ class PromptAssembler:
         *,
         context: Mapping[str, Sequence[Any]] | None = None,
         token_budget: int | None = None,
+        tools: Collection[str] = (),
     ) -> AssembledPersona:
         """The persona block, within ``token_budget`` tokens (default: the assembler's).
 
         ``context`` maps a source name (e.g. ``"memory"``, ``"knowledge_base"``) to the
-        items a tool returned for this turn; they are quoted like persona values.
+        items a tool returned for this turn; they are quoted like persona values. ``tools``
+        names the tools the model is given (see :func:`bound_tool_names`): the persona's
+        annotations of those are listed, no others.
         """
         budget = self.token_budget if token_budget is None else token_budget
-        blocks = self.render_sections(persona)
+        withheld: list[str] = []
+        if self.guard:
+            persona, withheld = self._guarded(persona)
+        blocks = self.render_sections(persona, tools=tools)
         for source, items in (context or {}).items():
+            if self.guard:
+                kept_items = [i for i in items if not instruction_reason(str(i))]
+                withheld += [f"context.{source}[{n}]" for n in range(len(kept_items), len(items))]
+                items = kept_items
             if items:
                 lines = "\n".join(f"- {quote(item)}" for item in items)
                 text = f"## Retrieved: {label(source)}\n{lines}"
                 blocks.append(_Block(f"context.{source}", self.priorities["context"], text))
         if not blocks:
             text = self._wrap("")
-            return AssembledPersona(text=text, tokens=self.token_counter(text))
+            return AssembledPersona(text=text, tokens=self.token_counter(text), withheld=withheld)
         # drop lowest priority first; among equals, the later-rendered block goes first
         order = sorted(range(len(blocks)), key=lambda i: (blocks[i].priority, -i))
         if self.token_counter(self._wrap(None)) > budget:
             # not even the frame fits: send nothing rather than break the budget
-            return AssembledPersona(text="", tokens=0, dropped=[blocks[i].name for i in order])
+            return AssembledPersona(
+                text="", tokens=0, dropped=[blocks[i].name for i in order], withheld=withheld
+            )
         kept = set(range(len(blocks)))
         dropped: list[int] = []
 
@@ -354,7 +415,23 @@ class PromptAssembler:
             tokens=tokens,
             included=[blocks[i].name for i in sorted(kept)],
             dropped=[blocks[i].name for i in dropped],
+            withheld=withheld,
         )
+
+    @staticmethod
+    def _guarded(persona: Persona) -> tuple[Persona, list[str]]:
+        """``persona`` with what the guard reads as instructions withheld."""
+        # what the app's code sets (tool annotations, the memory link, meta) is not user
+        # text; reflection cannot write it
+        data = persona.model_dump(mode="json", exclude={"meta", "tools"})
+        link = data["memory"].pop("long_term", None)
+        cleaned, withheld = withhold(data, known_keys=_schema_keys())
+        if not withheld:
+            return persona, []
+        log.warning("guard withheld %s from the prompt of %s", withheld, persona.meta.user_id)
+        cleaned["memory"]["long_term"] = link
+        kept = {"meta": persona.meta.model_dump(), "tools": persona.model_dump()["tools"]}
+        return persona.model_validate({**cleaned, **kept}), withheld
 
     @staticmethod
     def _wrap(body: str | None) -> str:

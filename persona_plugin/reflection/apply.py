@@ -18,9 +18,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from persona_plugin.guard import instruction_reason
+from persona_plugin.guard import WITHHELD, instruction_reason
 from persona_plugin.persona import Persona, Turn
 from persona_plugin.reflection.optimizer import (
+    EVIDENCE_WITHHELD,
     apply_operations,
 )
 from persona_plugin.reflection.types import (
@@ -32,9 +33,6 @@ from persona_plugin.reflection.types import (
 from persona_plugin.store import PersonaStore, VersionRecord
 
 log = logging.getLogger(__name__)
-
-
-WITHHELD = "(withheld: the message read as instructions to the assistant)"
 
 
 def _guarded(turn: Turn) -> Turn:
@@ -66,7 +64,13 @@ def reflect_and_save(
         persona = store.get(user_id)
     except Exception:
         persona = Persona.new(user_id)
-    call = reflector.call(persona, turns)
+    # a turn the guard reads as instructions is not shown to the reflection (it cannot
+    # steer it), and nothing citing it is learned, however the reflection words it
+    withheld = {t.turn_id for t in turns if instruction_reason(t.user)}
+    shown = [
+        ReflectionTurn(t.turn_id, WITHHELD, WITHHELD) if t.turn_id in withheld else t for t in turns
+    ]
+    call = reflector.call(persona, shown)
     outcome = ReflectionOutcome(
         user_id=user_id, turn_ids=sorted(turn_ids), token_usage=call.token_usage
     )
@@ -85,6 +89,8 @@ def reflect_and_save(
         reason = instruction_reason(fact.text)
         if reason:
             refused_facts.append({"text": fact.text, "reason": f"guard: {reason}"})
+        elif set(fact.evidence) & withheld:
+            refused_facts.append({"text": fact.text, "reason": f"guard: {EVIDENCE_WITHHELD}"})
         elif not fact.evidence or not set(fact.evidence) <= turn_ids:
             refused_facts.append(
                 {"text": fact.text, "reason": "evidence must cite this reflection's turns"}
@@ -99,6 +105,7 @@ def reflect_and_save(
             turn_ids=turn_ids,
             min_confidence=reflector.min_confidence,
             limits=reflector.limits,
+            withheld_turns=withheld,
         )
         results["last"] = result
         updated = result.persona

@@ -24,6 +24,9 @@ from persona_plugin.errors import PersonaValidationError
 from persona_plugin.guard import find_instruction
 from persona_plugin.persona import DEFAULT_LIMITS, Persona, PersonaLimits, parse_persona
 
+#: why an operation or fact citing a withheld turn is refused
+EVIDENCE_WITHHELD = "its evidence is a turn that read as instructions to the assistant"
+
 # where reflection may write; meta, tools, identity.user_id and the memory link and
 # short-term window are the store's and the app's, not the model's
 WRITABLE_ROOTS = (
@@ -184,8 +187,13 @@ def apply_operations(
     turn_ids: set[str],
     min_confidence: float = 0.6,
     limits: PersonaLimits = DEFAULT_LIMITS,
+    withheld_turns: set[str] | frozenset[str] = frozenset(),
 ) -> OptimizerResult:
-    """Apply every operation that passes the checks, one at a time, to a copy."""
+    """Apply every operation that passes the checks, one at a time, to a copy.
+
+    ``withheld_turns`` are turns the guard read as instructions to the assistant: nothing
+    citing one is learned, whatever words the reflection chose for it.
+    """
     # the compact form, as the store saves and measures it: the document cap must not
     # count the empty defaults a full dump carries
     data = persona.to_dict()
@@ -207,6 +215,9 @@ def apply_operations(
             refused.append(
                 RefusedOperation(operation=op, reason="evidence must cite this reflection's turns")
             )
+            continue
+        if set(op.evidence) & withheld_turns:
+            refused.append(RefusedOperation(operation=op, reason=f"guard: {EVIDENCE_WITHHELD}"))
             continue
         # the path's keys are rendered into the prompt as labels, so the guard reads them too
         reason = (

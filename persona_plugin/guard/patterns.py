@@ -1,18 +1,15 @@
-"""The guard: text that instructs the assistant never becomes part of a persona.
+"""The guard's patterns: chat-template markup, role labels, overrides, jailbreak words.
 
-A persona describes the user in the third person. A value that addresses the assistant
-("ignore previous instructions", "you are now ...", "from now on respond only ..."), that
-carries chat-template role tags, or that looks like a system prompt is an attempt to
-smuggle instructions into every future prompt, whoever wrote it: the user, a document,
-or the reflection model itself. The guard is a list of patterns on purpose: it is
-predictable, fast, and its refusals are explainable in the version history.
+Predictable and explainable: a pattern's name is the reason written into the version
+history. Text is normalised first (NFKC, invisible format characters removed) and read
+again with Cyrillic and Greek look-alike letters folded to Latin, so "іgnore prеvious
+іnstructions" spelled with Cyrillic letters is still read.
 """
 
 from __future__ import annotations
 
 import re
 import unicodedata
-from typing import Any
 
 _PATTERNS: list[tuple[str, re.Pattern[str]]] = [
     (name, re.compile(pattern, re.IGNORECASE))
@@ -71,7 +68,8 @@ _PATTERNS: list[tuple[str, re.Pattern[str]]] = [
 ]
 
 
-def _normalise(text: str) -> str:
+def normalise(text: str) -> str:
+    """NFKC, without invisible format characters: what the patterns and features read."""
     # full-width and other compatibility forms must not slip past the patterns, nor must
     # invisible format characters (zero-width spaces and joiners, soft hyphens, bidi
     # controls, tag characters: Unicode category Cf) split a word
@@ -88,33 +86,30 @@ _HOMOGLYPHS = str.maketrans(
 )
 
 
-def instruction_reason(text: str) -> str | None:
-    """Why ``text`` reads as an instruction to the assistant, or ``None`` if it does not."""
-    clean = _normalise(text)
-    variants = [clean]
-    # keys such as "ignore_previous_instructions" are rendered as words ("Ignore previous
-    # instructions"), so they are read as words too (role tags keep their underscores)
-    for variant in (clean.replace("_", " "), clean.translate(_HOMOGLYPHS)):
-        if variant not in variants:
-            variants.append(variant)
+PATTERN_NAMES: tuple[str, ...] = tuple(name for name, _ in _PATTERNS)
+#: patterns that refuse on their own: chat-template markup is never data about a user
+DECISIVE = {"role tag"}
+
+
+def as_read(text: str) -> str:
+    """The text as the classifier reads it: normalised, ``_`` read as a space (keys such as
+    "ignore_previous_instructions" render as words)."""
+    return normalise(text).replace("_", " ")
+
+
+def pattern_flags(text: str) -> tuple[list[float], str | None]:
+    """One flag per pattern (1.0 where it matches), and a decisive reason if there is one."""
+    clean = normalise(text)
+    # role tags keep their underscores, so the raw normalised text is read as well
+    plain_texts = (clean, clean.replace("_", " "))
+    folded_text = clean.translate(_HOMOGLYPHS)
+    flags: list[float] = []
+    decisive: str | None = None
     for name, pattern in _PATTERNS:
-        if any(pattern.search(variant) for variant in variants):
-            return name
-    return None
-
-
-def find_instruction(value: Any) -> str | None:
-    """The guard's reason for the first instruction-like string anywhere in ``value``."""
-    if isinstance(value, str):
-        return instruction_reason(value)
-    if isinstance(value, dict):
-        for key, item in value.items():
-            reason = find_instruction(key) or find_instruction(item)
-            if reason:
-                return reason
-    if isinstance(value, list):
-        for item in value:
-            reason = find_instruction(item)
-            if reason:
-                return reason
-    return None
+        plain = any(pattern.search(t) for t in plain_texts)
+        folded = not plain and folded_text != clean and bool(pattern.search(folded_text))
+        flags.append(1.0 if plain or folded else 0.0)
+        if decisive is None and (folded or (plain and name in DECISIVE)):
+            # Latin words spelled with Cyrillic or Greek letters are written to slip by
+            decisive = f"{name} (look-alike letters)" if folded else name
+    return flags, decisive
