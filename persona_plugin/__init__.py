@@ -38,6 +38,7 @@ if TYPE_CHECKING:
         build_persona_graph_from_settings,
         make_checkpointer,
     )
+    from persona_plugin.interactions import InteractionLog, record_reply_feedback
     from persona_plugin.memory.long_term import LongTermMemory
     from persona_plugin.reflection.reflector import Reflector
     from persona_plugin.server.app import create_app
@@ -51,6 +52,8 @@ _LAZY = {
     "build_persona_graph": "persona_plugin.graph",
     "build_persona_graph_from_settings": "persona_plugin.graph",
     "make_checkpointer": "persona_plugin.graph",
+    "InteractionLog": "persona_plugin.interactions",
+    "record_reply_feedback": "persona_plugin.interactions",
     "LongTermMemory": "persona_plugin.memory.long_term",
     "Reflector": "persona_plugin.reflection.reflector",
     "create_app": "persona_plugin.server.app",
@@ -71,6 +74,7 @@ __all__ = [
     "AssembledPersona",
     "Change",
     "Forgotten",
+    "InteractionLog",
     "LongTermMemory",
     "MBRChatModel",
     "MultiLoraChatModel",
@@ -99,5 +103,6 @@ __all__ = [
     "load",
     "loads",
     "make_checkpointer",
+    "record_reply_feedback",
     "with_persona",
 ]

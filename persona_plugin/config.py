@@ -92,6 +92,16 @@ class Settings(BaseSettings):
     short_term_window: int = Field(
         10, ge=0, le=200, description="recent turns kept in the persona's memory section"
     )
+    log: bool = Field(
+        True,
+        description="keep the interaction log (every turn and its feedback) in the store's "
+        "database",
+    )
+    log_retention_days: float | None = Field(
+        None,
+        gt=0,
+        description="drop logged turns and their feedback after this many days; empty: keep",
+    )
     history_tokens: int = Field(
         2000,
         ge=0,
