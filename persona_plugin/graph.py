@@ -29,8 +29,10 @@ One turn's persona is parsed once, in ``load_persona``; later nodes reuse that o
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import sqlite3
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -54,6 +56,7 @@ from persona_plugin.chat_models.persona_aware import takes_persona
 from persona_plugin.config import Settings
 from persona_plugin.errors import PersonaConfigError, PersonaNotFoundError, PersonaValidationError
 from persona_plugin.guard import WITHHELD, instruction_reason
+from persona_plugin.interactions import InteractionLog
 from persona_plugin.memory.knowledge_base import KnowledgeBaseSearch
 from persona_plugin.persona import Persona, validate_user_id
 from persona_plugin.privacy import Forgotten, export_user, forget_user
@@ -87,6 +90,14 @@ class PersonaState(TypedDict, total=False):
 
 def _configurable(config: RunnableConfig | None) -> dict[str, Any]:
     return dict((config or {}).get("configurable") or {})
+
+
+def _guarded_turn(user_text: str, reply_text: str) -> tuple[str, str]:
+    """The turn as memory and the log keep it: a message the guard reads as instructions is
+    withheld, and so is the reply to it (it may echo it or comply)."""
+    said = WITHHELD if instruction_reason(user_text) else user_text
+    withheld = said == WITHHELD or instruction_reason(reply_text)
+    return said, WITHHELD if withheld else reply_text
 
 
 def _turn_text(memory_text: str) -> str:
@@ -132,6 +143,7 @@ class PersonaGraph:
         cold_start: bool = True,
         mbr_n: int = 0,
         preference_hub: Any = None,
+        interactions: Any = True,
     ) -> None:
         if reflection not in MODES:
             raise PersonaConfigError(f"reflection mode {reflection!r} is not one of {MODES}")
@@ -150,6 +162,10 @@ class PersonaGraph:
         self.cold_start = cold_start
         self.mbr_n = _check_mbr_n(mbr_n)
         self.preference_hub = preference_hub
+        #: the interaction log (default: in the store's database; ``None`` or ``False``: off)
+        self.interactions = (
+            InteractionLog.on(store) if interactions is True else interactions or None
+        )
         self._mbr_models: dict[tuple[int, int], Any] = {}
         self.knowledge_bases = KnowledgeBaseSearch(getattr(memory, "client", None))
         # this turn's parsed persona, by turn id: the state holds it as plain data (what a
@@ -329,12 +345,22 @@ class PersonaGraph:
         mbr_n = _check_mbr_n(_configurable(config).get("mbr_n", self.mbr_n))
         if mbr_n:
             model = self._mbr_model(model, mbr_n)
+        started = time.perf_counter()
+        persona = self._persona(state)
         if takes_persona(model):
             # the adapter mixture follows the persona (its user id and version key the
             # retriever's cache, so an updated persona is retrieved afresh)
-            reply = model.invoke(messages, config, persona=self._persona(state))
+            reply = model.invoke(messages, config, persona=persona)
         else:
             reply = model.invoke(messages, config)
+        # the turn id comes back with the reply: feedback on it names the turn
+        tag = {
+            "turn_id": state["turn_id"],
+            "persona_version": persona.meta.version,
+            "latency_ms": round(1000 * (time.perf_counter() - started), 3),
+        }
+        metadata = {**(getattr(reply, "response_metadata", None) or {}), "persona": tag}
+        reply = reply.model_copy(update={"response_metadata": metadata})
         return {"messages": [reply]}
 
     def _mbr_model(self, model: Any, n: int) -> Any:
@@ -393,10 +419,7 @@ class PersonaGraph:
             now = datetime.now(UTC)
             # recalled turns reach later prompts, so the guard reads them as it reads the
             # persona's short-term window: instructions are withheld, not remembered
-            user_text = WITHHELD if instruction_reason(user_msg.text) else user_msg.text
-            # a reply to a withheld message is withheld too: it may echo it or comply
-            withheld = user_text == WITHHELD or instruction_reason(reply.text)
-            reply_text = WITHHELD if withheld else reply.text
+            user_text, reply_text = _guarded_turn(user_msg.text, reply.text)
             self.memory.remember(
                 user_id,
                 [
@@ -416,6 +439,8 @@ class PersonaGraph:
                     },
                 ],
             )
+        if self.interactions is not None and replied:
+            self._log_turn(state, config, user_msg.text, reply)
         if not self.store.exists(user_id):
             # cold start with no reflection yet: the user gets version 1 now
             persona = self._persona(state).model_copy(deep=True)
@@ -427,6 +452,36 @@ class PersonaGraph:
                 log.info("persona of %s created concurrently: %s", user_id, exc)
         self._personas.pop((user_id, turn_id), None)
         return {"persona_exists": True}
+
+    def _log_turn(
+        self, state: PersonaState, config: RunnableConfig, user_text: str, reply: Any
+    ) -> None:
+        """The turn into the interaction log, as the guard let memory keep it, with what
+        produced the reply (the persona version, model, adapters, MBR candidates, tokens)."""
+        said, answered = _guarded_turn(user_text, reply.text)
+        metadata = getattr(reply, "response_metadata", None) or {}
+        tag = metadata.get("persona") or {}
+        details: dict[str, Any] = {}
+        for key in ("adapters", "retrieved", "mbr", "backend"):
+            if metadata.get(key) is not None:
+                details[key] = metadata[key]
+        if getattr(reply, "usage_metadata", None):
+            details["tokens"] = dict(reply.usage_metadata)
+        configurable = _configurable(config)
+        try:
+            self.interactions.record_turn(
+                state["user_id"],
+                state["turn_id"],
+                user_text=said,
+                reply_text=answered or "(a tool call)",
+                thread_id=configurable.get("thread_id"),
+                persona_version=tag.get("persona_version"),
+                model=configurable.get("model") or type(self.chat_model).__name__,
+                latency_ms=tag.get("latency_ms"),
+                details=json.loads(json.dumps(details, default=str)),
+            )
+        except Exception as exc:  # the log must not cost the user the reply
+            log.warning("turn %s of %s not logged: %s", state["turn_id"], state["user_id"], exc)
 
     # -- the app's handle -----------------------------------------------------------------
 
@@ -442,6 +497,7 @@ class PersonaGraph:
             background=self.background,
             retrievers=self._retrievers(),
             timeout=timeout,
+            interactions=self.interactions,
         )
 
     def rollback(self, user_id: str, to_version: int, *, reason: str = "") -> VersionRecord:
@@ -456,6 +512,7 @@ class PersonaGraph:
             store=self.store,
             memory=self.memory,
             checkpointer=self._checkpointer,
+            interactions=self.interactions,
         )
 
     def _retrievers(self) -> list[Any]:
@@ -559,9 +616,16 @@ def build_persona_graph_from_settings(
 
     settings = settings or Settings.load()
     model = chat_model or resolve_chat_model(settings.chat_model, settings)
+    store = PersonaStore.from_settings(settings)
+    interactions = (
+        InteractionLog.on(store, retention_days=settings.log_retention_days)
+        if settings.log
+        else None
+    )
     return build_persona_graph(
         model,
-        store=PersonaStore.from_settings(settings),
+        store=store,
+        interactions=interactions,
         memory=LongTermMemory.from_settings(settings),
         checkpointer=checkpointer,
         assembler=PromptAssembler.from_settings(settings, token_counter=token_counter_for(model)),

@@ -39,9 +39,11 @@ class Forgotten:
     versions: int
     memory_items: int
     threads: int = 0
+    #: rows of the interaction log (turns and feedback)
+    logged: int = 0
 
     def __bool__(self) -> bool:
-        return bool(self.versions or self.memory_items or self.threads)
+        return bool(self.versions or self.memory_items or self.threads or self.logged)
 
 
 def user_threads(checkpointer: Any, user_id: str) -> list[str]:
@@ -80,17 +82,20 @@ def forget_user(
     background: Any = None,
     retrievers: Iterable[Any] = (),
     timeout: float | None = 120,
+    interactions: Any = None,
 ) -> Forgotten:
     """Delete every trace of ``user_id`` the project controls; what went.
 
     ``background`` (a :class:`~persona_plugin.reflection.background.BackgroundReflector`)
     has the user's queued reflection run first; ``retrievers`` (LoRA or preference
-    retrievers) drop their cached results for the user.
+    retrievers) drop their cached results for the user. The interaction log in the store's
+    database goes too (``interactions``: another one).
     """
     validate_user_id(user_id)
     if background is not None and not background.drain(timeout, user_id=user_id):
         log.warning("forgetting %s: background reflections still running", user_id)
     items = memory.delete_user(user_id) if memory is not None else 0
+    logged = _log_of(store, interactions).delete_user(user_id)
     threads = user_threads(checkpointer, user_id)
     if threads:
         _delete_threads(checkpointer, threads)
@@ -100,19 +105,32 @@ def forget_user(
         versions = 0
     for retriever in retrievers:
         retriever.forget(user_id)
-    return Forgotten(versions=versions, memory_items=items, threads=len(threads))
+    return Forgotten(versions=versions, memory_items=items, threads=len(threads), logged=logged)
+
+
+def _log_of(store: Any, interactions: Any) -> Any:
+    from persona_plugin.interactions import InteractionLog
+
+    return interactions if interactions is not None else InteractionLog.on(store)
 
 
 def export_user(
-    user_id: str, *, store: Any, memory: Any = None, checkpointer: Any = None
+    user_id: str,
+    *,
+    store: Any,
+    memory: Any = None,
+    checkpointer: Any = None,
+    interactions: Any = None,
 ) -> dict[str, Any]:
     """Everything kept about ``user_id``, as JSON-ready data: every persona version with
-    its record, every long-term memory item, and the messages of every thread.
+    its record, every long-term memory item, the messages of every thread, and the
+    interaction log (turns and feedback).
 
     Raises :class:`~persona_plugin.errors.PersonaNotFoundError` when nothing is kept.
     """
     validate_user_id(user_id)
     items = memory.get(user_id) if memory is not None else []
+    logged = _log_of(store, interactions).export_user(user_id)
     threads = {}
     for thread in user_threads(checkpointer, user_id):
         saved = checkpointer.get_tuple({"configurable": {"thread_id": thread}})
@@ -126,9 +144,10 @@ def export_user(
     try:
         data = store.export(user_id)
     except PersonaNotFoundError:
-        if not items and not threads:
+        if not items and not threads and not logged["turns"]:
             raise
         data = {"user_id": user_id, "exported_at": utc_now(), "versions": []}
     data["memory"] = [item.model_dump(mode="json") for item in items]
     data["threads"] = threads
+    data["interactions"] = logged
     return data
