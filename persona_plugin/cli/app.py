@@ -290,7 +290,10 @@ def chat(
 ) -> None:
     """Chat as USER with the configured model; after each turn, the persona diff.
 
-    Type /quit (or end the input) to leave. Offline by default: PERSONA_CHAT_MODEL=echo,
+    Type /quit (or end the input) to leave. Feedback on the last reply goes to the
+    interaction log: /good [comment], /bad [comment], /edit [the better reply] (asked for
+    when not given), /again (asks again; the last reply counts as lost). Offline by
+    default: PERSONA_CHAT_MODEL=echo,
     which cannot reflect, so reflection is off unless another model is configured
     (PERSONA_CHAT_MODEL=local: the local model with LoRA adapters chosen from the persona).
     After each reply: the adapters retrieved for it and, with MBR on, the preference
@@ -311,7 +314,11 @@ def chat(
     )
     store = graph.store
     config = {"configurable": {"user_id": user_id, "thread_id": thread, "reflection": mode}}
-    out.print(f"chatting as '{user_id}' with {settings.chat_model} (reflection: {mode}); /quit")
+    out.print(
+        f"chatting as '{user_id}' with {settings.chat_model} (reflection: {mode}); "
+        "/good /bad /edit /again on a reply; /quit"
+    )
+    last: tuple[str, str] | None = None  # (turn id, what the user said)
     try:
         while True:
             try:
@@ -322,9 +329,17 @@ def chat(
                 break
             if not line.strip():
                 continue
+            command, _, rest = line.strip().partition(" ")
+            if command in _FEEDBACK_COMMANDS:
+                again = _chat_feedback(graph, user_id, last, command, rest.strip())
+                if again is None:
+                    continue
+                line = again
             before = store.current_version(user_id)
             result = graph.invoke({"messages": [("user", line)]}, config)
             reply = result["messages"][-1]
+            turn_id = (reply.response_metadata.get("persona") or {}).get("turn_id")
+            last = (turn_id, line) if turn_id else None
             out.print(Text(f"assistant> {reply.text}", style="magenta"))
             for line in describe_reply(reply.response_metadata):
                 out.print(Text(f"  {line}", style="dim"))
@@ -342,6 +357,41 @@ def chat(
                     out.print(Text(f"  {change.describe()}", style=_STYLES[change.op]))
     finally:
         graph.close()
+
+
+_FEEDBACK_COMMANDS = ("/good", "/bad", "/edit", "/again")
+
+
+def _chat_feedback(
+    graph: Any, user_id: str, last: tuple[str, str] | None, command: str, rest: str
+) -> str | None:
+    """Record ``command`` on the last reply; the message to send again for ``/again``."""
+    if last is None or graph.interactions is None:
+        out.print(Text("no reply to give feedback on yet", style="yellow"))
+        return None
+    turn_id, said = last
+    if command in ("/good", "/bad"):
+        rating = 1 if command == "/good" else -1
+        graph.interactions.record_feedback(
+            user_id, turn_id, "rating", rating=rating, comment=rest or None
+        )
+        out.print(Text(f"noted: {'good' if rating > 0 else 'bad'} ({turn_id})", style="dim"))
+        return None
+    if command == "/edit":
+        text = rest
+        if not text:
+            try:
+                text = input("better reply> ").strip()
+            except EOFError:
+                text = ""
+        if not text:
+            out.print(Text("nothing recorded: /edit needs the better reply", style="yellow"))
+            return None
+        graph.interactions.record_feedback(user_id, turn_id, "edit", text=text)
+        out.print(Text(f"noted: your edit of {turn_id}", style="dim"))
+        return None
+    graph.interactions.record_feedback(user_id, turn_id, "regenerate")
+    return said
 
 
 def describe_reply(metadata: dict[str, Any]) -> list[str]:

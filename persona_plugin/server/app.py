@@ -48,6 +48,7 @@ from persona_plugin.errors import (
     PersonaNotFoundError,
     PersonaValidationError,
 )
+from persona_plugin.interactions import TurnNotFoundError, TurnOwnedElsewhereError
 from persona_plugin.persona import validate_user_id
 from persona_plugin.prompt import token_counter_for
 from persona_plugin.server.auth import Authenticated, TokenGrant, parse_tokens
@@ -64,6 +65,7 @@ from persona_plugin.server.protocol import (
     PARAMS_KEY,
     USER_HEADER,
     ChatCompletionRequest,
+    FeedbackRequest,
     _check_supported,
     _finish_reason,
     _params_aware,
@@ -332,6 +334,47 @@ def create_app(
             "usage": run.usage(reply, state.get("system_prompt")),
             "system_fingerprint": None,
         }
+
+    @app.post("/v1/feedback")
+    async def record_feedback(request: Request, grant: Authenticated) -> dict[str, Any]:
+        """Feedback on a turn: ``rating`` (+1/-1, ``comment``), ``edit`` (``text``: the
+        corrected reply), ``regenerate``, ``choice`` (the index of an MBR candidate). The
+        turn id is the completion's ``id``."""
+        body = await _read_json(request, max_body_bytes)
+        try:
+            req = FeedbackRequest.model_validate(body)
+        except ValidationError as exc:
+            raise _validation_error(exc.errors(include_url=False)) from None
+        user_id = req.user or request.headers.get(USER_HEADER)
+        if not user_id:
+            raise _bad(
+                f"Missing required parameter: 'user' (or the {USER_HEADER} header).",
+                "user",
+                "missing_required_parameter",
+            )
+        authorize(grant, user_id, "user")
+        if nodes.interactions is None:
+            raise OpenAIError(404, "This server keeps no interaction log.", type="not_found_error")
+        fields = req.model_dump(include={"rating", "comment", "text", "choice"})
+        try:
+            event = await anyio.to_thread.run_sync(
+                lambda: nodes.interactions.record_feedback(user_id, req.turn_id, req.kind, **fields)
+            )
+        except TurnOwnedElsewhereError:
+            raise OpenAIError(
+                403,
+                f"Turn {req.turn_id!r} is not one of {user_id!r}'s turns.",
+                type="permission_error",
+                param="turn_id",
+                code="turn_not_owned",
+            ) from None
+        except TurnNotFoundError as exc:
+            raise OpenAIError(
+                404, str(exc), type="not_found_error", param="turn_id", code="turn_not_found"
+            ) from None
+        except PersonaValidationError as exc:
+            raise _from_persona_error(exc) from None
+        return {"object": "feedback", **event.model_dump(mode="json")}
 
     # -- persona routes -------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import Request
 from langchain_core.messages import (
@@ -29,7 +29,7 @@ from langchain_core.messages import (
     SystemMessage,
 )
 from langchain_core.runnables import RunnableConfig, RunnableLambda
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from persona_plugin.server.errors import _bad, _too_large
 
@@ -289,3 +289,17 @@ async def _read_json(request: Request, max_bytes: int) -> Any:
         ) from None
     except ValueError as exc:  # a number of thousands of digits
         raise _bad(f"The JSON body holds a number that cannot be read: {exc}", None) from None
+
+
+class FeedbackRequest(BaseModel):
+    """``POST /v1/feedback``: feedback on one turn (a completion's ``id`` is its turn id)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    turn_id: str = Field(min_length=1, max_length=200)
+    kind: Literal["rating", "edit", "regenerate", "choice"]
+    rating: StrictInt | None = None
+    comment: str | None = None
+    text: str | None = None
+    choice: StrictInt | None = None
+    user: str | None = None

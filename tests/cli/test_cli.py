@@ -675,3 +675,29 @@ def test_history_takes_a_limit_and_hides_versions_that_changed_nothing(run, alic
     assert "persona init" in shown.out  # version 1 is where the persona began
     latest = run("history", "alice", "--limit", "1")
     assert "tango" in latest.out and "persona init" not in latest.out
+
+
+def test_chat_feedback_commands_reach_the_interaction_log(tmp_path: Path) -> None:
+    result = run_exe(
+        "chat",
+        "erin",
+        stdin=b"/good\nHello there\n/good nice\n/bad too stiff\n/edit Hi!\n/again\n/quit\n",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "no reply to give feedback on yet" in result.stdout
+    # /again sent the message once more
+    assert result.stdout.count('assistant> You said: "Hello there"') == 2
+    from persona_plugin import PersonaStore, Settings
+    from persona_plugin.interactions import InteractionLog
+
+    with PersonaStore.from_settings(Settings.load()) as store:
+        log = InteractionLog.on(store)
+        first, second = log.turns("erin")
+        assert first.user_text == second.user_text == "Hello there"
+        events = [(e.turn_id, e.kind, e.rating, e.comment, e.text) for e in log.feedback("erin")]
+    assert events == [
+        (first.turn_id, "rating", 1, "nice", None),
+        (first.turn_id, "rating", -1, "too stiff", None),
+        (first.turn_id, "edit", None, None, "Hi!"),
+        (first.turn_id, "regenerate", None, None, None),
+    ]

@@ -39,10 +39,12 @@ from persona_plugin.config import Settings
 from persona_plugin.embeddings.minilm import MiniLMEmbeddingFunction
 from persona_plugin.errors import PersonaConfigError
 from persona_plugin.graph import build_persona_graph
+from persona_plugin.interactions import InteractionLog
 from persona_plugin.memory.long_term import LongTermMemory
 from persona_plugin.persona import Persona
 from persona_plugin.reflection.reflector import Reflector
 from persona_plugin.server.app import create_app, create_app_from_settings
+from persona_plugin.server.protocol import USER_HEADER
 from persona_plugin.store import PersonaStore
 from tests.paths import REPO
 
@@ -859,3 +861,84 @@ def test_persona_serve_without_tokens_says_what_to_set(tmp_path: Path) -> None:
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "PERSONA_SERVER_TOKENS" in done.stderr and "Traceback" not in done.stderr
+
+
+# -- feedback -----------------------------------------------------------------------------
+
+
+def test_feedback_on_a_completion_is_logged_for_its_user(server: str, store: PersonaStore) -> None:
+    _seed_alice(store)
+    completion = _client(server).chat.completions.create(
+        model="recorder", messages=HISTORY, user="alice"
+    )
+    log = InteractionLog.on(store)
+    (turn,) = log.turns("alice")
+    # the completion's id is the turn's id, and the turn says what produced the reply
+    assert turn.turn_id == completion.id and turn.reply_text == REPLY
+    assert turn.model == "recorder" and turn.persona_version == 1
+    good = _call(
+        server,
+        "POST",
+        "/v1/feedback",
+        {
+            "user": "alice",
+            "turn_id": completion.id,
+            "kind": "rating",
+            "rating": 1,
+            "comment": "great",
+        },
+    )
+    assert good.status_code == 200, good.text
+    assert good.json()["object"] == "feedback" and good.json()["rating"] == 1
+    edit = _call(
+        server,
+        "POST",
+        "/v1/feedback",
+        {"turn_id": completion.id, "kind": "edit", "text": "Shorter."},
+        headers={USER_HEADER: "alice"},
+    )
+    assert edit.status_code == 200, edit.text
+    assert [(e.kind, e.text) for e in log.feedback("alice")] == [
+        ("rating", None),
+        ("edit", "Shorter."),
+    ]
+
+    # another user's turn: 403 (bob may be served by the same token); unknown: 404
+    other = _call(
+        server,
+        "POST",
+        "/v1/feedback",
+        {"user": "bob", "turn_id": completion.id, "kind": "regenerate"},
+    )
+    assert _error(other, 403)["code"] == "turn_not_owned"
+    unknown = _call(
+        server,
+        "POST",
+        "/v1/feedback",
+        {"user": "alice", "turn_id": "chatcmpl-nope", "kind": "regenerate"},
+    )
+    assert _error(unknown, 404)["code"] == "turn_not_found"
+    # a token that does not serve the user: 403 before anything is looked up
+    foreign = _call(
+        server,
+        "POST",
+        "/v1/feedback",
+        {"user": "alice", "turn_id": completion.id, "kind": "regenerate"},
+        token=TOK_T,
+    )
+    assert foreign.status_code == 403
+    # malformed feedback names the field; nothing more is written
+    for body, param in (
+        ({"kind": "rating", "rating": 3}, "rating"),
+        ({"kind": "rating", "rating": "1"}, "rating"),
+        ({"kind": "like"}, "kind"),
+        ({"kind": "edit"}, "text"),
+    ):
+        bad = _call(
+            server, "POST", "/v1/feedback", {"user": "alice", "turn_id": completion.id, **body}
+        )
+        assert _error(bad, 400)["param"] == param, bad.text
+    assert len(log.feedback("alice")) == 2
+    # deleting the user takes the log with it
+    assert _call(server, "DELETE", "/v1/personas/alice").status_code == 200
+    assert log.turns("alice") == [] and log.feedback("alice") == []
