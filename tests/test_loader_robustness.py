@@ -10,8 +10,6 @@ bench_loader_fuzz.py`` runs the same check over 10,000+ inputs.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,8 +19,8 @@ from hypothesis import strategies as st
 
 import persona_plugin.cli.app as cli
 from persona_plugin import PersonaStore, PersonaValidationError, loads
+from tests.benchmarks import run_quick
 from tests.fuzz import check_one, documents
-from tests.paths import REPO
 
 NESTED_300 = json.dumps({"extensions": {"deep": json.loads("[" * 300 + "]" * 300)}})
 
@@ -112,12 +110,5 @@ def test_the_cli_refuses_hostile_input_as_rejected_input(
 
 
 def test_the_fuzz_benchmark_runs_quick() -> None:
-    done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "bench_loader_fuzz.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    done = run_quick("bench_loader_fuzz.py", timeout=300)
     assert "crashed   0" in done.stdout and "mismatch  0" in done.stdout

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import yaml
 
 from persona_plugin.guard.classifier import InstructionClassifier
 from persona_plugin.lab.training.guard import main, pick_thresholds, training_set
-from tests.paths import REPO
+from tests.benchmarks import run_quick
 
 
 def test_training_reads_every_examples_file_and_drops_texts_labelled_both_ways(tmp_path):
@@ -60,12 +57,6 @@ def test_a_small_training_run_writes_a_classifier_that_loads(tmp_path, capsys):
 
 
 def test_the_guard_benchmark_runs_quick():
-    done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "bench_guard.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = run_quick("bench_guard.py")
     assert "injections kept out of every system prompt" in done.stdout
     assert "patterns alone" in done.stdout
