@@ -7,6 +7,10 @@ without a connection:
   bot (the mention removed from the text), through the persona graph, with background
   reflection; it ignores bots (itself included), system messages (joins, pins, ...) and
   server messages that do not mention the bot, and returns the reply text or ``None``;
+- feedback goes to the interaction log: a 👍 or 👎 reaction of the user on the bot's reply
+  rates that turn (:func:`handle_reaction`), and a message starting with ``better:`` is
+  the user's better answer to the last reply in that channel (an ``edit``). Which reply
+  answered which turn is kept in memory (:class:`~integrations.common.RecentTurns`);
 - :func:`handle_persona_command` serves ``/persona show`` (the persona as a YAML code
   block, or as an attached file when it does not fit a message) and ``/persona forget``
   (deletes the persona, every version, and the long-term memory, and confirms).
@@ -37,7 +41,15 @@ from typing import Any, Literal
 import discord
 from discord import app_commands
 
-from integrations.common import answer, forget
+from integrations.common import (
+    EDIT_PREFIX,
+    RecentTurns,
+    answer,
+    better_answer,
+    feedback,
+    forget,
+    rating_of,
+)
 from persona_plugin import PersonaNotFoundError
 from persona_plugin.persona import validate_user_id
 
@@ -90,7 +102,12 @@ def should_answer(message: Any, bot_user_id: int) -> bool:
 
 
 async def handle_message(
-    graph: Any, message: Any, bot_user_id: int, *, reflection: str = "background"
+    graph: Any,
+    message: Any,
+    bot_user_id: int,
+    *,
+    reflection: str = "background",
+    turns: RecentTurns | None = None,
 ) -> str | None:
     """The reply to a ``discord.Message``, or ``None`` when the bot should stay silent.
 
@@ -103,15 +120,44 @@ async def handle_message(
     text = strip_mentions(message.content or "", bot_user_id)
     if not text:
         return "Hi! Write your message after the mention. " + USAGE
-    return await asyncio.to_thread(
+    conversation = f"discord:{message.channel.id}:{message.author.id}"
+    if turns is not None and text.lower().startswith(EDIT_PREFIX):
+        return await asyncio.to_thread(better_answer, graph, turns, conversation, text)
+    turn = (persona_user_id(message.author.id), f"discord-{message.id}")
+    reply = await asyncio.to_thread(
         answer,
         graph,
-        user_id=persona_user_id(message.author.id),
-        thread_id=f"discord:{message.channel.id}:{message.author.id}",
-        turn_id=f"discord-{message.id}",
+        user_id=turn[0],
+        thread_id=conversation,
+        turn_id=turn[1],
         text=text,
         reflection=reflection,
     )
+    if turns is not None:
+        turns.answered(conversation, turn)
+    return reply
+
+
+def remember_reply(turns: RecentTurns, message: Any, sent: list[Any]) -> None:
+    """Note that the messages ``sent`` are the reply to ``message``'s turn (when it was one:
+    a hint or a ``better:`` answer is not), so reactions on them rate it."""
+    turn = turns.last(f"discord:{message.channel.id}:{message.author.id}")
+    if turn is not None and turn[1] == f"discord-{message.id}":
+        for piece in sent:
+            if getattr(piece, "id", None) is not None:
+                turns.posted(str(piece.id), turn)
+
+
+def handle_reaction(
+    graph: Any, turns: RecentTurns, user_id: int, message_id: int, emoji: str
+) -> bool:
+    """A reaction on a message: a 👍/👎 of the user on the bot's reply to them rates that
+    turn. Whether it was recorded."""
+    rating = rating_of(emoji)
+    turn = turns.reply(str(message_id))
+    if rating is None or turn is None or persona_user_id(user_id) != turn[0]:
+        return False
+    return feedback(graph, *turn, "rating", rating=rating)
 
 
 @dataclass
@@ -182,13 +228,15 @@ def split_message(text: str, limit: int = MAX_MESSAGE_CHARS) -> list[str]:
     return pieces
 
 
-async def deliver(message: Any, reply: str) -> None:
-    """Send ``reply`` as a reply to ``message`` (more messages if it is long)."""
+async def deliver(message: Any, reply: str) -> list[Any]:
+    """Send ``reply`` as a reply to ``message`` (more messages if it is long); what was sent."""
+    sent = []
     for index, piece in enumerate(split_message(reply)):
         if index == 0:
-            await message.reply(piece, mention_author=False)
+            sent.append(await message.reply(piece, mention_author=False))
         else:
-            await message.channel.send(piece)
+            sent.append(await message.channel.send(piece))
+    return sent
 
 
 class PersonaBot(discord.Client):
@@ -212,6 +260,7 @@ class PersonaBot(discord.Client):
         self.graph, self.store, self.memory = graph, store, memory
         self.guild_id = guild_id
         self.reflection = reflection
+        self.turns = RecentTurns()
         self.tree = app_commands.CommandTree(self)
 
         @self.tree.command(name="persona", description="See or delete what the bot knows about you")
@@ -247,10 +296,20 @@ class PersonaBot(discord.Client):
             return
         async with message.channel.typing():
             reply = await handle_message(
-                self.graph, message, self.user.id, reflection=self.reflection
+                self.graph, message, self.user.id, reflection=self.reflection, turns=self.turns
             )
         if reply:
-            await deliver(message, reply)
+            remember_reply(self.turns, message, await deliver(message, reply))
+
+    async def on_raw_reaction_add(self, payload: discord.RawReactionActionEvent) -> None:
+        await asyncio.to_thread(
+            handle_reaction,
+            self.graph,
+            self.turns,
+            payload.user_id,
+            payload.message_id,
+            str(payload.emoji),
+        )
 
     async def close(self) -> None:
         try:

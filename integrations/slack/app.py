@@ -11,6 +11,11 @@
 - offers ``/persona`` (or ``/persona show``): the user's persona as a YAML code block,
   visible only to them, and ``/persona forget``: deletes their persona (every version) and
   their long-term memory, and confirms;
+- takes feedback into the interaction log: a 👍 (``+1``) or 👎 (``-1``) reaction of the
+  user on the bot's reply is a rating of that turn; a message starting with ``better:``
+  (in the DM, or a mention in the thread) is the user's better answer to the last reply
+  there (an ``edit``). Only the user a reply was for can rate it; which reply answered
+  which turn is kept in memory for the last 4,096 replies, so a restart forgets it;
 - ignores bot messages, its own messages and every message subtype (edits, deletions,
   joins, file shares, ...), so it never answers itself, and answers a message once even
   when Slack redelivers the event.
@@ -42,7 +47,15 @@ from typing import Any
 from slack_bolt import App
 from slack_sdk import WebClient
 
-from integrations.common import answer, forget
+from integrations.common import (
+    EDIT_PREFIX,
+    RecentTurns,
+    answer,
+    better_answer,
+    feedback,
+    forget,
+    rating_of,
+)
 from persona_plugin import PersonaNotFoundError
 from persona_plugin.persona import validate_user_id
 
@@ -154,6 +167,7 @@ def create_slack_app(
         **app_options,
     )
     seen = _Seen()
+    turns = RecentTurns()  # which turn each reply answered; each conversation's last
 
     def respond_to(event: dict[str, Any], context: Any, client: WebClient, *, thread: bool) -> None:
         slack_user, channel, ts = event.get("user"), event.get("channel"), event.get("ts")
@@ -164,15 +178,20 @@ def create_slack_app(
             return  # a redelivery, or the DM that also came as a mention
         text = clean_text(event.get("text") or "", context.bot_user_id)
         thread_ts = event.get("thread_ts") or (ts if thread else None)
+        user_id = persona_user_id(team, slack_user)
+        conversation = f"slack:{team}:{channel}:{thread_ts or 'main'}:{slack_user}"
+        turn: tuple[str, str] | None = None
         if not text:
             reply = "Hi! Write your message after the mention. " + USAGE
+        elif text.lower().startswith(EDIT_PREFIX):
+            reply = better_answer(graph, turns, conversation, text)
         else:
-            user_id = persona_user_id(team, slack_user)
+            turn = (user_id, f"slack-{channel}-{ts}")
             reply = answer(
                 graph,
                 user_id=user_id,
-                thread_id=f"slack:{team}:{channel}:{thread_ts or 'main'}:{slack_user}",
-                turn_id=f"slack-{channel}-{ts}",
+                thread_id=conversation,
+                turn_id=turn[1],
                 text=text,
                 reflection=reflection,
             )
@@ -180,9 +199,14 @@ def create_slack_app(
         if len(reply) > MAX_TEXT_CHARS:
             reply = reply[:MAX_TEXT_CHARS] + " …"
         try:
-            client.chat_postMessage(channel=channel, text=reply, thread_ts=thread_ts)
+            posted = client.chat_postMessage(channel=channel, text=reply, thread_ts=thread_ts)
         except Exception:
             log.exception("could not post the reply in %s", channel)
+            return
+        if turn is not None:
+            turns.answered(conversation, turn)
+            if posted.get("ts"):
+                turns.posted(f"{channel}:{posted['ts']}", turn)
 
     def is_from_a_person(event: dict[str, Any]) -> bool:
         return not (event.get("subtype") or event.get("bot_id") or event.get("bot_profile"))
@@ -197,6 +221,17 @@ def create_slack_app(
     def on_mention(event: dict[str, Any], context: Any, client: WebClient) -> None:
         if is_from_a_person(event):
             respond_to(event, context, client, thread=True)
+
+    @app.event("reaction_added")
+    def on_reaction(event: dict[str, Any], context: Any) -> None:
+        rating = rating_of(str(event.get("reaction", "")))
+        item = event.get("item") or {}
+        turn = turns.reply(f"{item.get('channel')}:{item.get('ts')}")
+        if rating is None or turn is None or not event.get("user"):
+            return
+        # only the user a reply was for rates it
+        if persona_user_id(_team(context), event["user"]) == turn[0]:
+            feedback(graph, *turn, "rating", rating=rating)
 
     @app.command("/persona")
     def on_persona(ack: Any, command: dict[str, Any], context: Any, respond: Any) -> None:

@@ -17,13 +17,16 @@ import discord
 import pytest
 from langchain_core.language_models.fake_chat_models import FakeListChatModel
 
+from integrations.common import RecentTurns
 from integrations.discord.bot import (
     MAX_MESSAGE_CHARS,
     PersonaBot,
     deliver,
     handle_message,
     handle_persona_command,
+    handle_reaction,
     persona_user_id,
+    remember_reply,
     split_message,
 )
 from persona_plugin.embeddings.minilm import MiniLMEmbeddingFunction
@@ -287,3 +290,31 @@ def test_the_client_registers_persona_and_answers_the_command(parts) -> None:
     assert calls[1][0] == "send" and calls[1][1].startswith("Done: I forgot your persona")
     assert calls[1][2] == {"ephemeral": True}
     assert not store.exists(uid(ALICE))
+
+
+def test_reactions_and_better_answers_are_feedback_on_the_turn(parts) -> None:
+    graph, _store, _memory = parts
+    turns = RecentTurns()
+    asked = message(ALICE, "What should I cook tonight?", dm=True)
+    assert run(handle_message(graph, asked, BOT, turns=turns)) == REPLIES[0]
+    reply = SimpleNamespace(id=next(_ids))
+    remember_reply(turns, asked, [reply])
+    (logged,) = graph.interactions.turns(uid(ALICE))
+    assert logged.turn_id == f"discord-{asked.id}"
+    # 👍 and 👎🏽 by Alice rate her turn; Bob's reaction, other emoji, other messages do not
+    assert handle_reaction(graph, turns, ALICE, reply.id, "\U0001f44d")
+    assert handle_reaction(graph, turns, ALICE, reply.id, "\U0001f44e\U0001f3fd")
+    assert not handle_reaction(graph, turns, BOB, reply.id, "\U0001f44d")
+    assert not handle_reaction(graph, turns, ALICE, reply.id, "\U0001f389")
+    assert not handle_reaction(graph, turns, ALICE, asked.id, "\U0001f44d")
+    assert [e.rating for e in graph.interactions.feedback(uid(ALICE))] == [1, -1]
+    # a better answer is an edit of the last reply in the channel, with no graph call
+    better = message(ALICE, "better: Risotto with peas.", dm=True, channel=asked.channel.id)
+    answer = run(handle_message(graph, better, BOT, turns=turns))
+    assert answer == "Thanks: I noted your better answer."
+    edits = graph.interactions.feedback(uid(ALICE), kind="edit")
+    assert [(e.turn_id, e.text) for e in edits] == [(logged.turn_id, "Risotto with peas.")]
+    assert len(graph.interactions.turns(uid(ALICE))) == 1
+    # a better answer where nothing was answered yet is refused politely
+    elsewhere = message(BOB, "better: something", dm=True)
+    assert "no reply of mine" in run(handle_message(graph, elsewhere, BOT, turns=turns))

@@ -49,6 +49,8 @@ class FakeSlack(ThreadingHTTPServer):
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _SlackHandler)
         self.requests: list[dict[str, Any]] = []
+        #: what the fake answered to each chat.postMessage (with the ts it gave the post)
+        self.replies: list[dict[str, Any]] = []
         self.lock = threading.Lock()
 
     @property
@@ -90,6 +92,8 @@ class _SlackHandler(BaseHTTPRequestHandler):
             }
         elif self.path == "/api/chat.postMessage":
             answer |= {"channel": body.get("channel"), "ts": f"{time.time():.6f}"}
+            with self.server.lock:
+                self.server.replies.append(answer)
         data = json.dumps(answer).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json; charset=utf-8")
@@ -447,3 +451,42 @@ def test_replies_cannot_ping_or_link_and_long_personas_are_cut(parts, slack) -> 
     assert "<" not in block and "&lt;!here&gt;" in block
     assert block.count("```") == 2 and block.startswith("```\n") and block.endswith("\n```")
     assert "(cut: " in block
+
+
+def reaction(user: str, reaction: str, channel: str, ts: str) -> dict[str, Any]:
+    """A ``reaction_added`` event: ``user`` reacted to the message at ``ts``."""
+    return {
+        "type": "reaction_added",
+        "user": user,
+        "reaction": reaction,
+        "item": {"type": "message", "channel": channel, "ts": ts},
+        "item_user": BOT_USER,
+        "ts": new_ts(),
+    }
+
+
+def test_reactions_and_better_answers_are_feedback_on_the_turn(app, parts, slack) -> None:
+    graph, _store, _memory = parts
+    event = dm(ALICE, "What should I cook tonight?")
+    assert send(app, event_body(event)).status == 200
+    turn_id = f"slack-{event['channel']}-{event['ts']}"
+    (logged,) = graph.interactions.turns(uid(ALICE))
+    assert logged.turn_id == turn_id and logged.user_text == "What should I cook tonight?"
+    ts = _posted_ts(slack)
+    # 👍 then 👎 (with a skin tone) by Alice rate her turn; Bob's reaction rates nothing
+    for user, name in ((ALICE, "+1"), (ALICE, "-1::skin-tone-2"), (BOB, "+1"), (ALICE, "tada")):
+        assert send(app, event_body(reaction(user, name, event["channel"], ts))).status == 200
+    assert [e.rating for e in graph.interactions.feedback(uid(ALICE))] == [1, -1]
+    assert graph.interactions.feedback(uid(BOB)) == []
+    # a better answer in the same DM is an edit of the last reply there, with no new turn
+    better = dm(ALICE, "better: Risotto with peas, 25 minutes.")
+    assert send(app, event_body(better)).status == 200
+    assert "noted your better answer" in slack.posts[-1]["text"]
+    edits = graph.interactions.feedback(uid(ALICE), kind="edit")
+    assert [(e.turn_id, e.text) for e in edits] == [(turn_id, "Risotto with peas, 25 minutes.")]
+    assert len(graph.interactions.turns(uid(ALICE))) == 1
+
+
+def _posted_ts(slack: FakeSlack) -> str:
+    """The ts the fake Slack gave the bot's last post (it answers with the time)."""
+    return slack.replies[-1]["ts"]
