@@ -415,11 +415,11 @@ class PersonaGraph:
         if self.memory is not None and not replied:
             # an empty reply is no answer: recalled later, it would read as one
             log.info("turn %s of %s had an empty reply; not remembered", turn_id, user_id)
+        # recalled turns reach later prompts, so the guard reads them as it reads the
+        # persona: instructions are withheld, not remembered (nor logged); read once for both
+        user_text, reply_text = _guarded_turn(user_msg.text, reply.text) if replied else ("", "")
         if self.memory is not None and replied:
             now = datetime.now(UTC)
-            # recalled turns reach later prompts, so the guard reads them as it reads the
-            # persona's short-term window: instructions are withheld, not remembered
-            user_text, reply_text = _guarded_turn(user_msg.text, reply.text)
             self.memory.remember(
                 user_id,
                 [
@@ -440,7 +440,7 @@ class PersonaGraph:
                 ],
             )
         if self.interactions is not None and replied:
-            self._log_turn(state, config, user_msg.text, reply)
+            self._log_turn(state, config, user_text, reply_text, reply)
         if not self.store.exists(user_id):
             # cold start with no reflection yet: the user gets version 1 now
             persona = self._persona(state).model_copy(deep=True)
@@ -454,11 +454,11 @@ class PersonaGraph:
         return {"persona_exists": True}
 
     def _log_turn(
-        self, state: PersonaState, config: RunnableConfig, user_text: str, reply: Any
+        self, state: PersonaState, config: RunnableConfig, said: str, answered: str, reply: Any
     ) -> None:
-        """The turn into the interaction log, as the guard let memory keep it, with what
-        produced the reply (the persona version, model, adapters, MBR candidates, tokens)."""
-        said, answered = _guarded_turn(user_text, reply.text)
+        """The turn into the interaction log, as the guard let memory keep it (``said``,
+        ``answered``), with what produced ``reply`` (the persona version, model, adapters,
+        MBR candidates, tokens)."""
         metadata = getattr(reply, "response_metadata", None) or {}
         tag = metadata.get("persona") or {}
         details: dict[str, Any] = {}

@@ -36,6 +36,7 @@ from jinja2.sandbox import SandboxedEnvironment
 from langchain_core.runnables import RunnableBinding
 from pydantic import BaseModel
 
+from persona_plugin import persona as schema
 from persona_plugin.config import DEFAULT_SECTION_PRIORITIES, Settings
 from persona_plugin.errors import PersonaConfigError
 from persona_plugin.guard import instruction_reason, withhold
@@ -164,8 +165,6 @@ def label(value: Any) -> _Label:
 @lru_cache(maxsize=1)
 def _schema_keys() -> frozenset[str]:
     """Every field name of the persona's models: keys the schema wrote, not a user."""
-    from persona_plugin import persona as schema
-
     return frozenset(
         name
         for model in vars(schema).values()
