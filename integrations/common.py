@@ -64,13 +64,13 @@ EDIT_PREFIX = "better:"
 
 
 def feedback(graph: Any, user_id: str, turn_id: str, kind: str, **fields: Any) -> bool:
-    """Record feedback on one of the user's turns in the graph's interaction log; whether
-    it was recorded (a bot never raises: an unknown turn or a log that is off is logged)."""
-    log_ = getattr(graph, "interactions", None)
-    if log_ is None:
+    """Record feedback on one of the user's turns in the graph's interaction log (its
+    reflection then learns from it); whether it was recorded (a bot never raises: an
+    unknown turn or a log that is off is logged)."""
+    if getattr(graph, "interactions", None) is None:
         return False
     try:
-        log_.record_feedback(user_id, turn_id, kind, **fields)
+        graph.record_feedback(user_id, turn_id, kind, **fields)
     except Exception as exc:
         log.warning("feedback %s on %s of %s not recorded: %s", kind, turn_id, user_id, exc)
         return False

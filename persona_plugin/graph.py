@@ -56,20 +56,22 @@ from persona_plugin.chat_models.persona_aware import takes_persona
 from persona_plugin.config import Settings
 from persona_plugin.errors import PersonaConfigError, PersonaNotFoundError, PersonaValidationError
 from persona_plugin.guard import WITHHELD, instruction_reason
-from persona_plugin.interactions import InteractionLog
+from persona_plugin.interactions import BATCHED, DONE, PENDING, FeedbackEvent, InteractionLog
 from persona_plugin.memory.knowledge_base import KnowledgeBaseSearch
 from persona_plugin.persona import Persona, validate_user_id
 from persona_plugin.privacy import Forgotten, export_user, forget_user
 from persona_plugin.prompt import PromptAssembler, bound_tool_names, token_counter_for
 from persona_plugin.reflection.apply import ReflectionJob, roll_back
-from persona_plugin.reflection.background import BackgroundReflector
 from persona_plugin.reflection.reflector import reflector_for
 from persona_plugin.reflection.types import ReflectionMode, ReflectionModel, ReflectionTurn
+from persona_plugin.reflection.worker import ReflectionWorker
 from persona_plugin.store import PersonaStore, VersionRecord
 
 log = logging.getLogger(__name__)
 
 MODES: tuple[str, ...] = ("inline", "background", "every_n_turns", "off")
+#: modes whose turns wait in the interaction log's reflection queue
+QUEUED_MODES = ("background", "every_n_turns")
 #: parsed personas kept for turns between load_persona and save
 MAX_TURNS_IN_FLIGHT = 1024
 
@@ -85,7 +87,6 @@ class PersonaState(TypedDict, total=False):
     context: dict[str, list[str]]
     system_prompt: str
     reflection: dict[str, Any] | None
-    pending_turns: list[dict[str, str]]
 
 
 def _configurable(config: RunnableConfig | None) -> dict[str, Any]:
@@ -173,13 +174,14 @@ class PersonaGraph:
         self._personas: OrderedDict[tuple[str, str], Persona] = OrderedDict()
         self.has_checkpointer = False
         self.compiled: Any = None
-        self.reflect_job = ReflectionJob(
-            store=store,
-            reflector=self.reflector,
-            memory=memory,
-            short_term_window=short_term_window,
+        self.reflect_job = ReflectionJob(store=store, reflector=self.reflector, memory=memory)
+        #: reflects on the log's queued turns and feedback (None without a log)
+        self.background = (
+            ReflectionWorker(self.interactions, self.reflect_job, debounce_s=debounce_s)
+            if self.interactions is not None
+            else None
         )
-        self.background = BackgroundReflector(self.reflect_job, debounce_s=debounce_s)
+        self._check_queue(reflection)
 
     def __getattr__(self, name: str) -> Any:
         # only reached for names PersonaGraph lacks: the compiled graph's API
@@ -188,6 +190,30 @@ class PersonaGraph:
         if compiled is None:
             raise AttributeError(name)
         return getattr(compiled, name)
+
+    def _check_queue(self, mode: str) -> None:
+        if mode in QUEUED_MODES and self.background is None:
+            raise PersonaConfigError(
+                f"reflection mode {mode!r} is driven by the interaction log, which is off "
+                "for this graph: turn it on (PERSONA_LOG=true, interactions=True) or use "
+                "reflection='inline'."
+            )
+
+    def record_feedback(
+        self, user_id: str, turn_id: str, kind: str, **fields: Any
+    ) -> FeedbackEvent:
+        """Log feedback on one of the user's turns (see
+        :meth:`~persona_plugin.interactions.InteractionLog.record_feedback`); unless this
+        graph's reflection is off, the worker then reflects on it with its turn."""
+        if self.interactions is None:
+            raise PersonaConfigError(
+                "this graph keeps no interaction log, so there is no turn to give feedback "
+                "on: turn it on (PERSONA_LOG=true, interactions=True)."
+            )
+        event = self.interactions.record_feedback(user_id, turn_id, kind, **fields)
+        if self.reflection != "off" and self.background is not None:
+            self.background.notify()
+        return event
 
     @property
     def _checkpointer(self) -> Any:
@@ -376,37 +402,29 @@ class PersonaGraph:
             self._mbr_models[key] = MBRChatModel(base=model, n=n, hub=self.preference_hub)
         return self._mbr_models[key]
 
-    def reflect(self, state: PersonaState, config: RunnableConfig) -> dict[str, Any]:
+    def _mode(self, config: RunnableConfig) -> str:
         mode = _configurable(config).get("reflection", self.reflection)
         if mode not in MODES:
             raise PersonaConfigError(f"reflection mode {mode!r} is not one of {MODES}")
+        self._check_queue(mode)
+        return mode
+
+    def reflect(self, state: PersonaState, config: RunnableConfig) -> dict[str, Any]:
+        mode = self._mode(config)
+        if mode == "off":
+            return {}
+        if mode in QUEUED_MODES:
+            # queued in the interaction log by save, before the reply is returned: the
+            # worker (background) or the n-th turn (every_n_turns) reflects on it
+            return {"reflection": {"queued": True}}
         turn = ReflectionTurn(
             turn_id=state["turn_id"],
             user=state["messages"][-2].text,
             assistant=state["messages"][-1].text,
         )
-        if mode == "off":
-            return {}
-        if mode == "background":
-            self.background.submit(state["user_id"], turn)
-            return {"reflection": {"queued": True}}
-        turns = [turn]
-        if mode == "every_n_turns" and not self.has_checkpointer:
-            # pending turns live in the thread's state, which only a checkpointer keeps:
-            # without one they would pile up nowhere and reflection would never run
-            log.warning("every_n_turns needs a checkpointer; reflecting on this turn now")
-            mode = "inline"
-        if mode == "every_n_turns":
-            pending = [*state.get("pending_turns", []), turn.__dict__]
-            if len(pending) < self.every_n_turns:
-                return {"pending_turns": pending}
-            turns = [ReflectionTurn(**t) for t in pending]
         # the recent turns live in the thread, not in the persona: a version is a change
-        outcome = self.reflect_job(state["user_id"], turns, [])
-        update: dict[str, Any] = {"reflection": outcome.model_dump() if outcome else None}
-        if mode == "every_n_turns":
-            update["pending_turns"] = []
-        return update
+        outcome = self.reflect_job(state["user_id"], [turn])
+        return {"reflection": outcome.model_dump() if outcome else None}
 
     def save(self, state: PersonaState, config: RunnableConfig) -> dict[str, Any]:
         user_id, turn_id = state["user_id"], state["turn_id"]
@@ -439,8 +457,20 @@ class PersonaGraph:
                     },
                 ],
             )
+        mode = self._mode(config)
+        queue = {"background": PENDING, "every_n_turns": BATCHED}.get(mode)
         if self.interactions is not None and replied:
-            self._log_turn(state, config, user_text, reply_text, reply)
+            done = state.get("reflection") or {}
+            self._log_turn(
+                state,
+                config,
+                user_text,
+                reply_text,
+                reply,
+                reflection=queue
+                or (DONE if done.get("version") and not done.get("error") else None),
+                reflected_version=done.get("version") if not queue else None,
+            )
         if not self.store.exists(user_id):
             # cold start with no reflection yet: the user gets version 1 now
             persona = self._persona(state).model_copy(deep=True)
@@ -451,10 +481,27 @@ class PersonaGraph:
             except Exception as exc:
                 log.info("persona of %s created concurrently: %s", user_id, exc)
         self._personas.pop((user_id, turn_id), None)
-        return {"persona_exists": True}
+        update: dict[str, Any] = {"persona_exists": True}
+        if replied and queue == PENDING:
+            self.background.notify()
+        elif replied and queue == BATCHED and self._batch_full(user_id):
+            outcome = self.background.reflect_user(user_id, states=(BATCHED,))
+            update["reflection"] = outcome.model_dump() if outcome else None
+        return update
+
+    def _batch_full(self, user_id: str) -> bool:
+        """Whether the user's turns waiting for every-n-turns reflection number n."""
+        waiting = self.background.log.count_queued(user_id, states=(BATCHED,))
+        return waiting >= self.every_n_turns
 
     def _log_turn(
-        self, state: PersonaState, config: RunnableConfig, said: str, answered: str, reply: Any
+        self,
+        state: PersonaState,
+        config: RunnableConfig,
+        said: str,
+        answered: str,
+        reply: Any,
+        **queue: Any,
     ) -> None:
         """The turn into the interaction log, as the guard let memory keep it (``said``,
         ``answered``), with what produced ``reply`` (the persona version, model, adapters,
@@ -479,13 +526,14 @@ class PersonaGraph:
                 model=configurable.get("model") or type(self.chat_model).__name__,
                 latency_ms=tag.get("latency_ms"),
                 details=json.loads(json.dumps(details, default=str)),
+                **queue,
             )
         except Exception as exc:  # the log must not cost the user the reply
             log.warning("turn %s of %s not logged: %s", state["turn_id"], state["user_id"], exc)
 
     # -- the app's handle -----------------------------------------------------------------
 
-    def forget(self, user_id: str, *, timeout: float | None = 120) -> Forgotten:
+    def forget(self, user_id: str) -> Forgotten:
         """Delete every trace of ``user_id``: persona versions, long-term memory, the
         checkpoints of their threads, cached retrievals, queued reflection (see
         :func:`~persona_plugin.privacy.forget_user`)."""
@@ -494,9 +542,7 @@ class PersonaGraph:
             store=self.store,
             memory=self.memory,
             checkpointer=self._checkpointer,
-            background=self.background,
             retrievers=self._retrievers(),
-            timeout=timeout,
             interactions=self.interactions,
         )
 
@@ -534,7 +580,7 @@ class PersonaGraph:
 
     def close(self, timeout: float | None = None) -> bool:
         """Drain background reflections and stop their worker (call on shutdown)."""
-        return self.background.close(timeout)
+        return self.background.close(timeout) if self.background is not None else True
 
 
 def build_persona_graph(

@@ -23,12 +23,14 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import sqlalchemy as sa
 from pydantic import BaseModel, Field
 
+from persona_plugin._db import reading, writing
 from persona_plugin.errors import (
     PersonaConfigError,
     PersonaNotFoundError,
@@ -48,6 +50,21 @@ TRUNCATED = " …(cut: longer than the log keeps)"
 #: how often (seconds) a process drops rows past the retention period
 _PURGE_EVERY_S = 3600.0
 
+
+def _queue_columns() -> list[sa.Column[Any]]:
+    return [
+        sa.Column("reflection", sa.String(10)),
+        sa.Column("reflect_attempts", sa.Integer, nullable=False, server_default="0"),
+        # not before this time (a failed reflection's retry waits)
+        sa.Column("reflect_after", sa.String(40)),
+        sa.Column("reflected_version", sa.Integer),
+        sa.Column("reflect_error", sa.Text),
+    ]
+
+
+#: reflection states of a queued turn or feedback event
+PENDING, BATCHED, DONE, FAILED = "pending", "batched", "done", "failed"
+
 _metadata = sa.MetaData()
 turns_table = sa.Table(
     "interaction_turns",
@@ -64,7 +81,11 @@ turns_table = sa.Table(
     # adapters retrieved and served, MBR candidates with their scores and the choice,
     # token counts: what produced the reply
     sa.Column("details", sa.JSON, nullable=False),
+    # the reflection queue (see persona_plugin.reflection.worker): None (not queued, or
+    # reflected inline), "pending" (background), "batched" (every n turns), "done", "failed"
+    *_queue_columns(),
     sa.Index("ix_interaction_turns_created", "created_at"),
+    sa.Index("ix_interaction_turns_queue", "reflection", "user_id"),
     sa.Index("ix_interaction_turns_turn", "turn_id"),
 )
 feedback_table = sa.Table(
@@ -79,7 +100,9 @@ feedback_table = sa.Table(
     sa.Column("text", sa.Text),
     sa.Column("choice", sa.Integer),
     sa.Column("created_at", sa.String(40), nullable=False),
+    *_queue_columns(),
     sa.Index("ix_interaction_feedback_turn", "user_id", "turn_id"),
+    sa.Index("ix_interaction_feedback_queue", "reflection", "user_id"),
 )
 
 
@@ -102,6 +125,9 @@ class LoggedTurn(BaseModel):
     model: str | None = None
     latency_ms: float | None = None
     details: dict[str, Any] = Field(default_factory=dict)
+    #: where the turn is in the reflection queue (None: not queued)
+    reflection: str | None = None
+    reflected_version: int | None = None
 
 
 class FeedbackEvent(BaseModel):
@@ -114,6 +140,27 @@ class FeedbackEvent(BaseModel):
     text: str | None = None
     choice: int | None = None
     created_at: str
+    reflection: str | None = None
+    reflected_version: int | None = None
+
+
+@dataclass
+class Claim:
+    """Queued work of one user taken for one reflection: turns, feedback events, and the
+    turns those events refer to that were not themselves queued (for their texts)."""
+
+    user_id: str
+    turns: list[LoggedTurn] = field(default_factory=list)
+    feedback: list[FeedbackEvent] = field(default_factory=list)
+    rated_turns: dict[str, LoggedTurn] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.turns or self.feedback)
+
+
+class ClaimLostError(RuntimeError):
+    """The claimed work is no longer queued (reflected elsewhere, or its user forgotten):
+    the reflection's version must not be written."""
 
 
 def _cut(text: str, limit: int) -> tuple[str, bool]:
@@ -138,6 +185,7 @@ class InteractionLog:
         self._last_purge = 0.0
         self._lock = threading.Lock()
         _metadata.create_all(engine, checkfirst=True)
+        _add_missing_columns(engine)
 
     @classmethod
     def on(cls, store: Any, **options: Any) -> InteractionLog:
@@ -158,9 +206,13 @@ class InteractionLog:
         model: str | None = None,
         latency_ms: float | None = None,
         details: Mapping[str, Any] | None = None,
+        reflection: str | None = None,
+        reflected_version: int | None = None,
     ) -> str:
         """Log one turn; returns its id. The same (user, turn id) logged again is kept once:
-        a retried request must not count twice."""
+        a retried request must not count twice. ``reflection``: :data:`PENDING` queues the
+        turn for the background worker, :data:`BATCHED` for reflection every n turns,
+        :data:`DONE` records that it was reflected inline (as ``reflected_version``)."""
         validate_user_id(user_id)
         user_text, cut_user = _cut(user_text, self.max_text_chars)
         reply_text, cut_reply = _cut(reply_text, self.max_text_chars)
@@ -178,6 +230,8 @@ class InteractionLog:
             "model": model,
             "latency_ms": latency_ms,
             "details": extra,
+            "reflection": reflection,
+            "reflected_version": reflected_version,
         }
         with self.engine.begin() as conn:
             conn.execute(_insert_new(self.engine.dialect.name, row))
@@ -194,8 +248,10 @@ class InteractionLog:
         comment: str | None = None,
         text: str | None = None,
         choice: int | None = None,
+        reflect: bool = True,
     ) -> FeedbackEvent:
-        """Log feedback on one of the user's turns.
+        """Log feedback on one of the user's turns, queued for reflection (``reflect``):
+        a worker shows it to the reflection together with its turn.
 
         Raises :class:`TurnNotFoundError` for a turn the log does not have,
         :class:`TurnOwnedElsewhereError` for another user's turn, and
@@ -213,6 +269,7 @@ class InteractionLog:
             "text": text,
             "choice": choice,
             "created_at": utc_now(),
+            "reflection": PENDING if reflect else None,
         }
         with self.engine.begin() as conn:
             key = conn.execute(feedback_table.insert().values(**row)).inserted_primary_key
@@ -276,7 +333,7 @@ class InteractionLog:
                     sa.select(t.c.user_id).where(t.c.turn_id == turn_id).limit(1)
                 ).first()
         if row is not None:
-            return LoggedTurn(**row)
+            return LoggedTurn(**_turn_fields(row))
         if elsewhere is not None:
             raise TurnOwnedElsewhereError(f"turn {turn_id!r} is not one of {user_id!r}'s turns.")
         raise TurnNotFoundError(f"user {user_id!r} has no logged turn {turn_id!r}.")
@@ -294,7 +351,7 @@ class InteractionLog:
             query = query.limit(limit)
         with self.engine.connect() as conn:
             rows = conn.execute(query).mappings().all()
-        return [LoggedTurn(**row) for row in reversed(rows)]
+        return [LoggedTurn(**_turn_fields(row)) for row in reversed(rows)]
 
     def feedback(
         self,
@@ -315,7 +372,158 @@ class InteractionLog:
             query = query.where(f.c.created_at >= _iso(since))
         with self.engine.connect() as conn:
             rows = conn.execute(query.order_by(f.c.id)).mappings().all()
-        return [FeedbackEvent(**row) for row in rows]
+        return [FeedbackEvent(**_feedback_fields(row)) for row in rows]
+
+    # -- the reflection queue -------------------------------------------------------------
+
+    def queued(
+        self, *, states: tuple[str, ...] = (PENDING,), user_id: str | None = None
+    ) -> dict[str, str]:
+        """Users with queued work that may run now (no retry wait), each with the time of
+        their newest queued item: a debounce counts from it."""
+        now = utc_now()
+        newest: dict[str, str] = {}
+        with self.engine.connect() as conn:
+            for table in (turns_table, feedback_table):
+                query = (
+                    sa.select(table.c.user_id, sa.func.max(table.c.created_at))
+                    .where(table.c.reflection.in_(states), _not_waiting(table, now))
+                    .group_by(table.c.user_id)
+                )
+                if user_id is not None:
+                    query = query.where(table.c.user_id == user_id)
+                for user, latest in conn.execute(query):
+                    newest[user] = max(latest, newest.get(user, ""))
+        return newest
+
+    def count_queued(self, user_id: str, *, states: tuple[str, ...] = (PENDING,)) -> int:
+        """How many of the user's turns and feedback events are queued in ``states``."""
+        total = 0
+        with self.engine.connect() as conn:
+            for table in (turns_table, feedback_table):
+                total += conn.execute(
+                    sa.select(sa.func.count()).where(
+                        table.c.user_id == user_id, table.c.reflection.in_(states)
+                    )
+                ).scalar_one()
+        return total
+
+    def claim(
+        self,
+        user_id: str,
+        *,
+        conn: sa.Connection | None = None,
+        states: tuple[str, ...] = (PENDING,),
+        limit: int = 8,
+    ) -> Claim:
+        """The user's oldest queued turns (at most ``limit``) and feedback events.
+
+        With ``conn`` (PostgreSQL, inside the caller's transaction) the rows are locked
+        ``FOR UPDATE SKIP LOCKED``: no other worker sees them until that transaction ends,
+        and a worker that dies releases them with its connection. Without, nothing is
+        locked; :meth:`mark_reflected` then makes sure only one reflection of them counts.
+        """
+        t, f = turns_table, feedback_table
+        now = utc_now()
+        claim = Claim(user_id)
+
+        def locked(query: Any) -> Any:
+            return query.with_for_update(skip_locked=True) if conn is not None else query
+
+        with reading(self.engine, conn) as c:
+            turn_rows = c.execute(
+                locked(
+                    sa.select(t)
+                    .where(t.c.user_id == user_id, t.c.reflection.in_(states), _not_waiting(t, now))
+                    .order_by(t.c.created_at, t.c.turn_id)
+                    .limit(limit)
+                )
+            ).mappings()
+            claim.turns = [LoggedTurn(**_turn_fields(row)) for row in turn_rows]
+            feedback_rows = c.execute(
+                locked(
+                    sa.select(f)
+                    .where(f.c.user_id == user_id, f.c.reflection == PENDING, _not_waiting(f, now))
+                    .order_by(f.c.id)
+                    .limit(limit)
+                )
+            ).mappings()
+            claim.feedback = [FeedbackEvent(**_feedback_fields(row)) for row in feedback_rows]
+            claimed = {turn.turn_id for turn in claim.turns}
+            others = sorted({e.turn_id for e in claim.feedback} - claimed)
+            if others:
+                rows = c.execute(
+                    sa.select(t).where(t.c.user_id == user_id, t.c.turn_id.in_(others))
+                ).mappings()
+                claim.rated_turns = {
+                    row["turn_id"]: LoggedTurn(**_turn_fields(row)) for row in rows
+                }
+        return claim
+
+    @staticmethod
+    def mark_reflected(conn: sa.Connection, claim: Claim, version: int | None) -> None:
+        """Mark the claim's work reflected, in ``conn``'s transaction (the one that writes
+        the reflection's version). Raises :class:`ClaimLostError` when any of it is no
+        longer queued, so that the transaction, version included, is rolled back."""
+        t, f = turns_table, feedback_table
+        done = {"reflection": DONE, "reflected_version": version, "reflect_error": None}
+        queued = (PENDING, BATCHED)
+        marked = 0
+        if claim.turns:
+            marked += conn.execute(
+                t.update()
+                .where(
+                    t.c.user_id == claim.user_id,
+                    t.c.turn_id.in_([turn.turn_id for turn in claim.turns]),
+                    t.c.reflection.in_(queued),
+                )
+                .values(**done)
+            ).rowcount
+        if claim.feedback:
+            marked += conn.execute(
+                f.update()
+                .where(f.c.id.in_([e.id for e in claim.feedback]), f.c.reflection.in_(queued))
+                .values(**done)
+            ).rowcount
+        if marked != len(claim.turns) + len(claim.feedback):
+            raise ClaimLostError(
+                f"{claim.user_id}'s queued work was reflected elsewhere or deleted meanwhile"
+            )
+
+    def mark_failed(
+        self,
+        claim: Claim,
+        error: str,
+        *,
+        max_attempts: int = 3,
+        retry_after_s: float = 30.0,
+        conn: sa.Connection | None = None,
+    ) -> None:
+        """Count a failed reflection of the claim: retried after ``retry_after_s`` (doubling
+        per attempt), :data:`FAILED` after ``max_attempts`` (kept, with the error)."""
+        now = datetime.now(UTC)
+        for table, key, ids in (
+            (turns_table, turns_table.c.turn_id, [turn.turn_id for turn in claim.turns]),
+            (feedback_table, feedback_table.c.id, [e.id for e in claim.feedback]),
+        ):
+            if not ids:
+                continue
+            mine = [table.c.user_id == claim.user_id, table.c.reflection != DONE]
+            with writing(self.engine, conn) as c:
+                rows = c.execute(
+                    sa.select(key, table.c.reflect_attempts).where(*mine, key.in_(ids))
+                ).all()
+                for item, tried in rows:
+                    tried = (tried or 0) + 1
+                    later = now + timedelta(seconds=retry_after_s * 2 ** (tried - 1))
+                    values: dict[str, Any] = {
+                        "reflect_attempts": tried,
+                        "reflect_error": error[:2000],
+                        "reflect_after": _iso(later),
+                    }
+                    if tried >= max_attempts:
+                        values["reflection"] = FAILED
+                    c.execute(table.update().where(*mine, key == item).values(**values))
 
     # -- privacy and retention ------------------------------------------------------------
 
@@ -361,6 +569,48 @@ class InteractionLog:
                 return
             self._last_purge = time.monotonic()
         self.purge_expired()
+
+
+def _turn_fields(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: row[k] for k in LoggedTurn.model_fields}
+
+
+def _feedback_fields(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: row[k] for k in FeedbackEvent.model_fields}
+
+
+def _not_waiting(table: sa.Table, now: str) -> Any:
+    return sa.or_(table.c.reflect_after.is_(None), table.c.reflect_after <= now)
+
+
+def _add_missing_columns(engine: sa.Engine) -> None:
+    """Bring a log made by an earlier version up to date: the columns and indexes it lacks
+    are added (nothing is dropped or rewritten)."""
+    inspector = sa.inspect(engine)
+    for table in (turns_table, feedback_table):
+        have = {c["name"] for c in inspector.get_columns(table.name)}
+        missing = [c for c in table.columns if c.name not in have]
+        indexes = {i["name"] for i in inspector.get_indexes(table.name)}
+        if not missing and all(i.name in indexes for i in table.indexes):
+            continue
+        with engine.begin() as conn:
+            for column in missing:
+                kind = column.type.compile(dialect=engine.dialect)
+                default = (
+                    f" DEFAULT {column.server_default.arg}"
+                    if column.server_default is not None
+                    else ""
+                )
+                null = "" if column.nullable or default else " NOT NULL"
+                conn.execute(
+                    sa.text(
+                        f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}{default}{null}"
+                    )
+                )
+            for index in table.indexes:
+                if index.name not in indexes:
+                    index.create(conn, checkfirst=True)
+        log.info("interaction log: table %s upgraded (%s)", table.name, [c.name for c in missing])
 
 
 def _insert_new(dialect: str, row: dict[str, Any]) -> Any:

@@ -3,8 +3,11 @@
 :func:`forget_user` removes every trace the project controls: the persona's versions, the
 user's long-term memory, the checkpoints of every thread the user ran (found by the
 ``user_id`` LangGraph copies from the config into each checkpoint's metadata), the
-retrieval caches that remember their persona, and any background reflection still queued
-for them (run first, so it cannot write the persona back after the delete).
+retrieval caches that remember their persona, and the interaction log with the
+reflection work queued in it. The log goes first: on PostgreSQL its delete waits for a
+worker that is reflecting the user to commit, and anywhere a reflection that finishes
+after it finds its work gone and writes nothing (see
+:mod:`persona_plugin.reflection.worker`), so a late reflection cannot bring the user back.
 :func:`export_user` returns all of it. The server's DELETE and export, ``persona delete``
 and ``persona export``, the bots' ``forget`` and :meth:`PersonaGraph.forget
 <persona_plugin.graph.PersonaGraph.forget>` all call these.
@@ -79,23 +82,18 @@ def forget_user(
     store: Any,
     memory: Any = None,
     checkpointer: Any = None,
-    background: Any = None,
     retrievers: Iterable[Any] = (),
-    timeout: float | None = 120,
     interactions: Any = None,
 ) -> Forgotten:
     """Delete every trace of ``user_id`` the project controls; what went.
 
-    ``background`` (a :class:`~persona_plugin.reflection.background.BackgroundReflector`)
-    has the user's queued reflection run first; ``retrievers`` (LoRA or preference
-    retrievers) drop their cached results for the user. The interaction log in the store's
-    database goes too (``interactions``: another one).
+    ``retrievers`` (LoRA or preference retrievers) drop their cached results for the user.
+    The interaction log in the store's database goes first (``interactions``: another
+    one), with the user's queued reflections: they are not run.
     """
     validate_user_id(user_id)
-    if background is not None and not background.drain(timeout, user_id=user_id):
-        log.warning("forgetting %s: background reflections still running", user_id)
-    items = memory.delete_user(user_id) if memory is not None else 0
     logged = _log_of(store, interactions).delete_user(user_id)
+    items = memory.delete_user(user_id) if memory is not None else 0
     threads = user_threads(checkpointer, user_id)
     if threads:
         _delete_threads(checkpointer, threads)

@@ -23,6 +23,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.pool import StaticPool
 
+from persona_plugin._db import reading, writing
 from persona_plugin.config import Settings
 from persona_plugin.diff import Change, diff_documents
 from persona_plugin.errors import (
@@ -39,6 +40,9 @@ from persona_plugin.persona import (
     utc_now,
     validate_user_id,
 )
+
+#: what :meth:`PersonaStore.save` runs in the transaction of a version: ``(conn, version)``
+WriteHook = Callable[[sa.Connection, int], None]
 
 _NO_CAPS = PersonaLimits(max_value_chars=2**31, max_document_bytes=2**31)
 
@@ -203,6 +207,8 @@ class PersonaStore:
         source: str = "user edit",
         reason: str = "",
         details: dict[str, Any] | None = None,
+        connection: sa.Connection | None = None,
+        also: WriteHook | None = None,
     ) -> VersionRecord:
         """Save ``persona`` as the next version, if the store is still at ``expected_version``.
 
@@ -210,6 +216,11 @@ class PersonaStore:
         the store and saved back fails with :class:`PersonaConflictError` if someone
         saved in between. The document is validated (types and size caps) first; a
         rejected document leaves the store untouched.
+
+        ``also(conn, version)`` runs in the transaction that writes the version, so what
+        it writes (e.g. the interaction log's "reflected") commits with the version or not
+        at all; if it raises, the version is not written. ``connection``: write in the
+        caller's open transaction (inside a savepoint) and leave the commit to the caller.
         """
         validate_user_id(user_id)
         expected = persona.meta.version if expected_version is None else expected_version
@@ -230,7 +241,7 @@ class PersonaStore:
                 "Save it under its own user id, or correct identity.user_id.",
             )
         t = versions_table
-        with self.engine.connect() as conn:
+        with reading(self.engine, connection) as conn:
             current = _current_version(conn, user_id)
             if current != expected:
                 raise PersonaConflictError(user_id, expected, current)
@@ -254,8 +265,10 @@ class PersonaStore:
             "details": details or {},
         }
         try:
-            with self.engine.begin() as conn:
+            with writing(self.engine, connection) as conn:
                 conn.execute(t.insert().values(**row))
+                if also is not None:
+                    also(conn, version)
         except IntegrityError:
             # another writer took this version number first
             raise PersonaConflictError(user_id, expected, self.current_version(user_id)) from None
@@ -276,6 +289,8 @@ class PersonaStore:
         create_missing: bool = False,
         skip_unchanged: bool = False,
         max_attempts: int = 200,
+        connection: sa.Connection | None = None,
+        also: WriteHook | None = None,
     ) -> VersionRecord:
         """Apply ``fn`` to the current persona and save, retrying on conflicts.
 
@@ -284,7 +299,9 @@ class PersonaStore:
         ``details`` may be a callable, called after each run of ``fn``, for details that
         depend on what ``fn`` found. ``skip_unchanged``: when ``fn`` changed nothing, no
         version is written and the current version's record is returned (a version is a
-        change someone can read).
+        change someone can read). ``connection`` and ``also`` as for :meth:`save`; when
+        nothing is written, ``also`` runs with the current version, in a transaction of
+        its own (or the caller's).
         """
         delay = 0.002
         for _attempt in range(max_attempts):
@@ -298,6 +315,9 @@ class PersonaStore:
             result = fn(persona)
             updated = persona if result is None else result
             if before is not None and updated.content_dict() == before:
+                if also is not None:
+                    with writing(self.engine, connection) as conn:
+                        also(conn, persona.meta.version)
                 return self.get_version(user_id, persona.meta.version)
             try:
                 return self.save(
@@ -307,6 +327,8 @@ class PersonaStore:
                     source=source,
                     reason=reason,
                     details=details() if callable(details) else details,
+                    connection=connection,
+                    also=also,
                 )
             except PersonaConflictError:
                 # jittered backoff keeps many writers from colliding in lockstep

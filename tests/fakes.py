@@ -126,3 +126,55 @@ class ScriptedReflection(BaseChatModel):
         }
         message = AIMessage(content=json.dumps(answer))
         return ChatResult(generations=[ChatGeneration(message=message)])
+
+
+class TurnReflector:
+    """A reflection model (what ``reflect_and_save`` needs) that learns one interest per
+    turn, ``topic <turn id>``, and records every call: in ``calls`` and, with
+    ``record_to``, as a line of turn ids appended (and fsynced) to that file, so that
+    calls made in other processes, even killed ones, can be counted. ``delay``: seconds
+    each call takes; ``fail_for``: users whose reflection raises."""
+
+    min_confidence = 0.6
+
+    def __init__(
+        self, record_to: Any = None, *, delay: float = 0.0, fail_for: tuple[str, ...] = ()
+    ) -> None:
+        from persona_plugin.persona import DEFAULT_LIMITS
+
+        self.limits = DEFAULT_LIMITS
+        self.record_to = record_to
+        self.delay = delay
+        self.fail_for = fail_for
+        self.calls: list[list[Any]] = []
+        self._lock = threading.Lock()
+
+    def call(self, persona: Any, turns: Any) -> Any:
+        import os
+        import time
+
+        from persona_plugin.reflection.optimizer import Operation
+        from persona_plugin.reflection.types import LanguageLoss, ReflectionCall, ReflectionOutput
+
+        with self._lock:
+            self.calls.append(list(turns))
+            if self.record_to is not None:
+                with open(self.record_to, "a", encoding="utf-8") as out:
+                    out.write(json.dumps([persona.meta.user_id, [t.turn_id for t in turns]]) + "\n")
+                    out.flush()
+                    os.fsync(out.fileno())
+        time.sleep(self.delay)
+        if persona.meta.user_id in self.fail_for:
+            raise RuntimeError("reflection model down")
+        operations = [
+            Operation(
+                op="append",
+                path="personality.interests",
+                value=f"topic {t.turn_id}",
+                confidence=0.9,
+                evidence=[t.turn_id],
+            )
+            for t in turns
+        ]
+        output = ReflectionOutput(loss=LanguageLoss(score=0.5), operations=operations)
+        return ReflectionCall(output=output, attempts=1)

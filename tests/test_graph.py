@@ -392,16 +392,15 @@ def test_close_on_shutdown_completes_queued_reflections(store: PersonaStore) -> 
     assert store.get("ana").personality.interests == ["tea"]
 
 
-def test_every_n_turns_reflects_once_per_n_turns(
-    store: PersonaStore, sqlite_checkpointer: Any
-) -> None:
+def test_every_n_turns_reflects_once_per_n_turns(store: PersonaStore) -> None:
+    """The waiting turns live in the interaction log: no checkpointer is needed, and
+    they survive the process."""
     reflections = ScriptedChatModel(
         default=reflect_by_turn({f"t{n}": {"ops": [interest(f"topic {n}")]} for n in range(1, 8)})
     )
     graph = build_persona_graph(
         ScriptedChatModel(default=echo_reply),
         store=store,
-        checkpointer=sqlite_checkpointer,
         reflector=Reflector(reflections),
         reflection="every_n_turns",
         every_n_turns=3,
@@ -410,8 +409,10 @@ def test_every_n_turns_reflects_once_per_n_turns(
     for n in range(1, 8):
         result = say(graph, f"message {n}", config("ana", f"t{n}"))
         calls_after.append(len(reflections.calls))
-        if n % 3:
-            assert len(result["pending_turns"]) == n % 3
+        waiting = graph.interactions.count_queued("ana", states=("batched",))
+        assert waiting == n % 3
+        if n % 3 == 0:
+            assert result["reflection"]["turn_ids"] == [f"t{n - 2}", f"t{n - 1}", f"t{n}"]
     assert calls_after == [0, 0, 1, 1, 1, 2, 2]
     history = store.history("ana")
     assert [h.source for h in history] == ["first turn", "reflection turn t3", "reflection turn t6"]
@@ -420,6 +421,7 @@ def test_every_n_turns_reflects_once_per_n_turns(
     assert store.get("ana").personality.interests == [f"topic {n}" for n in range(1, 7)]
     # the reflection saw all three turns of its window
     assert re.findall(r"\[turn (t\d)\]", reflections.calls[1][-1].text) == ["t4", "t5", "t6"]
+    assert [t.reflected_version for t in graph.interactions.turns("ana")][:6] == [2] * 3 + [3] * 3
 
 
 def test_off_mode_never_reflects(store: PersonaStore, memory: LongTermMemory) -> None:

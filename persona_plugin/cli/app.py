@@ -372,9 +372,7 @@ def _chat_feedback(
     turn_id, said = last
     if command in ("/good", "/bad"):
         rating = 1 if command == "/good" else -1
-        graph.interactions.record_feedback(
-            user_id, turn_id, "rating", rating=rating, comment=rest or None
-        )
+        graph.record_feedback(user_id, turn_id, "rating", rating=rating, comment=rest or None)
         out.print(Text(f"noted: {'good' if rating > 0 else 'bad'} ({turn_id})", style="dim"))
         return None
     if command == "/edit":
@@ -387,10 +385,10 @@ def _chat_feedback(
         if not text:
             out.print(Text("nothing recorded: /edit needs the better reply", style="yellow"))
             return None
-        graph.interactions.record_feedback(user_id, turn_id, "edit", text=text)
+        graph.record_feedback(user_id, turn_id, "edit", text=text)
         out.print(Text(f"noted: your edit of {turn_id}", style="dim"))
         return None
-    graph.interactions.record_feedback(user_id, turn_id, "regenerate")
+    graph.record_feedback(user_id, turn_id, "regenerate")
     return said
 
 

@@ -4,18 +4,18 @@ A *language loss* judges the turn, *language gradients* say what each field shou
 and the code-side optimizer applies typed operations (agent symbolic learning, Zhou et al.
 2024). Reflectors: :class:`Reflector` on any chat model, :class:`LocalReflector` on the
 local model (its reflection adapter, schema-bounded decoding); :func:`reflector_for` picks
-one. :func:`reflect_and_save` applies and saves; :class:`BackgroundReflector` runs it after
-the reply; :class:`ReflectionGate` skips turns that teach nothing;
-:func:`build_reflection_graph` is a graph of its own.
+one. :func:`reflect_and_save` applies and saves; :class:`ReflectionWorker` runs it after
+the reply, on the turns and feedback queued in the interaction log; :class:`ReflectionGate`
+skips turns that teach nothing; :func:`build_reflection_graph` is a graph of its own.
 """
 
 from persona_plugin.reflection.apply import ReflectionJob, reflect_and_save
-from persona_plugin.reflection.background import BackgroundReflector
 from persona_plugin.reflection.gate import ReflectionGate
 from persona_plugin.reflection.graph import build_reflection_graph
 from persona_plugin.reflection.local import LocalReflector
 from persona_plugin.reflection.reflector import Reflector, reflector_for
 from persona_plugin.reflection.types import (
+    FeedbackNote,
     Gradient,
     LanguageLoss,
     MemoryFact,
@@ -23,9 +23,10 @@ from persona_plugin.reflection.types import (
     ReflectionOutput,
     ReflectionTurn,
 )
+from persona_plugin.reflection.worker import ReflectionWorker
 
 __all__ = [
-    "BackgroundReflector",
+    "FeedbackNote",
     "Gradient",
     "LanguageLoss",
     "LocalReflector",
@@ -35,6 +36,7 @@ __all__ = [
     "ReflectionOutcome",
     "ReflectionOutput",
     "ReflectionTurn",
+    "ReflectionWorker",
     "Reflector",
     "build_reflection_graph",
     "reflect_and_save",

@@ -6,20 +6,22 @@ the operations with :func:`~persona_plugin.reflection.optimizer.apply_operations
 lost update. The new version's source is ``reflection turn <id>``, and its details keep the
 loss, the gradients, and what was applied and refused. Memory facts pass the same checks as
 operations (the instruction guard, evidence citing this reflection's turns) before they reach
-long-term memory. A user message that reads as instructions to the assistant is kept in the
-short-term window as :data:`WITHHELD`, because the window is part of the persona and the
-guard reads it too. A failed reflection changes nothing and is reported in ``error``.
+long-term memory. Feedback on a turn (a rating, an edit, a regenerate, a choice) is shown
+with it and may be cited as evidence (``fb<n>``): a complaint becomes a preference edit
+through the same optimizer and guard. A user message or feedback text that reads as
+instructions to the assistant is shown as :data:`WITHHELD`, and nothing citing it is
+learned. A failed reflection changes nothing and is reported in ``error``.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from persona_plugin.guard import WITHHELD, instruction_reason
-from persona_plugin.persona import Persona, Turn
+from persona_plugin.persona import Persona
 from persona_plugin.reflection.optimizer import (
     EVIDENCE_WITHHELD,
     apply_operations,
@@ -30,15 +32,35 @@ from persona_plugin.reflection.types import (
     ReflectionOutcome,
     ReflectionTurn,
 )
-from persona_plugin.store import PersonaStore, VersionRecord
+from persona_plugin.store import PersonaStore, VersionRecord, WriteHook
 
 log = logging.getLogger(__name__)
 
 
-def _guarded(turn: Turn) -> Turn:
-    if instruction_reason(turn.content):
-        return turn.model_copy(update={"content": WITHHELD})
-    return turn
+def _shown(turns: Sequence[ReflectionTurn]) -> tuple[list[ReflectionTurn], set[str]]:
+    """The turns as the reflection may see them, and the evidence ids withheld: a user
+    message or a feedback text that reads as instructions to the assistant is replaced by
+    :data:`WITHHELD` (it cannot steer the reflection), and nothing citing it is learned,
+    however the reflection words it."""
+    shown, withheld = [], set()
+    for turn in turns:
+        if instruction_reason(turn.user):
+            withheld |= turn.evidence_ids
+            shown.append(ReflectionTurn(turn.turn_id, WITHHELD, WITHHELD))
+            continue
+        notes = []
+        for note in turn.feedback:
+            if any(instruction_reason(t) for t in (note.comment, note.text) if t):
+                withheld.add(note.id)
+                note = replace(
+                    note,
+                    comment=WITHHELD if note.comment else None,
+                    text=WITHHELD if note.text else None,
+                    observation="",
+                )
+            notes.append(note)
+        shown.append(replace(turn, feedback=notes))
+    return shown, withheld
 
 
 def reflect_and_save(
@@ -48,32 +70,36 @@ def reflect_and_save(
     user_id: str,
     turns: Sequence[ReflectionTurn],
     memory: Any = None,
-    short_term: Sequence[Turn] = (),
-    short_term_window: int = 10,
     memory_link: Any = None,
+    connection: Any = None,
+    also: WriteHook | None = None,
 ) -> ReflectionOutcome:
-    """Reflect on ``turns`` and save the result as one new persona version.
+    """Reflect on ``turns`` (and the feedback on them) and save the result as one new
+    persona version.
 
     The reflection call sees the persona as it is now; the operations are re-applied
     inside :meth:`PersonaStore.update`, so a concurrent save costs a retry, not a lost
     update. A failed reflection changes nothing and is reported in ``error``.
+    ``also(conn, version)`` runs in the transaction that writes the version (or, when
+    nothing changed, in one of its own), and ``connection`` is the caller's open
+    transaction to write in: what the reflection worker uses to mark its queued work
+    reflected together with the version. Facts for long-term memory are written in that
+    transaction's hook too, before it commits: a forget waiting for it finds them.
     """
+    evidence = set().union(*(t.evidence_ids for t in turns))
     turn_ids = {t.turn_id for t in turns}
+    feedback_ids = sorted(evidence - turn_ids)
     last = turns[-1].turn_id
     try:
         persona = store.get(user_id)
     except Exception:
         persona = Persona.new(user_id)
-    # a turn the guard reads as instructions is not shown to the reflection (it cannot
-    # steer it), and nothing citing it is learned, however the reflection words it
-    withheld = {t.turn_id for t in turns if instruction_reason(t.user)}
-    shown = [
-        ReflectionTurn(t.turn_id, WITHHELD, WITHHELD) if t.turn_id in withheld else t for t in turns
-    ]
+    shown, withheld = _shown(turns)
     call = reflector.call(persona, shown)
     outcome = ReflectionOutcome(
         user_id=user_id, turn_ids=sorted(turn_ids), token_usage=call.token_usage
     )
+    outcome.feedback_ids = feedback_ids
     if call.output is None:
         outcome.error = call.error
         return outcome
@@ -91,7 +117,7 @@ def reflect_and_save(
             refused_facts.append({"text": fact.text, "reason": f"guard: {reason}"})
         elif set(fact.evidence) & withheld:
             refused_facts.append({"text": fact.text, "reason": f"guard: {EVIDENCE_WITHHELD}"})
-        elif not fact.evidence or not set(fact.evidence) <= turn_ids:
+        elif not fact.evidence or not set(fact.evidence) <= evidence:
             refused_facts.append(
                 {"text": fact.text, "reason": "evidence must cite this reflection's turns"}
             )
@@ -102,40 +128,49 @@ def reflect_and_save(
         result = apply_operations(
             current,
             output.operations,
-            turn_ids=turn_ids,
+            turn_ids=evidence,
             min_confidence=reflector.min_confidence,
             limits=reflector.limits,
             withheld_turns=withheld,
         )
         results["last"] = result
         updated = result.persona
-        if short_term:
-            # the window is part of the persona, so the guard reads it too
-            recent = [*updated.memory.short_term, *(_guarded(t) for t in short_term)]
-            updated.memory.short_term = recent[-short_term_window:] if short_term_window else []
         if memory_link is not None and updated.memory.long_term is None:
             updated.memory.long_term = memory_link
         return updated
 
     def details() -> dict[str, Any]:
         result = results["last"]
-        return {
-            "token_usage": call.token_usage,
-            "reflection": {
-                "turn_ids": sorted(turn_ids),
-                "loss": output.loss.model_dump(),
-                "gradients": [g.model_dump() for g in output.gradients],
-                "applied": [a.model_dump() for a in result.applied],
-                "refused": [r.model_dump() for r in result.refused],
-                "memories": [f.model_dump() for f in accepted],
-                "refused_memories": refused_facts,
-            },
+        reflection: dict[str, Any] = {"turn_ids": sorted(turn_ids)}
+        if feedback_ids:
+            reflection["feedback_ids"] = feedback_ids
+        reflection |= {
+            "loss": output.loss.model_dump(),
+            "gradients": [g.model_dump() for g in output.gradients],
+            "applied": [a.model_dump() for a in result.applied],
+            "refused": [r.model_dump() for r in result.refused],
+            "memories": [f.model_dump() for f in accepted],
+            "refused_memories": refused_facts,
         }
+        return {"token_usage": call.token_usage, "reflection": reflection}
 
+    def written(conn: Any, version: int) -> None:
+        if also is not None:
+            also(conn, version)
+        if memory is not None and accepted:
+            by_evidence: dict[tuple[str, ...], list[str]] = {}
+            for fact in accepted:
+                by_evidence.setdefault(tuple(sorted(fact.evidence)), []).append(fact.text)
+            for cited, texts in by_evidence.items():
+                memory.add_facts(user_id, texts, kind="fact", source_turn_ids=list(cited))
+
+    source = f"reflection turn {last}"
+    if feedback_ids:
+        source = f"{source} (feedback {', '.join(feedback_ids)})"[:200]
     record: VersionRecord = store.update(
         user_id,
         update,
-        source=f"reflection turn {last}",
+        source=source,
         reason="; ".join(output.loss.revealed)[:500],
         create_missing=True,
         details=details,
@@ -143,6 +178,8 @@ def reflect_and_save(
         # is logged here (and, once it exists, in the interaction log). Facts for memory
         # keep their version: a rollback finds what to withdraw by the versions' turns
         skip_unchanged=not accepted,
+        connection=connection,
+        also=written,
     )
     saved = record.version != persona.meta.version
     if not saved:
@@ -159,15 +196,8 @@ def reflect_and_save(
         record.version,
     )
     outcome.saved = saved
-
     outcome.memories = [fact.text for fact in accepted]
     outcome.refused_memories = [fact["text"] for fact in refused_facts]
-    if memory is not None and accepted:
-        by_evidence: dict[tuple[str, ...], list[str]] = {}
-        for fact in accepted:
-            by_evidence.setdefault(tuple(sorted(fact.evidence)), []).append(fact.text)
-        for evidence, texts in by_evidence.items():
-            memory.add_facts(user_id, texts, kind="fact", source_turn_ids=list(evidence))
     return outcome
 
 
@@ -207,22 +237,30 @@ class ReflectionJob:
     store: PersonaStore
     reflector: ReflectionModel
     memory: Any = None
-    short_term_window: int = 10
 
-    def __call__(
-        self, user_id: str, turns: list[ReflectionTurn], short_term: list[Turn]
-    ) -> ReflectionOutcome | None:
+    def run(
+        self,
+        user_id: str,
+        turns: Sequence[ReflectionTurn],
+        *,
+        connection: Any = None,
+        also: WriteHook | None = None,
+    ) -> ReflectionOutcome:
+        """Reflect and save; errors are raised (the reflection worker counts them)."""
+        return reflect_and_save(
+            store=self.store,
+            reflector=self.reflector,
+            user_id=user_id,
+            turns=turns,
+            memory=self.memory,
+            memory_link=self.memory.link() if self.memory is not None else None,
+            connection=connection,
+            also=also,
+        )
+
+    def __call__(self, user_id: str, turns: list[ReflectionTurn]) -> ReflectionOutcome | None:
         try:
-            return reflect_and_save(
-                store=self.store,
-                reflector=self.reflector,
-                user_id=user_id,
-                turns=turns,
-                memory=self.memory,
-                short_term=short_term,
-                short_term_window=self.short_term_window,
-                memory_link=self.memory.link() if self.memory is not None else None,
-            )
+            return self.run(user_id, turns)
         except Exception:
             log.warning("reflection for user %s failed; persona unchanged", user_id, exc_info=True)
             return None

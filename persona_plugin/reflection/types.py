@@ -14,6 +14,7 @@ freely. :class:`ReflectionOutcome` reports what was applied and refused, and
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -74,12 +75,52 @@ class ReflectionOutput(BaseModel):
 
 
 @dataclass
+class FeedbackNote:
+    """What the user said of a reply, as the reflection is shown it.
+
+    ``id`` is the event's evidence id (``fb<n>``: an operation citing it cites the
+    feedback). ``observation`` is what plain code can tell of the event without judging it
+    (e.g. how much shorter an edit is than the reply), so a small reflection model need
+    not count words.
+    """
+
+    id: str
+    kind: str
+    rating: int | None = None
+    comment: str | None = None
+    text: str | None = None
+    observation: str = ""
+
+    def render(self) -> str:
+        said = []
+        if self.kind == "rating":
+            said.append("rated the reply good (+1)" if self.rating == 1 else "rated it bad (-1)")
+        elif self.kind == "edit":
+            said.append(f"rewrote the reply as: {json.dumps(self.text, ensure_ascii=False)}")
+        elif self.kind == "regenerate":
+            said.append("asked for another answer instead of this one")
+        elif self.kind == "choice":
+            said.append(f"preferred this answer: {json.dumps(self.text, ensure_ascii=False)}")
+        if self.comment:
+            said.append(f"comment: {json.dumps(self.comment, ensure_ascii=False)}")
+        if self.observation:
+            said.append(f"({self.observation})")
+        return "; ".join(said)
+
+
+@dataclass
 class ReflectionTurn:
-    """One exchange to reflect on."""
+    """One exchange to reflect on, with the feedback on its reply (if any)."""
 
     turn_id: str
     user: str
     assistant: str
+    feedback: list[FeedbackNote] = field(default_factory=list)
+
+    @property
+    def evidence_ids(self) -> set[str]:
+        """What an operation learned from this turn may cite: the turn, its feedback."""
+        return {self.turn_id, *(note.id for note in self.feedback)}
 
 
 # -- the reflection call -----------------------------------------------------------------
@@ -120,6 +161,8 @@ class ReflectionOutcome(BaseModel):
 
     user_id: str
     turn_ids: list[str]
+    #: the feedback events reflected on with the turns (``fb<n>``)
+    feedback_ids: list[str] = Field(default_factory=list)
     loss: LanguageLoss | None = None
     gradients: list[Gradient] = Field(default_factory=list)
     applied: list[AppliedOperation] = Field(default_factory=list)

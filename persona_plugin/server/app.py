@@ -169,6 +169,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if nodes.background is not None and nodes.reflection != "off":
+            # resume what an earlier process left queued (a crash, a restart)
+            nodes.background.start()
         try:
             yield
         finally:
@@ -358,7 +361,7 @@ def create_app(
         fields = req.model_dump(include={"rating", "comment", "text", "choice"})
         try:
             event = await anyio.to_thread.run_sync(
-                lambda: nodes.interactions.record_feedback(user_id, req.turn_id, req.kind, **fields)
+                lambda: nodes.record_feedback(user_id, req.turn_id, req.kind, **fields)
             )
         except TurnOwnedElsewhereError:
             raise OpenAIError(
@@ -424,7 +427,7 @@ def create_app(
     @app.delete("/v1/personas/{user_id}")
     def delete_persona(user_id: str, grant: Authenticated) -> dict[str, Any]:
         authorize(grant, user_id, "user_id")
-        gone = graph.forget(user_id, timeout=close_timeout)
+        gone = graph.forget(user_id)
         if not gone:
             raise _from_persona_error(
                 PersonaNotFoundError(f"user '{user_id}' has no persona to delete.")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,7 +26,6 @@ from persona_plugin.errors import PersonaValidationError
 from persona_plugin.memory.long_term import LongTermMemory
 from persona_plugin.persona import Persona
 from persona_plugin.reflection.apply import reflect_and_save
-from persona_plugin.reflection.background import BackgroundReflector
 from persona_plugin.reflection.graph import build_reflection_graph
 from persona_plugin.reflection.reflector import Reflector, parse_reflection_json
 from persona_plugin.reflection.types import ReflectionOutput, ReflectionTurn
@@ -440,74 +438,3 @@ def test_reflection_graph_refuses_incomplete_input(store: PersonaStore) -> None:
     with pytest.raises(PersonaValidationError, match="assistant"):
         graph.invoke({"user_id": "ana", "turn_id": "t1", "user": "hi", "assistant": ""})
     assert store.users() == []
-
-
-# -- background reflection ----------------------------------------------------------------
-
-
-class Recorder:
-    def __init__(self, fail_for: str | None = None) -> None:
-        self.runs: list[tuple[str, list[str]]] = []
-        self.fail_for = fail_for
-        self.lock = threading.Lock()
-
-    def __call__(self, user_id: str, turns: list[ReflectionTurn], short_term: list[Any]) -> str:
-        if user_id == self.fail_for:
-            raise RuntimeError("reflection model down")
-        with self.lock:
-            self.runs.append((user_id, [t.turn_id for t in turns]))
-        return user_id
-
-
-def turn(n: int) -> ReflectionTurn:
-    return ReflectionTurn(f"t{n}", f"message {n}", f"reply {n}")
-
-
-def test_background_debounce_groups_quick_turns_per_user() -> None:
-    recorder = Recorder()
-    background = BackgroundReflector(recorder, debounce_s=0.3)
-    try:
-        for n in range(1, 4):
-            background.submit("ana", turn(n))
-            background.submit("ben", turn(10 + n))
-        assert recorder.runs == []  # nothing yet: the debounce is still running
-        deadline = time.monotonic() + 5
-        while len(recorder.runs) < 2 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert sorted(recorder.runs) == [
-            ("ana", ["t1", "t2", "t3"]),
-            ("ben", ["t11", "t12", "t13"]),
-        ]
-    finally:
-        assert background.close(timeout=5)
-
-
-def test_background_drain_and_close_finish_queued_work(caplog) -> None:
-    recorder = Recorder(fail_for="bad")
-    background = BackgroundReflector(recorder, debounce_s=60)
-    background.submit("ana", turn(1))
-    background.submit("bad", turn(2))
-    assert background.drain(timeout=5)
-    assert recorder.runs == [("ana", ["t1"])]
-    assert "background reflection for bad failed" in caplog.text
-    background.submit("ana", turn(3))
-    assert background.close(timeout=5)  # close drains first
-    assert recorder.runs == [("ana", ["t1"]), ("ana", ["t3"])]
-    assert background.outcomes == ["ana", "ana"]
-    with pytest.raises(RuntimeError, match="closed"):
-        background.submit("ana", turn(4))
-
-
-def test_draining_one_user_leaves_the_others_queued() -> None:
-    recorder = Recorder()
-    background = BackgroundReflector(recorder, debounce_s=60)
-    try:
-        background.submit("ana", turn(1))
-        background.submit("ben", turn(2))
-        assert background.drain(timeout=5, user_id="ana")
-        assert recorder.runs == [("ana", ["t1"])]  # ben's keeps its debounce
-        assert background.drain(timeout=5, user_id="nobody")  # nothing queued: at once
-        assert recorder.runs == [("ana", ["t1"])]
-    finally:
-        assert background.close(timeout=5)
-    assert recorder.runs == [("ana", ["t1"]), ("ben", ["t2"])]  # close drains the rest
