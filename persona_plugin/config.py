@@ -84,6 +84,13 @@ class Settings(BaseSettings):
     reflection: Literal["inline", "background", "every_n_turns", "off"] = Field(
         "inline", description="when the persona graph reflects on a turn"
     )
+    reflection_debounce_s: float = Field(
+        1.0,
+        ge=0,
+        le=86400,
+        description="background reflection waits until a user's newest queued turn is this "
+        "old, so a burst of turns becomes one reflection",
+    )
     checkpointer_url: str | None = Field(
         None,
         description="LangGraph checkpointer: sqlite:///path or postgresql://...; "

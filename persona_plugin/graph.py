@@ -676,6 +676,7 @@ def build_persona_graph_from_settings(
         checkpointer=checkpointer,
         assembler=PromptAssembler.from_settings(settings, token_counter=token_counter_for(model)),
         reflection=settings.reflection,
+        debounce_s=settings.reflection_debounce_s,
         short_term_window=settings.short_term_window,
         history_tokens=settings.history_tokens,
         mbr_n=settings.mbr_n,

@@ -30,7 +30,7 @@ from persona_plugin.cli._common import (
 from persona_plugin.cli.eval import eval_app
 from persona_plugin.cli.lora import lora_app
 from persona_plugin.cli.prefs import prefs_app
-from persona_plugin.errors import PersonaError, PersonaNotFoundError
+from persona_plugin.errors import PersonaConfigError, PersonaError, PersonaNotFoundError
 from persona_plugin.persona import Persona, json_schema
 
 app = typer.Typer(
@@ -416,6 +416,59 @@ def serve(
     from persona_plugin.server.app import create_app_from_settings
 
     uvicorn.run(create_app_from_settings(state.settings()), host=host, port=port)
+
+
+@app.command()
+def worker(
+    until_idle: Annotated[
+        bool,
+        typer.Option("--until-idle", help="reflect on what is queued now, then exit"),
+    ] = False,
+) -> None:
+    """Reflect on the turns and feedback queued in the interaction log (background mode).
+
+    Runs until interrupted (Ctrl-C, SIGTERM), finishing the reflection in hand. Any number
+    of workers may share one PostgreSQL database: none reflects a turn another has taken.
+    The servers' own workers do the same work; extra workers add capacity.
+    """
+    import signal
+    import threading
+
+    from persona_plugin.chat_models.registry import resolve_chat_model
+    from persona_plugin.interactions import InteractionLog
+    from persona_plugin.reflection.apply import ReflectionJob
+    from persona_plugin.reflection.reflector import reflector_for
+    from persona_plugin.reflection.worker import ReflectionWorker
+
+    settings = state.settings()
+    if settings.chat_model == "echo":
+        raise PersonaConfigError(
+            "the echo model cannot reflect: set PERSONA_CHAT_MODEL (e.g. 'local' or "
+            "'openai:gpt-4o-mini') for the worker."
+        )
+    model = resolve_chat_model(settings.chat_model, settings)
+    with state.store(create=False) as store:
+        log = InteractionLog.on(store, retention_days=settings.log_retention_days)
+        job = ReflectionJob(
+            store=store, reflector=reflector_for(model, limits=store.limits), memory=state.memory()
+        )
+        reflecting = ReflectionWorker(log, job, debounce_s=settings.reflection_debounce_s)
+        if until_idle:
+            reflecting.drain()
+        else:
+            stop = threading.Event()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, lambda *_: stop.set())
+            reflecting.start()
+            err.print("reflection worker running; Ctrl-C to stop")
+            stop.wait()
+            reflecting.stop()
+    done = [o for o in reflecting.outcomes if not o.error]
+    out.print(
+        f"reflected {sum(len(o.turn_ids) for o in done)} turns and "
+        f"{sum(len(o.feedback_ids) for o in done)} feedback events in {len(done)} "
+        f"reflections; {len(reflecting.outcomes) - len(done)} failed"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -277,13 +277,17 @@ class ReflectionWorker:
             if not progressed:  # another worker holds them: wait for it
                 time.sleep(0.05)
 
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the thread after the reflection in hand; what is queued stays queued."""
+        self._closed = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
     def close(self, timeout: float | None = None) -> bool:
         """Drain, then stop the thread; True if everything queued was reflected."""
         try:
             finished = self.drain(timeout)
         finally:
-            self._closed = True
-            self._wake.set()
-            if self._thread is not None:
-                self._thread.join(timeout)
+            self.stop(timeout)
         return finished

@@ -148,6 +148,7 @@ def create_app(
             )
         if settings is not None:
             options.setdefault("short_term_window", settings.short_term_window)
+            options.setdefault("debounce_s", settings.reflection_debounce_s)
         graph = build_persona_graph(
             served[default_model],
             store=store,
