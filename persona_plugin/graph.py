@@ -579,8 +579,14 @@ class PersonaGraph:
         return list(found.values())
 
     def close(self, timeout: float | None = None) -> bool:
-        """Drain background reflections and stop their worker (call on shutdown)."""
-        return self.background.close(timeout) if self.background is not None else True
+        """Drain background reflections and stop their worker (call on shutdown). A graph
+        whose reflection is off leaves what is queued for a worker that reflects."""
+        if self.background is None:
+            return True
+        if self.reflection == "off":
+            self.background.stop(timeout)
+            return True
+        return self.background.close(timeout)
 
 
 def build_persona_graph(

@@ -178,3 +178,29 @@ class TurnReflector:
         ]
         output = ReflectionOutput(loss=LanguageLoss(score=0.5), operations=operations)
         return ReflectionCall(output=output, attempts=1)
+
+
+class FeedbackReflection:
+    """A scripted reflection model: for each feedback line of its prompt it answers what
+    ``plan(line)`` returns (operations and memories, citing the feedback and its turn)."""
+
+    def __init__(self, plan: Any) -> None:
+        self.plan = plan
+        self.prompts: list[str] = []
+
+    def __call__(self, messages: list[BaseMessage]) -> AIMessage:
+        prompt = messages[-1].text
+        self.prompts.append(prompt)
+        ops, memories = [], []
+        for fb, turn, line in re.findall(r"\[feedback (fb\d+) on turn ([^\]]+)\] (.*)", prompt):
+            step = self.plan(line) or {}
+            cite = step.get("evidence", [fb, turn])
+            ops += [{"confidence": 0.9, "evidence": cite, **o} for o in step.get("ops", [])]
+            memories += [{"text": m, "evidence": cite} for m in step.get("memories", [])]
+        answer = {
+            "loss": {"revealed": ["feedback"], "missed": [], "score": 0.4},
+            "gradients": [],
+            "operations": ops,
+            "memories": memories,
+        }
+        return AIMessage(content=json.dumps(answer))

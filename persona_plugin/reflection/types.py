@@ -103,9 +103,8 @@ class FeedbackNote:
             said.append(f"preferred this answer: {json.dumps(self.text, ensure_ascii=False)}")
         if self.comment:
             said.append(f"comment: {json.dumps(self.comment, ensure_ascii=False)}")
-        if self.observation:
-            said.append(f"({self.observation})")
-        return "; ".join(said)
+        line = "; ".join(said)
+        return f"{line} ({self.observation})" if self.observation else line
 
 
 @dataclass

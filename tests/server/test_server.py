@@ -46,6 +46,7 @@ from persona_plugin.reflection.reflector import Reflector
 from persona_plugin.server.app import create_app, create_app_from_settings
 from persona_plugin.server.protocol import USER_HEADER
 from persona_plugin.store import PersonaStore
+from tests.fakes import FeedbackReflection, ScriptedChatModel
 from tests.paths import REPO
 
 ROOT = REPO
@@ -864,6 +865,53 @@ def test_persona_serve_without_tokens_says_what_to_set(tmp_path: Path) -> None:
 
 
 # -- feedback -----------------------------------------------------------------------------
+
+
+def test_a_bad_rating_through_the_server_reaches_the_persona(
+    store: PersonaStore, upstream: RecordingChatModel
+) -> None:
+    _seed_alice(store)
+    before = store.get("alice").preference.style
+    reflection = FeedbackReflection(
+        lambda line: (
+            {"ops": [{"op": "append", "path": "preference.style", "value": "concise"}]}
+            if "too long" in line
+            else None
+        )
+    )
+    app = create_app(
+        models={"recorder": upstream},
+        store=store,
+        tokens=TOKENS,
+        # the turn itself teaches nothing here (no feedback lines yet): only the feedback
+        reflector=Reflector(ScriptedChatModel(default=reflection), structured="json"),
+        reflection="inline",
+        debounce_s=0.0,
+    )
+    with running(app) as url:
+        completion = _client(url).chat.completions.create(
+            model="recorder",
+            messages=[{"role": "user", "content": "Explain heat pumps."}],
+            user="alice",
+        )
+        bad = _call(
+            url,
+            "POST",
+            "/v1/feedback",
+            {
+                "user": "alice",
+                "turn_id": completion.id,
+                "kind": "rating",
+                "rating": -1,
+                "comment": "too long",
+            },
+        )
+        assert bad.status_code == 200, bad.text
+    # the shutdown drained the worker: the feedback became a preference, citing the event
+    assert store.get("alice").preference.style == [*before, "concise"]
+    record = store.get_version("alice")
+    assert record.source == f"reflection turn {completion.id} (feedback fb{bad.json()['id']})"
+    assert '(-1); comment: "too long"' in reflection.prompts[-1]
 
 
 def test_feedback_on_a_completion_is_logged_for_its_user(server: str, store: PersonaStore) -> None:
