@@ -5,7 +5,10 @@ graph. Input is ``{"messages": [...]}`` (the new user message); the user comes f
 ``config["configurable"]["user_id"]``, the conversation from ``thread_id`` (with a
 checkpointer, earlier turns of the thread are in ``messages``). Also configurable per
 call: ``model`` (a name among ``models``), ``reflection`` (``inline``,
-``background``, ``every_n_turns``, ``off``) and ``mbr_n``.
+``background``, ``every_n_turns``, ``off``) and ``mbr_n``. ``background`` and
+``every_n_turns`` queue the turn in the interaction log before the reply is returned;
+:class:`~persona_plugin.reflection.worker.ReflectionWorker` (``graph.background``) reflects
+on it, and on feedback recorded with :meth:`PersonaGraph.record_feedback`.
 
 The ``generate`` node hands the persona to models that choose LoRA adapters from it
 (:func:`~persona_plugin.chat_models.persona_aware.takes_persona`: a
@@ -485,7 +488,9 @@ class PersonaGraph:
         if replied and queue == PENDING:
             self.background.notify()
         elif replied and queue == BATCHED and self._batch_full(user_id):
-            outcome = self.background.reflect_user(user_id, states=(BATCHED,))
+            outcome = self.background.reflect_user(
+                user_id, states=(BATCHED,), limit=self.every_n_turns
+            )
             update["reflection"] = outcome.model_dump() if outcome else None
         return update
 

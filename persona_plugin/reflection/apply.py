@@ -44,9 +44,10 @@ def _shown(turns: Sequence[ReflectionTurn]) -> tuple[list[ReflectionTurn], set[s
     however the reflection words it."""
     shown, withheld = [], set()
     for turn in turns:
-        if instruction_reason(turn.user):
+        # (a logged turn the guard read already holds the marker, not the text)
+        if turn.user == WITHHELD or instruction_reason(turn.user):
             withheld |= turn.evidence_ids
-            shown.append(ReflectionTurn(turn.turn_id, WITHHELD, WITHHELD))
+            shown.append(ReflectionTurn(turn.turn_id, WITHHELD, WITHHELD, reflected=turn.reflected))
             continue
         notes = []
         for note in turn.feedback:

@@ -12,9 +12,12 @@ exactly as they apply any other model's.
 
 Decisions: one call per user turn (the adapter is trained on single turns; a batch of
 turns becomes one call each, their answers merged); the assistant's reply is not shown
-(the facts are about the user); a turn the guard reads as instructions to the assistant is
-not sent at all, and any fact or value the guard refuses is dropped here, so it reaches
-neither the persona, the memory nor the version history. The local model does not judge
+(the facts are about the user); feedback on a reply is one more call, on the feedback
+worded as a message (:func:`feedback_message`; the adapter is trained on such messages too),
+whose preference edits may come from the closed :data:`FEEDBACK_OPS`; a turn the guard
+reads as instructions to the assistant is not sent at all, and any fact or value the guard
+refuses is dropped here, so it reaches neither the persona, the memory nor the version
+history. The local model does not judge
 the reply, so the language loss carries the facts as ``revealed`` and a neutral score.
 """
 
@@ -32,6 +35,7 @@ from persona_plugin.guard import find_instruction, instruction_reason
 from persona_plugin.persona import DEFAULT_LIMITS, Persona, PersonaLimits
 from persona_plugin.reflection.optimizer import Operation
 from persona_plugin.reflection.types import (
+    FeedbackNote,
     Gradient,
     LanguageLoss,
     MemoryFact,
@@ -70,6 +74,52 @@ MAX_FACTS = 4
 MAX_FACT_CHARS = 160
 MAX_OPS = 3
 MAX_VALUE_CHARS = 60
+
+
+#: how a feedback event reaches the adapter: a message of this form (see
+#: :func:`feedback_message`)
+FEEDBACK_PREFIX = "Feedback on the last reply:"
+#: the edits a feedback message may make without the user's own words for them: a closed
+#: vocabulary. The adapter maps a complaint ("too long") onto one of these; any other value
+#: must appear in the message, as for any turn
+FEEDBACK_OPS: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("preference.style", "concise"),
+        ("preference.style", "detailed"),
+        ("preference.style", "casual"),
+        ("preference.style", "formal"),
+        ("preference.style", "plain language"),
+        ("preference.format", "bullet points"),
+    }
+)
+#: an edit this much shorter (or longer, inverted) than the reply says "shorter, please"
+EDIT_RATIO = 0.6
+
+
+def feedback_message(note: FeedbackNote) -> str | None:
+    """A feedback event as a message for the reflection adapter, or None when it says
+    nothing the local model can learn from (a bare rating, a choice, an edit of about the
+    reply's length without a comment). The comment is the user's own words; an edit's
+    length is measured by code and said plainly."""
+    comment = " ".join((note.comment or "").split())
+    if note.kind == "edit":
+        ratio = note.length_ratio
+        if ratio is not None and ratio <= EDIT_RATIO:
+            head = "rewritten much shorter."
+        elif ratio is not None and ratio >= 1 / EDIT_RATIO:
+            head = "rewritten much longer."
+        elif comment:
+            head = "rewritten."
+        else:
+            return None
+        return f"{FEEDBACK_PREFIX} {head} {comment}".strip()
+    if not comment:
+        return None
+    if note.kind == "rating":
+        return f"{FEEDBACK_PREFIX} {'good' if note.rating == 1 else 'bad'}. {comment}"
+    if note.kind == "regenerate":
+        return f"{FEEDBACK_PREFIX} asked again. {comment}"
+    return None
 
 
 def prompt_messages(speaker: str, text: str) -> list[dict[str, str]]:
@@ -141,6 +191,10 @@ class Extraction:
     text: str = ""
     #: the turn it was read from (edits must be grounded in it)
     turn_text: str = ""
+    #: what its facts and edits cite (default: the turn's id)
+    evidence: list[str] = field(default_factory=list)
+    #: read from a feedback message: preference edits only from :data:`FEEDBACK_OPS`
+    feedback: bool = False
     prompt_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
@@ -194,9 +248,10 @@ def to_reflection_output(
     """The typed reflection output of per-turn extractions, and what the guard dropped.
 
     Facts become memories, edits become operations (``append`` on list fields, ``set``
-    elsewhere) citing their turn, with ``confidence``. An edit on a :data:`GROUNDED_PATHS`
-    path whose value the turn does not contain is skipped. Anything that reads as an
-    instruction to the assistant is dropped, never passed on.
+    elsewhere) citing their turn (or the extraction's ``evidence``), with ``confidence``.
+    An edit on a :data:`GROUNDED_PATHS` path whose value the turn does not contain is
+    skipped, except, from feedback, one of :data:`FEEDBACK_OPS` (what a complaint asks for).
+    Anything that reads as an instruction to the assistant is dropped, never passed on.
     """
     revealed: list[str] = []
     memories: list[MemoryFact] = []
@@ -205,6 +260,7 @@ def to_reflection_output(
     dropped: list[str] = []
     seen: set[str] = set()
     for turn_id, extraction in extractions:
+        cite = extraction.evidence or [turn_id]
         for raw in extraction.facts:
             fact = _clean(raw)
             if not fact or fact.casefold() in seen:
@@ -214,12 +270,15 @@ def to_reflection_output(
                 continue
             seen.add(fact.casefold())
             revealed.append(fact)
-            memories.append(MemoryFact(text=fact, evidence=[turn_id]))
+            memories.append(MemoryFact(text=fact, evidence=cite))
         for path, raw in extraction.ops:
             text = _clean(raw)
             value = _value(path, text, turn_id) if text else None
             source = extraction.turn_text.casefold()
-            if value is None or (
+            if extraction.feedback and (path, text.casefold()) in FEEDBACK_OPS:
+                # "too long" -> concise: a complaint names what the user wants by its opposite
+                value = text.casefold()
+            elif value is None or (
                 source and path in GROUNDED_PATHS and text.casefold() not in source
             ):
                 continue
@@ -228,16 +287,15 @@ def to_reflection_output(
                 continue
             kind = OP_PATHS[path]
             operations.append(
-                Operation(
-                    op=kind, path=path, value=value, confidence=confidence, evidence=[turn_id]
-                )
+                Operation(op=kind, path=path, value=value, confidence=confidence, evidence=cite)
             )
+            said = "feedback " + cite[0] if extraction.feedback else "turn " + turn_id
             gradients.append(
                 Gradient(
                     field=path,
                     suggestion=f"{kind} {text!r}",
-                    reason=f"stated by the user in turn {turn_id}",
-                    evidence=[turn_id],
+                    reason=f"stated by the user in {said}",
+                    evidence=cite,
                 )
             )
     output = ReflectionOutput(
@@ -320,7 +378,17 @@ class LocalReflector:
         result = ReflectionCall(output=None)
         extractions = []
         for turn in turns:
-            extraction = self.extract(speaker, turn.user)
+            # a turn reflected on before is here for its feedback: its facts are known
+            reads = [] if turn.reflected else [(turn.user, [turn.turn_id], False)]
+            for note in turn.feedback:
+                message = feedback_message(note)
+                if message:
+                    reads.append((message, [note.id, turn.turn_id], True))
+            for text, cite, from_feedback in reads:
+                extraction = self.extract(speaker, text)
+                extraction.evidence, extraction.feedback = cite, from_feedback
+                extractions.append((turn.turn_id, extraction))
+        for _turn_id, extraction in extractions:
             if extraction.called:
                 result.attempts += 1
                 usage = result.token_usage
@@ -331,9 +399,8 @@ class LocalReflector:
                 usage["total_tokens"] = usage["input_tokens"] + usage["output_tokens"]
             if not extraction.valid:
                 result.error = "the local model's answer did not parse"
-                continue
-            extractions.append((turn.turn_id, extraction))
-        output, dropped = to_reflection_output(extractions, confidence=self.confidence)
+        kept = [(turn_id, e) for turn_id, e in extractions if e.valid]
+        output, dropped = to_reflection_output(kept, confidence=self.confidence)
         if dropped:
             log.info("local reflection dropped %d instruction-like item(s)", len(dropped))
         result.output = output

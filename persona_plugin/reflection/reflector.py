@@ -69,7 +69,9 @@ corrects a fact is a memory. Cite the feedback id (fb...) with its turn id."""
 
 def _render_turns(turns: Sequence[ReflectionTurn]) -> str:
     return "\n".join(
-        f"[turn {t.turn_id}]\nuser: {json.dumps(t.user, ensure_ascii=False)}\n"
+        f"[turn {t.turn_id}]"
+        + (" (reflected on before: shown for the feedback on it)" if t.reflected else "")
+        + f"\nuser: {json.dumps(t.user, ensure_ascii=False)}\n"
         f"assistant: {json.dumps(t.assistant, ensure_ascii=False)}"
         + "".join(
             f"\n[feedback {n.id} on turn {t.turn_id}] the user {n.render()}" for n in t.feedback

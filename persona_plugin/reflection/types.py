@@ -90,6 +90,8 @@ class FeedbackNote:
     comment: str | None = None
     text: str | None = None
     observation: str = ""
+    #: an edit's length against the reply's (words), when both are known
+    length_ratio: float | None = None
 
     def render(self) -> str:
         said = []
@@ -109,12 +111,14 @@ class FeedbackNote:
 
 @dataclass
 class ReflectionTurn:
-    """One exchange to reflect on, with the feedback on its reply (if any)."""
+    """One exchange to reflect on, with the feedback on its reply (if any). ``reflected``:
+    the turn was reflected on before and is shown again for the feedback on it."""
 
     turn_id: str
     user: str
     assistant: str
     feedback: list[FeedbackNote] = field(default_factory=list)
+    reflected: bool = False
 
     @property
     def evidence_ids(self) -> set[str]:

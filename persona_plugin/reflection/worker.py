@@ -59,11 +59,11 @@ def _words(text: str | None) -> int:
 
 def feedback_note(event: FeedbackEvent, turn: LoggedTurn) -> FeedbackNote:
     """A feedback event as the reflection is shown it, with what plain code can observe."""
-    text, observation = event.text, ""
+    text, observation, ratio = event.text, "", None
     if event.kind == "edit":
         before, after = _words(turn.reply_text), _words(event.text)
         if before:
-            ratio = after / before
+            ratio = round(after / before, 3)
             size = (
                 "much shorter than"
                 if ratio <= 0.6
@@ -83,6 +83,7 @@ def feedback_note(event: FeedbackEvent, turn: LoggedTurn) -> FeedbackNote:
         comment=event.comment,
         text=text,
         observation=observation,
+        length_ratio=ratio,
     )
 
 
@@ -98,7 +99,13 @@ def reflection_turns(claim: Claim) -> list[ReflectionTurn]:
         notes.setdefault(event.turn_id, []).append(feedback_note(event, turn))
     ordered = [*claim.turns, *(claim.rated_turns[t] for t in notes if t not in turns)]
     return [
-        ReflectionTurn(t.turn_id, t.user_text, t.reply_text, feedback=notes.get(t.turn_id, []))
+        ReflectionTurn(
+            t.turn_id,
+            t.user_text,
+            t.reply_text,
+            feedback=notes.get(t.turn_id, []),
+            reflected=t.turn_id not in turns,
+        )
         for t in ordered
     ]
 
@@ -194,13 +201,15 @@ class ReflectionWorker:
     # -- reflecting -----------------------------------------------------------------------
 
     def reflect_user(
-        self, user_id: str, *, states: Sequence[str] = (PENDING,)
+        self, user_id: str, *, states: Sequence[str] = (PENDING,), limit: int | None = None
     ) -> ReflectionOutcome | None:
-        """Claim one batch of the user's queued work and reflect on it now; None when there
-        is none to claim (or, on PostgreSQL, another worker is reflecting the user)."""
+        """Claim one batch of the user's queued work (at most ``limit`` turns, default
+        ``max_turns``) and reflect on it now; None when there is none to claim (or, on
+        PostgreSQL, another worker is reflecting the user)."""
+        limit = limit or self.max_turns
         with self._reflecting:
             if not self.lock_rows:
-                claim = self.log.claim(user_id, states=tuple(states), limit=self.max_turns)
+                claim = self.log.claim(user_id, states=tuple(states), limit=limit)
                 return self._reflect(claim, None) if claim else None
             with self.log.engine.connect() as conn, conn.begin():
                 locked = conn.execute(
@@ -210,9 +219,7 @@ class ReflectionWorker:
                 ).scalar_one()
                 if not locked:
                     return None
-                claim = self.log.claim(
-                    user_id, conn=conn, states=tuple(states), limit=self.max_turns
-                )
+                claim = self.log.claim(user_id, conn=conn, states=tuple(states), limit=limit)
                 return self._reflect(claim, conn) if claim else None
 
     def _reflect(self, claim: Claim, conn: sa.Connection | None) -> ReflectionOutcome:

@@ -102,6 +102,7 @@ COMMAND_ARGUMENTS = {
     "export": ["user_id", "--output"],
     "delete": ["user_id", "--yes"],
     "demo": ["--home"],
+    "worker": ["--until-idle"],
 }
 
 
@@ -701,3 +702,33 @@ def test_chat_feedback_commands_reach_the_interaction_log(tmp_path: Path) -> Non
         (first.turn_id, "edit", None, None, "Hi!"),
         (first.turn_id, "regenerate", None, None, None),
     ]
+
+
+# -- the reflection worker --------------------------------------------------------------------
+
+
+def test_worker_reflects_on_what_is_queued_with_the_local_model(run, tmp_path, monkeypatch):
+    from persona_plugin.interactions import PENDING, InteractionLog
+    from persona_plugin.store import PersonaStore
+
+    url = f"sqlite:///{tmp_path / 'personas.db'}"
+    with PersonaStore(url) as store:
+        InteractionLog.on(store).record_turn(
+            "greta",
+            "t1",
+            user_text="These days I'm based in Tallinn.",
+            reply_text="Nice city!",
+            reflection=PENDING,
+        )
+    monkeypatch.setenv("PERSONA_CHAT_MODEL", "echo")
+    refused = run("--store", url, "worker", "--until-idle")
+    assert_clean_failure(refused, 2)
+    assert "PERSONA_CHAT_MODEL" in refused.err
+    monkeypatch.setenv("PERSONA_CHAT_MODEL", "local")
+    result = run("--store", url, "worker", "--until-idle")
+    assert result.code == 0, result.output
+    assert "reflected 1 turns and 0 feedback events in 1 reflections; 0 failed" in result.out
+    with PersonaStore(url) as store:
+        assert store.get("greta").demographics.location == "Tallinn"
+        (turn,) = InteractionLog.on(store).turns("greta")
+        assert turn.reflection == "done" and turn.reflected_version == 1

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from pathlib import Path
 from typing import Any
 
-from persona_plugin.lab.training.reflection_data import build_examples
-from persona_plugin.reflection.local import ADAPTER_ID, BUNDLED_HUB
+from persona_plugin.lab.training.reflection_data import build_examples, build_feedback_examples
+from persona_plugin.reflection.local import ADAPTER_ID, BUNDLED_HUB, to_reflection_output
 
 BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -67,10 +68,17 @@ def write_card(hub_dir: Path, *, rank: int) -> Path:
 
 
 def evaluate_adapter(
-    hub_dir: Path, *, count: int = 40, base_count: int = 8, seed: int = 0, progress: Any = None
+    hub_dir: Path,
+    *,
+    count: int = 40,
+    base_count: int = 8,
+    feedback_count: int = 24,
+    seed: int = 0,
+    progress: Any = None,
 ) -> dict[str, Any]:
-    """Held-out figures of the adapter in ``hub_dir`` on ``count`` examples, and of the bare
-    model on the first ``base_count`` of them (it fills every bound: slow on CPU)."""
+    """Held-out figures of the adapter in ``hub_dir`` on ``count`` examples, of the bare
+    model on the first ``base_count`` of them (it fills every bound: slow on CPU), and of
+    the adapter on ``feedback_count`` held-out feedback messages."""
     from persona_plugin.backends.local import LocalBackend
     from persona_plugin.embeddings.minilm import MiniLMEmbeddingFunction
     from persona_plugin.guard import instruction_reason
@@ -82,9 +90,11 @@ def evaluate_adapter(
     backend = LocalBackend(lora_hub=LoraHub(hub_dir))
     embedder = MiniLMEmbeddingFunction()
     figures: dict[str, Any] = {}
+    feedback = build_feedback_examples(feedback_count, split="eval", seed=seed)
     for label, adapter, subset in (
         ("adapter", ADAPTER_ID, examples),
         ("base", None, examples[:base_count]),
+        ("feedback", ADAPTER_ID, feedback),
     ):
         if not subset:
             continue
@@ -94,6 +104,10 @@ def evaluate_adapter(
         started = time.monotonic()
         for i, example in enumerate(subset):
             extraction = reflector.extract(example.speaker, example.text)
+            if label == "feedback":  # as LocalReflector reads a feedback message
+                extraction.feedback = True
+                output, _ = to_reflection_output([("t", extraction)])
+                extraction.ops = [(o.path, str(o.value)) for o in output.operations]
             valid += extraction.called and extraction.valid
             matched = match_facts(embedder, list(example.facts), extraction.facts)
             gold_total += len(example.facts)
@@ -128,12 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hub-dir", type=Path, default=BUNDLED_HUB)
     parser.add_argument("--examples", type=int, default=320)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--feedback-examples", type=int, default=160)
+    parser.add_argument("--steps", type=int, default=90)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=1.5e-3)
     parser.add_argument("--eval-examples", type=int, default=40)
     parser.add_argument("--base-examples", type=int, default=8)
+    parser.add_argument("--eval-feedback-examples", type=int, default=24)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-only", action="store_true", help="measure the existing adapter")
     args = parser.parse_args(argv)
@@ -154,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         from persona_plugin.lab.training.lora import TrainingExample, train_lora
 
         examples = build_examples(args.examples, split="train", seed=args.seed)
+        examples += build_feedback_examples(args.feedback_examples, split="train", seed=args.seed)
+        random.Random(args.seed).shuffle(examples)
         training = [TrainingExample.of(e.messages, e.completion) for e in examples]
         with Progress(*columns, console=console) as bar:
             task = bar.add_task("training", total=args.steps, info="")
@@ -182,17 +200,26 @@ def main(argv: list[str] | None = None) -> int:
             f"{report.size_bytes / 1e6:.1f} MB; card {card}"
         )
     with Progress(*columns, console=console) as bar:
-        total = args.eval_examples + min(args.base_examples, args.eval_examples)
+        total = (
+            args.eval_examples
+            + min(args.base_examples, args.eval_examples)
+            + args.eval_feedback_examples
+        )
         task = bar.add_task("evaluating", total=total, info="")
 
         def on_turn(label: str, done: int, _total: int) -> None:
-            offset = 0 if label == "adapter" else args.eval_examples
+            offset = {
+                "adapter": 0,
+                "base": args.eval_examples,
+                "feedback": args.eval_examples + min(args.base_examples, args.eval_examples),
+            }[label]
             bar.update(task, completed=offset + done, info=label)
 
         figures = evaluate_adapter(
             hub_dir,
             count=args.eval_examples,
             base_count=args.base_examples,
+            feedback_count=args.eval_feedback_examples,
             seed=args.seed,
             progress=on_turn,
         )
