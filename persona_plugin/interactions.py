@@ -632,11 +632,12 @@ def _iso(value: datetime | str) -> str:
 
 
 def record_reply_feedback(
-    log: InteractionLog, user_id: str, reply: Any, kind: str, **fields: Any
+    target: Any, user_id: str, reply: Any, kind: str, **fields: Any
 ) -> FeedbackEvent:
     """Feedback on a reply the persona graph returned (an ``AIMessage``): its turn id is
-    in ``reply.response_metadata["persona"]["turn_id"]``. ``fields`` as for
-    :meth:`InteractionLog.record_feedback`."""
+    in ``reply.response_metadata["persona"]["turn_id"]``. ``target``: the graph (its
+    reflection then learns from the feedback) or an :class:`InteractionLog` (logged only,
+    for a worker to reflect on). ``fields`` as for :meth:`InteractionLog.record_feedback`."""
     metadata = getattr(reply, "response_metadata", None) or {}
     turn_id = (metadata.get("persona") or {}).get("turn_id")
     if not turn_id:
@@ -645,4 +646,4 @@ def record_reply_feedback(
             "only replies of the persona graph can be rated by message; pass the turn id to "
             "InteractionLog.record_feedback instead."
         )
-    return log.record_feedback(user_id, turn_id, kind, **fields)
+    return target.record_feedback(user_id, turn_id, kind, **fields)

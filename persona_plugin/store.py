@@ -453,6 +453,11 @@ def _make_engine(url: str, *, create: bool = True) -> Engine:
             cursor = dbapi_conn.cursor()
             # WAL: readers never block the writer; a killed writer leaves the last commit
             cursor.execute("PRAGMA journal_mode=WAL")
+            # in WAL mode NORMAL syncs at checkpoints, not at every commit: a killed process
+            # loses nothing, a power cut may lose the last commits (never the file's
+            # consistency). A commit's fsync was most of what the interaction log added to a
+            # turn; a deployment that needs every commit on disk uses PostgreSQL
+            cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA busy_timeout=60000")
             # a deleted user's text must not stay readable in the file's free pages
             cursor.execute("PRAGMA secure_delete=ON")

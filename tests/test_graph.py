@@ -1068,7 +1068,7 @@ def test_every_turn_is_logged_with_its_turn_id_on_the_reply(store: PersonaStore)
         "Hello!",
     )
     # feedback on the reply, by the turn id it carries; export and forget include the log
-    record_reply_feedback(graph.interactions, "ana", reply, "rating", rating=-1)
+    record_reply_feedback(graph, "ana", reply, "rating", rating=-1)
     with pytest.raises(PersonaConfigError, match="no persona turn id"):
         record_reply_feedback(graph.interactions, "ana", AIMessage("elsewhere"), "regenerate")
     exported = graph.export("ana")["interactions"]

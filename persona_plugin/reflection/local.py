@@ -13,8 +13,9 @@ exactly as they apply any other model's.
 Decisions: one call per user turn (the adapter is trained on single turns; a batch of
 turns becomes one call each, their answers merged); the assistant's reply is not shown
 (the facts are about the user); feedback on a reply is one more call, on the feedback
-worded as a message (:func:`feedback_message`; the adapter is trained on such messages too),
-whose preference edits may come from the closed :data:`FEEDBACK_OPS`; a turn the guard
+worded as a message (:func:`feedback_message`) for a feedback adapter, whose preference
+edits may come from the closed :data:`FEEDBACK_OPS` (none ships yet: without one in the
+hub, feedback is not read by the local model); a turn the guard
 reads as instructions to the assistant is not sent at all, and any fact or value the guard
 refuses is dropped here, so it reaches neither the persona, the memory nor the version
 history. The local model does not judge
@@ -139,6 +140,11 @@ def compact_json(facts: Sequence[str], ops: Sequence[tuple[str, str]]) -> str:
 
 
 ADAPTER_ID = "persona-reflection"
+#: the adapter that reads feedback messages (trained on them alone, so that learning them
+#: costs the turn adapter nothing). None ships yet: the candidates trained so far turned
+#: even "thanks" into a style edit. Without it, the local reflector does not read feedback
+#: (the turn adapter misreads it: "too long" -> format "long")
+FEEDBACK_ADAPTER_ID = "persona-feedback"
 #: the hub folder that ships with the package: the reflection adapter's card and weights
 BUNDLED_HUB = ASSETS_DIR / "lora"
 #: the language loss's score: the local model extracts facts, it does not judge replies
@@ -331,6 +337,7 @@ class LocalReflector:
         backend: Any = None,
         *,
         adapter: str | None = ADAPTER_ID,
+        feedback_adapter: str | None = FEEDBACK_ADAPTER_ID,
         gate: Gate | None = None,
         confidence: float = 0.8,
         min_confidence: float = 0.6,
@@ -338,20 +345,26 @@ class LocalReflector:
     ) -> None:
         self.backend = backend if backend is not None else bundled_backend()
         self.adapter = adapter
+        hub = getattr(self.backend, "lora_hub", None)
+        known = feedback_adapter and adapter and hub is not None and feedback_adapter in hub
+        #: None: feedback is not read (no feedback adapter in the hub)
+        self.feedback_adapter = feedback_adapter if known else None
         self.gate = gate
         self.confidence = confidence
         self.min_confidence = min_confidence
         self.limits = limits
 
-    def extract(self, speaker: str, text: str) -> Extraction:
-        """One constrained call on one turn (none for a turn the guard or gate skips)."""
+    def extract(self, speaker: str, text: str, *, feedback: bool = False) -> Extraction:
+        """One constrained call on one turn, or on one feedback message with the feedback
+        adapter (none for a turn the guard or gate skips)."""
         from persona_plugin.reflection.constrained import generate_json
 
         if instruction_reason(text) or (
-            self.gate is not None and not self.gate.should_reflect(text)
+            not feedback and self.gate is not None and not self.gate.should_reflect(text)
         ):
             return Extraction(called=False)
-        adapters = [(self.adapter, 1.0)] if self.adapter else []
+        adapter = self.feedback_adapter if feedback else self.adapter
+        adapters = [(adapter, 1.0)] if adapter else []
         with self.backend.serving(adapters):
             result = generate_json(
                 self.backend.model,
@@ -380,12 +393,12 @@ class LocalReflector:
         for turn in turns:
             # a turn reflected on before is here for its feedback: its facts are known
             reads = [] if turn.reflected else [(turn.user, [turn.turn_id], False)]
-            for note in turn.feedback:
+            for note in turn.feedback if self.feedback_adapter else ():
                 message = feedback_message(note)
                 if message:
                     reads.append((message, [note.id, turn.turn_id], True))
             for text, cite, from_feedback in reads:
-                extraction = self.extract(speaker, text)
+                extraction = self.extract(speaker, text, feedback=from_feedback)
                 extraction.evidence, extraction.feedback = cite, from_feedback
                 extractions.append((turn.turn_id, extraction))
         for _turn_id, extraction in extractions:

@@ -19,13 +19,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import time
 from pathlib import Path
 from typing import Any
 
 from persona_plugin.lab.training.reflection_data import build_examples, build_feedback_examples
-from persona_plugin.reflection.local import ADAPTER_ID, BUNDLED_HUB, to_reflection_output
+from persona_plugin.reflection.local import (
+    ADAPTER_ID,
+    BUNDLED_HUB,
+    FEEDBACK_ADAPTER_ID,
+    to_reflection_output,
+)
 
 BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -34,6 +38,12 @@ DESCRIPTION = (
     "Reflection for the local model: reads one chat turn and answers with compact JSON: "
     "third-person facts about the speaker and persona edits; nothing for small talk or "
     "instructions to the assistant."
+)
+FEEDBACK_DESCRIPTION = (
+    "Reflection for the local model on feedback: reads a user's feedback on a reply, as "
+    "LocalReflector words it, and answers with the same compact JSON: the preference a "
+    "complaint or an edit asks for, facts a correction states; nothing for a comment that "
+    "says neither."
 )
 
 
@@ -50,21 +60,23 @@ def _finish_adapter(folder: Path) -> None:
     (folder / "README.md").unlink(missing_ok=True)
 
 
-def write_card(hub_dir: Path, *, rank: int) -> Path:
+def write_card(
+    hub_dir: Path, *, rank: int, adapter_id: str = ADAPTER_ID, description: str = DESCRIPTION
+) -> Path:
     from persona_plugin.lora.hub import AdapterCard, LoraHub
 
     card = AdapterCard(
-        id=ADAPTER_ID,
+        id=adapter_id,
         base_model=BASE_MODEL,
-        description=DESCRIPTION,
+        description=description,
         kind="reflection",
         rank=rank,
         target_modules=list(TARGET_MODULES),
-        location=f"./{ADAPTER_ID}",
+        location=f"./{adapter_id}",
         tags=["reflection", "json", "local"],
     )
     LoraHub(hub_dir).add(card, replace=True)
-    return hub_dir / f"{ADAPTER_ID}.yaml"
+    return hub_dir / f"{adapter_id}.yaml"
 
 
 def evaluate_adapter(
@@ -103,7 +115,9 @@ def evaluate_adapter(
         ops_gold = ops_hit = silent = silent_ok = 0
         started = time.monotonic()
         for i, example in enumerate(subset):
-            extraction = reflector.extract(example.speaker, example.text)
+            extraction = reflector.extract(
+                example.speaker, example.text, feedback=label == "feedback"
+            )
             if label == "feedback":  # as LocalReflector reads a feedback message
                 extraction.feedback = True
                 output, _ = to_reflection_output([("t", extraction)])
@@ -142,14 +156,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hub-dir", type=Path, default=BUNDLED_HUB)
     parser.add_argument("--examples", type=int, default=320)
+    parser.add_argument(
+        "--feedback",
+        action="store_true",
+        help=f"train (or measure) the feedback adapter ({FEEDBACK_ADAPTER_ID}) instead",
+    )
     parser.add_argument("--feedback-examples", type=int, default=160)
-    parser.add_argument("--steps", type=int, default=90)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=1.5e-3)
     parser.add_argument("--eval-examples", type=int, default=40)
     parser.add_argument("--base-examples", type=int, default=8)
-    parser.add_argument("--eval-feedback-examples", type=int, default=24)
+    parser.add_argument("--eval-feedback-examples", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-only", action="store_true", help="measure the existing adapter")
     args = parser.parse_args(argv)
@@ -166,12 +185,16 @@ def main(argv: list[str] | None = None) -> int:
         TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(),
     )
+    adapter_id = FEEDBACK_ADAPTER_ID if args.feedback else ADAPTER_ID
     if not args.eval_only:
         from persona_plugin.lab.training.lora import TrainingExample, train_lora
 
-        examples = build_examples(args.examples, split="train", seed=args.seed)
-        examples += build_feedback_examples(args.feedback_examples, split="train", seed=args.seed)
-        random.Random(args.seed).shuffle(examples)
+        if args.feedback:
+            examples = build_feedback_examples(
+                args.feedback_examples, split="train", seed=args.seed
+            )
+        else:
+            examples = build_examples(args.examples, split="train", seed=args.seed)
         training = [TrainingExample.of(e.messages, e.completion) for e in examples]
         with Progress(*columns, console=console) as bar:
             task = bar.add_task("training", total=args.steps, info="")
@@ -181,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
 
             report = train_lora(
                 training,
-                hub_dir / ADAPTER_ID,
+                hub_dir / adapter_id,
                 rank=args.rank,
                 alpha=2 * args.rank,
                 target_modules=TARGET_MODULES,
@@ -192,39 +215,41 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
                 progress=on_step,
             )
-        _finish_adapter(hub_dir / ADAPTER_ID)
-        card = write_card(hub_dir, rank=args.rank)
+        _finish_adapter(hub_dir / adapter_id)
+        card = write_card(
+            hub_dir,
+            rank=args.rank,
+            adapter_id=adapter_id,
+            description=FEEDBACK_DESCRIPTION if args.feedback else DESCRIPTION,
+        )
         console.print(
             f"trained {report.steps} steps on {report.examples} examples in "
             f"{report.seconds:.0f} s; loss {report.first_loss:.3f} -> {report.final_loss:.3f}; "
             f"{report.size_bytes / 1e6:.1f} MB; card {card}"
         )
+    # each adapter is measured on its own task: turns (beside the bare model), or feedback
+    counts = (
+        (0, 0, args.eval_feedback_examples)
+        if args.feedback
+        else (args.eval_examples, min(args.base_examples, args.eval_examples), 0)
+    )
     with Progress(*columns, console=console) as bar:
-        total = (
-            args.eval_examples
-            + min(args.base_examples, args.eval_examples)
-            + args.eval_feedback_examples
-        )
-        task = bar.add_task("evaluating", total=total, info="")
+        task = bar.add_task("evaluating", total=sum(counts), info="")
+        offsets = {"adapter": 0, "base": counts[0], "feedback": 0}
 
         def on_turn(label: str, done: int, _total: int) -> None:
-            offset = {
-                "adapter": 0,
-                "base": args.eval_examples,
-                "feedback": args.eval_examples + min(args.base_examples, args.eval_examples),
-            }[label]
-            bar.update(task, completed=offset + done, info=label)
+            bar.update(task, completed=offsets[label] + done, info=label)
 
         figures = evaluate_adapter(
             hub_dir,
-            count=args.eval_examples,
-            base_count=args.base_examples,
-            feedback_count=args.eval_feedback_examples,
+            count=counts[0],
+            base_count=counts[1],
+            feedback_count=counts[2],
             seed=args.seed,
             progress=on_turn,
         )
     # inside the adapter's folder: a .json file at the hub's top level would be read as a card
-    out = hub_dir / ADAPTER_ID / "evaluation.json"
+    out = hub_dir / adapter_id / "evaluation.json"
     out.write_text(json.dumps(figures, indent=2) + "\n")
     console.print_json(json.dumps(figures))
     console.print(f"figures written to {out}")

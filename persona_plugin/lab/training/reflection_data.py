@@ -712,7 +712,7 @@ def _feedback(rng: random.Random, split: Split) -> ReflectionExample:
     subject = "The user" if anonymous else name
     prefix = FEEDBACK_PREFIX
     draw = rng.random()
-    if draw < 0.35 or draw >= 0.95:
+    if draw < 0.30 or draw >= 0.95:
         phrases, path, value, fact = rng.choice(_FEEDBACK_STYLE)
         head = rng.choice(["bad.", "bad.", "asked again."])
         if draw >= 0.95:  # praise for the opposite: still what they want
@@ -722,7 +722,7 @@ def _feedback(rng: random.Random, split: Split) -> ReflectionExample:
         return ReflectionExample(
             speaker, text, (fact.format(S=subject),), ((path, value),), "reply_feedback"
         )
-    if draw < 0.55:
+    if draw < 0.45:
         way = rng.choice(sorted(_EDITS))
         value, fact = _EDITS[way]
         text = f"{prefix} rewritten much {way}."
@@ -733,7 +733,7 @@ def _feedback(rng: random.Random, split: Split) -> ReflectionExample:
             (("preference.style", value),),
             "reply_feedback",
         )
-    if draw < 0.75:  # a correction in the comment: learned as any disclosure is
+    if draw < 0.65:  # a correction in the comment: learned as any disclosure is
         disclosure = _disclosure(rng, split)
         head = rng.choice(["bad.", "rewritten.", "asked again."])
         return ReflectionExample(
