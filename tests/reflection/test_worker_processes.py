@@ -158,7 +158,15 @@ def test_two_worker_processes_on_postgres_reflect_each_of_200_turns_once(
                 log.record_turn(
                     user, ids[k], user_text=f"turn {k}", reply_text="ok", reflection=PENDING
                 )
-        workers = [_module("reflection_worker", postgres_url, record, 0.01) for _ in range(2)]
+        ready = [tmp_path / f"ready-{n}" for n in range(2)]
+        go = tmp_path / "go"
+        workers = [
+            _module("reflection_worker", postgres_url, record, 0.01, ready[n], go) for n in range(2)
+        ]
+        deadline = time.monotonic() + 120
+        while not all(r.exists() for r in ready) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        go.touch()  # both set up: they start claiming together
         outputs = [w.communicate(timeout=240)[0] for w in workers]
         assert [w.returncode for w in workers] == [0, 0], outputs
         counted = [int(out.strip().splitlines()[-1]) for out in outputs]
