@@ -93,8 +93,6 @@ FEEDBACK_OPS: frozenset[tuple[str, str]] = frozenset(
         ("preference.format", "bullet points"),
     }
 )
-#: an edit this much shorter (or longer, inverted) than the reply says "shorter, please"
-EDIT_RATIO = 0.6
 
 
 def feedback_message(note: FeedbackNote) -> str | None:
@@ -104,11 +102,8 @@ def feedback_message(note: FeedbackNote) -> str | None:
     length is measured by code and said plainly."""
     comment = " ".join((note.comment or "").split())
     if note.kind == "edit":
-        ratio = note.length_ratio
-        if ratio is not None and ratio <= EDIT_RATIO:
-            head = "rewritten much shorter."
-        elif ratio is not None and ratio >= 1 / EDIT_RATIO:
-            head = "rewritten much longer."
+        if note.length_change:
+            head = f"rewritten much {note.length_change}."
         elif comment:
             head = "rewritten."
         else:

@@ -74,6 +74,11 @@ class ReflectionOutput(BaseModel):
     memories: list[MemoryFact] = Field(default_factory=list, max_length=8)
 
 
+#: an edit at most this share of the reply's length is "much shorter" (at least its
+#: inverse, "much longer"): what the reflection is told, and what the local model reads
+MUCH_SHORTER = 0.6
+
+
 @dataclass
 class FeedbackNote:
     """What the user said of a reply, as the reflection is shown it.
@@ -92,6 +97,15 @@ class FeedbackNote:
     observation: str = ""
     #: an edit's length against the reply's (words), when both are known
     length_ratio: float | None = None
+
+    @property
+    def length_change(self) -> Literal["shorter", "longer"] | None:
+        """Whether an edit is much shorter or much longer than the reply, if either."""
+        if self.length_ratio is None:
+            return None
+        if self.length_ratio <= MUCH_SHORTER:
+            return "shorter"
+        return "longer" if self.length_ratio >= 1 / MUCH_SHORTER else None
 
     def render(self) -> str:
         said = []

@@ -59,32 +59,27 @@ def _words(text: str | None) -> int:
 
 def feedback_note(event: FeedbackEvent, turn: LoggedTurn) -> FeedbackNote:
     """A feedback event as the reflection is shown it, with what plain code can observe."""
-    text, observation, ratio = event.text, "", None
-    if event.kind == "edit":
-        before, after = _words(turn.reply_text), _words(event.text)
-        if before:
-            ratio = round(after / before, 3)
-            size = (
-                "much shorter than"
-                if ratio <= 0.6
-                else "much longer than"
-                if ratio >= 1.6
-                else "about as long as"
-            )
-            observation = f"the user's version is {size} the reply: {after} words against {before}"
-    elif event.kind == "choice":
-        candidates = (turn.details.get("mbr") or {}).get("candidates") or []
-        if event.choice is not None and 0 <= event.choice < len(candidates):
-            text = str(candidates[event.choice])
-    return FeedbackNote(
+    note = FeedbackNote(
         id=f"fb{event.id}",
         kind=event.kind,
         rating=event.rating,
         comment=event.comment,
-        text=text,
-        observation=observation,
-        length_ratio=ratio,
+        text=event.text,
     )
+    if event.kind == "edit":
+        before, after = _words(turn.reply_text), _words(event.text)
+        if before:
+            note.length_ratio = round(after / before, 3)
+            change = note.length_change
+            size = f"much {change} than" if change else "about as long as"
+            note.observation = (
+                f"the user's version is {size} the reply: {after} words against {before}"
+            )
+    elif event.kind == "choice":
+        candidates = (turn.details.get("mbr") or {}).get("candidates") or []
+        if event.choice is not None and 0 <= event.choice < len(candidates):
+            note.text = str(candidates[event.choice])
+    return note
 
 
 def reflection_turns(claim: Claim) -> list[ReflectionTurn]:
