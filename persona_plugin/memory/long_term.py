@@ -16,14 +16,12 @@ again overwrites rather than duplicates: an ingest cut short is simply re-run.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import logging
 import math
-import re
-import shutil
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -38,12 +36,12 @@ from persona_plugin.config import Settings
 from persona_plugin.embeddings.minilm import as_embedding_function
 from persona_plugin.errors import PersonaConfigError, PersonaValidationError
 from persona_plugin.memory.chroma import http_client
+from persona_plugin.memory.disk import INDEX_FILES_LOCK, purge_deleted, scrub_all, vector_folder
 from persona_plugin.memory.lexical import BM25Index, tokenize
 from persona_plugin.persona import LongTermMemoryLink, Persona, Turn, validate_user_id
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 #: the kind of a fact whose persona versions were rolled back (kept, not recalled)
 SUPERSEDED = "superseded"
@@ -125,40 +123,6 @@ def _fresh_collection(method: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
-def purge_deleted(path: Path) -> None:
-    """Make what Chroma deleted from the embedded store at ``path`` unreadable on disk.
-
-    Chroma deletes rows without zeroing their pages, so the text stays in the file's free
-    pages, and its full-text index keeps the deleted documents' trigrams until its segments
-    are merged: merge them, then vacuum. Dropping a collection leaves its vector-index folder behind
-    (chroma-core/chroma #5520): remove the folders no segment names.
-    """
-    database = path / "chroma.sqlite3"
-    if not database.is_file():
-        return
-    # folders first, segments after: a collection created meanwhile has its segment row
-    # before its folder, so a folder listed here and not in the table is truly orphaned
-    folders = [e for e in path.iterdir() if e.is_dir() and _UUID.fullmatch(e.name)]
-    conn = sqlite3.connect(str(database), timeout=60)
-    try:
-        # the full-text index keeps deleted documents' trigrams in its old segments until
-        # they are merged: merge them, then vacuum the freed pages
-        conn.execute(
-            "INSERT INTO embedding_fulltext_search(embedding_fulltext_search) VALUES('optimize')"
-        )
-        conn.commit()
-        conn.execute("VACUUM")
-        segments = {row[0] for row in conn.execute("SELECT id FROM segments")}
-    except sqlite3.Error as exc:
-        log.warning("could not vacuum %s after a delete: %s", database, exc)
-        return
-    finally:
-        conn.close()
-    for entry in folders:
-        if entry.name not in segments:
-            shutil.rmtree(entry, ignore_errors=True)
-
-
 class LongTermMemory:
     """Per-user long-term memory over ChromaDB (embedded by default, or a server).
 
@@ -207,6 +171,14 @@ class LongTermMemory:
         self._check_client()
         self._lexical: dict[str, tuple[float, BM25Index]] = {}
         self._lock = threading.Lock()
+        # the vector-index folders scrubbed of what Chroma wrote unzeroed (memory.disk)
+        self._scrubbed: set[str] = set()
+        self._index_folders: dict[str, str] = {}
+
+    @property
+    def embedded(self) -> bool:
+        """Whether this is an embedded store in :attr:`path` (not a Chroma server)."""
+        return self.path is not None and self.url is None
 
     @classmethod
     def from_settings(
@@ -456,19 +428,34 @@ class LongTermMemory:
         last = {r["id"]: i for i, r in enumerate(records)}
         keep = sorted(last.values())
         collection = self.collection_for(user_id)
-        for start in range(0, len(keep), _UPSERT_BATCH):
-            chunk = keep[start : start + _UPSERT_BATCH]
-            collection.upsert(
-                ids=[records[i]["id"] for i in chunk],
-                documents=[records[i]["document"] for i in chunk],
-                embeddings=stored[chunk],
-                metadatas=[records[i]["metadata"] for i in chunk],
-            )
+        with INDEX_FILES_LOCK if self.embedded else contextlib.nullcontext():
+            for start in range(0, len(keep), _UPSERT_BATCH):
+                chunk = keep[start : start + _UPSERT_BATCH]
+                collection.upsert(
+                    ids=[records[i]["id"] for i in chunk],
+                    documents=[records[i]["document"] for i in chunk],
+                    embeddings=stored[chunk],
+                    metadatas=[records[i]["metadata"] for i in chunk],
+                )
+        if self.embedded:
+            self._scrub_index(collection)
         with self._lock:
             cached = self._lexical.get(user_id)
         if cached is not None:
             cached[1].add((records[i]["id"], records[i]["document"]) for i in keep)
         return [records[i]["id"] for i in keep]
+
+    def _scrub_index(self, collection: Any) -> None:
+        """Zero what Chroma wrote unzeroed into the collection's new vector index, once."""
+        key = str(collection.id)
+        name = self._index_folders.get(key)
+        if name is None:
+            folder = vector_folder(self.path, key)  # type: ignore[arg-type]
+            if folder is None:
+                return
+            name = self._index_folders[key] = folder.name
+        if name not in self._scrubbed:
+            scrub_all([self.path / name], self._scrubbed)  # type: ignore[operator]
 
     # -- reading --------------------------------------------------------------------------
 
@@ -686,8 +673,8 @@ class LongTermMemory:
             if not _is_not_found(exc):  # deleted meanwhile by another process: gone anyway
                 raise
             removed = 0
-        if self.path is not None and self.url is None:
-            purge_deleted(self.path)
+        if self.embedded:
+            purge_deleted(self.path, scrubbed=self._scrubbed)  # type: ignore[arg-type]
         return removed
 
 
