@@ -160,12 +160,8 @@ def prefs_train(
     replace: Annotated[bool, typer.Option(help="overwrite a model with the same id")] = False,
 ) -> None:
     """Train an embedding-head model from preference pairs into the hub (seconds, on CPU)."""
-    from persona_plugin.lab.training.preferences import (
-        DEMO_CARDS,
-        demo_pairs,
-        load_pairs,
-        train_model,
-    )
+    from persona_plugin.lab.training.preferences import DEMO_CARDS, demo_pairs
+    from persona_plugin.preferences.training import load_pairs, train_model
 
     if head not in ("linear", "mlp"):
         raise _reject("--head", f"{head!r} is not a head type", "Use linear or mlp.")

@@ -17,7 +17,7 @@ from langchain_core.language_models import FakeListChatModel
 from typer.testing import CliRunner
 
 from persona_plugin.errors import PersonaNotFoundError, PersonaValidationError
-from persona_plugin.lab.training.preferences import demo_pairs, load_pairs, train_head
+from persona_plugin.lab.training.preferences import demo_pairs
 from persona_plugin.persona import PatternItem, Persona
 from persona_plugin.preferences.cards import BUNDLED_DIR, load_card, parse_card
 from persona_plugin.preferences.hub import PreferenceHub
@@ -30,6 +30,7 @@ from persona_plugin.preferences.scorers import (
     PreferenceScoreError,
     check_scores,
 )
+from persona_plugin.preferences.training import load_pairs, train_head
 from persona_plugin.store import PersonaStore
 
 DEMO_IDS = ["brevity", "formality", "warmth"]
