@@ -22,6 +22,7 @@ is one line: ``model = MBRChatModel(base=model, n=8)``.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -224,7 +225,7 @@ class MBRChatModel(LiftsConfigurable, BaseChatModel):
         texts = [
             _text(g.message.content if hasattr(g, "message") else g.content) for g in generations
         ]
-        result = self.selector.select(prompt, texts, mixture)
+        result = self.selector.select(prompt, texts, mixture, user_id=_user_of(persona))
         return self._finish(generations, result, plan["info"])
 
     async def _agenerate(
@@ -248,5 +249,17 @@ class MBRChatModel(LiftsConfigurable, BaseChatModel):
         texts = [
             _text(g.message.content if hasattr(g, "message") else g.content) for g in generations
         ]
-        result = await asyncio.to_thread(self.selector.select, prompt, texts, mixture)
+        result = await asyncio.to_thread(
+            functools.partial(self.selector.select, user_id=_user_of(persona)),
+            prompt,
+            texts,
+            mixture,
+        )
         return self._finish(generations, result, plan["info"])
+
+
+def _user_of(persona: Any) -> str | None:
+    """Whose request it is: the persona's user (their own model may be in the mixture)."""
+    if isinstance(persona, Persona):
+        return persona.meta.user_id or persona.identity.user_id or None
+    return None

@@ -46,7 +46,10 @@ ScorerType = Literal["embedding_head", "sequence_classifier", "llm_judge"]
 SCORER_TYPES: tuple[str, ...] = ScorerType.__args__  # type: ignore[attr-defined]
 #: the demo models that ship with the package, and their training data
 BUNDLED_DIR = ASSETS_DIR / "prefs"
-_CARD_KEYS = "id, description, opposite, kind, scorer, location, rubric, scale, tags, sample_inputs"
+_CARD_KEYS = (
+    "id, description, opposite, kind, scorer, location, rubric, scale, tags, sample_inputs, "
+    "owner, training"
+)
 
 
 # -- cards --------------------------------------------------------------------------------
@@ -76,6 +79,12 @@ class PreferenceCard(BaseModel):
     scale: tuple[float, float] = Field((0.0, 10.0), description="an LLM judge's score range")
     tags: list[str] = Field(default_factory=list)
     sample_inputs: list[str] = Field(default_factory=list)
+    owner: str | None = Field(
+        None, min_length=1, description="the user a model of their own serves (alone)"
+    )
+    training: dict[str, Any] | None = Field(
+        None, description="how slow adaptation trained it: data span, figures, the gate"
+    )
 
     _path: Path | None = PrivateAttr(default=None)
 

@@ -9,7 +9,7 @@ scores. Three scorer types:
 * ``embedding_head``: a small Bradley-Terry head (linear or one hidden layer) on the local
   sentence embeddings: the candidate's embedding, its cosine to the prompt's, and a few
   surface features (length, contractions, exclamations, ...). Trained from preference
-  pairs in seconds on CPU (:mod:`persona_plugin.lab.training.preferences`); stored as a small
+  pairs in seconds on CPU (:mod:`persona_plugin.preferences.training`); stored as a small
   ``.npz`` file.
 * ``sequence_classifier``: a transformers sequence-classification reward model in a local
   folder (one logit, or two: the second minus the first), reading ``(prompt, candidate)``.
@@ -46,7 +46,8 @@ from pathlib import Path
 from typing import Any
 
 from persona_plugin.cards.folder import CardHub
-from persona_plugin.errors import PersonaValidationError
+from persona_plugin.cards.owned import OwnedCards
+from persona_plugin.errors import PersonaNotFoundError, PersonaValidationError
 from persona_plugin.preferences.cards import BUNDLED_DIR, PreferenceCard, load_card, parse_card
 from persona_plugin.preferences.scorers import CandidateEmbeddings, PreferenceScorer, load_scorer
 
@@ -76,6 +77,7 @@ class PreferenceHub(CardHub[PreferenceCard]):
         embedder: Any = None,
         judge: Any = None,
         device: str = "cpu",
+        owned: OwnedCards | None = None,
     ) -> None:
         super().__init__(
             Path(directory).expanduser() if directory is not None else None,
@@ -92,6 +94,44 @@ class PreferenceHub(CardHub[PreferenceCard]):
         self.judge = judge
         self.device = device
         self._scorers: dict[str, PreferenceScorer] = {}
+        self._owned = owned
+        self._owned_read: dict[Path, tuple[tuple[int, int], PreferenceCard]] = {}
+
+    @property
+    def owned(self) -> OwnedCards:
+        """Where users' own models are (default ``$PERSONA_HOME/owned``)."""
+        if self._owned is None:
+            self._owned = OwnedCards.from_settings()
+        return self._owned
+
+    def owned_cards(self, user_id: str) -> list[PreferenceCard]:
+        """The model of ``user_id``'s own serving now (slow adaptation), if any: theirs
+        alone, never in :meth:`cards`."""
+        path = self.owned.serving_card(user_id, "preference")
+        if path is None:
+            return []
+        stat = path.stat()
+        stamp = (stat.st_size, stat.st_mtime_ns)
+        with self._lock:
+            cached = self._owned_read.get(path)
+        if cached is not None and cached[0] == stamp:
+            card = cached[1]
+        else:
+            card = load_card(path)
+            with self._lock:
+                self._owned_read[path] = (stamp, card)
+        if card.owner != user_id:  # a hash collision or a hand-edited card: not theirs
+            return []
+        return [card]
+
+    def owned_card(self, user_id: str, model_id: str) -> PreferenceCard:
+        """``user_id``'s own model ``model_id``; another user's is not found."""
+        found = next((c for c in self.owned_cards(user_id) if c.id == model_id), None)
+        if found is None:
+            raise PersonaNotFoundError(
+                f"preference model {model_id!r} is not a model of user {user_id!r}'s own."
+            )
+        return found
 
     @classmethod
     def from_settings(cls, settings: Any = None, **options: Any) -> PreferenceHub:
@@ -99,6 +139,7 @@ class PreferenceHub(CardHub[PreferenceCard]):
             from persona_plugin.config import Settings
 
             settings = Settings.load()
+        options.setdefault("owned", OwnedCards.from_settings(settings))
         return cls(prefs_dir(settings), **options)
 
     def __repr__(self) -> str:

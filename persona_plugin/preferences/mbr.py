@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from persona_plugin.cards.owned import OWNED_PREFIX
 from persona_plugin.errors import PersonaConfigError
 from persona_plugin.preferences.hub import PreferenceHub
 from persona_plugin.preferences.retrieval import (
@@ -107,6 +108,7 @@ class MBRRequest:
     prompt: str
     candidates: Sequence[str]
     preferences: Any = None
+    user_id: str | None = None
 
 
 class MBRSelector:
@@ -146,8 +148,17 @@ class MBRSelector:
             self._embeddings = CandidateEmbeddings()
         return self._embeddings
 
-    def scorer(self, model_id: str) -> PreferenceScorer:
+    def scorer(self, model_id: str, user_id: str | None = None) -> PreferenceScorer:
+        """The scorer of ``model_id``: a hub's card, or ``user_id``'s own model (another
+        user's own model is not found)."""
         if isinstance(self.hub, PreferenceHub):
+            if model_id.startswith(OWNED_PREFIX):
+                if user_id is None:
+                    raise PersonaConfigError(
+                        f"preference model {model_id!r} is a user's own: score with the "
+                        "user_id it belongs to."
+                    )
+                return self.hub.scorer(self.hub.owned_card(user_id, model_id))
             return self.hub.scorer(model_id)
         if model_id not in self.hub:
             raise PersonaConfigError(
@@ -164,10 +175,18 @@ class MBRSelector:
         np.fill_diagonal(sim, 0.0)
         return sim.sum(axis=1) / (len(candidates) - 1)
 
-    def select(self, prompt: str, candidates: Sequence[str], preferences: Any = None) -> MBRResult:
+    def select(
+        self,
+        prompt: str,
+        candidates: Sequence[str],
+        preferences: Any = None,
+        *,
+        user_id: str | None = None,
+    ) -> MBRResult:
         """The best of ``candidates`` for ``prompt`` under ``preferences`` (``{id: weight}``,
         pairs, or a :class:`PreferenceMixture`; weights are normalised). With no
-        preferences and no consensus term, the first candidate is chosen."""
+        preferences and no consensus term, the first candidate is chosen. ``user_id``:
+        whose request it is (their own model may be in the mixture)."""
         candidates = list(candidates)
         if not candidates:
             raise PersonaConfigError("MBR needs at least one candidate; none were given.")
@@ -178,7 +197,7 @@ class MBRSelector:
         raw: dict[str, tuple[float, ...]] = {}
         normed: dict[str, tuple[float, ...]] = {}
         for model_id, weight in weights:
-            values = self.scorer(model_id).score(prompt, candidates)
+            values = self.scorer(model_id, user_id).score(prompt, candidates)
             values = check_scores(model_id, values, len(candidates))
             norm = normalize_scores(values, self.normalization)
             utility += weight * norm
@@ -208,4 +227,6 @@ class MBRSelector:
         texts = [t for r in items for t in (*r.candidates, r.prompt) if t.strip()]
         if texts and isinstance(self.hub, PreferenceHub):
             self.embeddings(list(dict.fromkeys(texts)))
-        return [self.select(r.prompt, r.candidates, r.preferences) for r in items]
+        return [
+            self.select(r.prompt, r.candidates, r.preferences, user_id=r.user_id) for r in items
+        ]

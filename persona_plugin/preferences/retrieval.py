@@ -30,10 +30,15 @@ from persona_plugin.cards.retrieval import (
     check_top_k,
     preference_lines,
 )
-from persona_plugin.errors import PersonaValidationError
+from persona_plugin.errors import PersonaConfigError, PersonaValidationError
 from persona_plugin.persona import Persona
 from persona_plugin.preferences.cards import PREFERENCE_KINDS, PreferenceCard
 from persona_plugin.preferences.hub import PreferenceHub
+
+#: the share of the mixture a user's own model (trained on their feedback by slow
+#: adaptation, and promoted only when it beat what served them) takes; the models
+#: retrieved by the persona's text share the rest
+OWN_WEIGHT = 0.5
 
 # -- mixtures -----------------------------------------------------------------------------
 
@@ -136,7 +141,11 @@ class PreferenceRetriever(CardRetriever):
         persona_text: PersonaTextMode | Callable[[Persona], str] = "compact",
         assembler: Any = None,
         cache_size: int = 4096,
+        own_weight: float = OWN_WEIGHT,
     ) -> None:
+        if not 0.0 <= own_weight <= 1.0:
+            raise PersonaConfigError(f"own_weight must be in [0, 1], not {own_weight}.")
+        self.own_weight = own_weight
         if embedder is None and isinstance(hub, PreferenceHub):
             embedder = hub.embeddings.embed_texts  # one embedding model for both
         super().__init__(
@@ -161,8 +170,42 @@ class PreferenceRetriever(CardRetriever):
         return [
             c
             for c in cards
+            if (kinds is None or c.kind in kinds)
+            and (allowed is None or c.id in allowed)
+            and c.owner is None  # a user's own model reaches that user alone (_with_owned)
+        ]
+
+    def _owned(
+        self,
+        persona: Persona | str | None,
+        kinds: frozenset[str] | None,
+        allowed: frozenset[str] | None,
+    ) -> list[PreferenceCard]:
+        """The persona's user's own model serving now (slow adaptation), if any."""
+        if not isinstance(persona, Persona) or not isinstance(self.hub, PreferenceHub):
+            return []
+        user_id = persona.meta.user_id or persona.identity.user_id
+        if not user_id or self.own_weight == 0:
+            return []
+        return [
+            c
+            for c in self.hub.owned_cards(user_id)
             if (kinds is None or c.kind in kinds) and (allowed is None or c.id in allowed)
         ]
+
+    def _with_owned(
+        self, models: tuple[RetrievedPreference, ...], owned: list[PreferenceCard]
+    ) -> tuple[RetrievedPreference, ...]:
+        """The user's own model at ``own_weight`` of the mixture (all of it when nothing
+        else was retrieved), the retrieved ones sharing the rest in their proportions."""
+        if not owned:
+            return models
+        share = self.own_weight if models else 1.0
+        mine = tuple(RetrievedPreference(c.id, share / len(owned), 1.0, c.kind) for c in owned)
+        rest = tuple(
+            RetrievedPreference(m.id, m.weight * (1 - share), m.score, m.kind) for m in models
+        )
+        return mine + tuple(m for m in rest if m.weight != 0)
 
     def retrieve(
         self,
@@ -189,6 +232,7 @@ class PreferenceRetriever(CardRetriever):
             (k, temp, kind_set, allowed_set, hashes),
             lambda query: self._score(cards, query, k, temp),
         )
+        models = self._with_owned(models, self._owned(persona, kind_set, allowed_set))
         return PreferenceMixture(models, cached=cached)
 
     def _score(
