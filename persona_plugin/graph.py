@@ -549,6 +549,7 @@ class PersonaGraph:
             checkpointer=self._checkpointer,
             retrievers=self._retrievers(),
             interactions=self.interactions,
+            owned=self._owned(),
         )
 
     def rollback(self, user_id: str, to_version: int, *, reason: str = "") -> VersionRecord:
@@ -564,7 +565,13 @@ class PersonaGraph:
             memory=self.memory,
             checkpointer=self._checkpointer,
             interactions=self.interactions,
+            owned=self._owned(),
         )
+
+    def _owned(self) -> Any:
+        """Where users' own models are: the preference hub's (None: the settings')."""
+        hub = self.preference_hub
+        return hub.owned if hub is not None and hasattr(hub, "owned") else None
 
     def _retrievers(self) -> list[Any]:
         """The adapter and preference retrievers of every model this graph serves (they

@@ -374,6 +374,12 @@ class InteractionLog:
             rows = conn.execute(query.order_by(f.c.id)).mappings().all()
         return [FeedbackEvent(**_feedback_fields(row)) for row in rows]
 
+    def users_with_feedback(self) -> list[str]:
+        """Every user with at least one feedback event (whom slow adaptation looks at)."""
+        query = sa.select(feedback_table.c.user_id).distinct().order_by(feedback_table.c.user_id)
+        with self.engine.connect() as conn:
+            return [row[0] for row in conn.execute(query)]
+
     # -- the reflection queue -------------------------------------------------------------
 
     def queued(

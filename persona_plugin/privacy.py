@@ -44,9 +44,11 @@ class Forgotten:
     threads: int = 0
     #: rows of the interaction log (turns and feedback)
     logged: int = 0
+    #: versions of the user's own preference models and adapters (slow adaptation)
+    owned: int = 0
 
     def __bool__(self) -> bool:
-        return bool(self.versions or self.memory_items or self.threads or self.logged)
+        return bool(self.versions or self.memory_items or self.threads or self.logged or self.owned)
 
 
 def user_threads(checkpointer: Any, user_id: str) -> list[str]:
@@ -84,15 +86,18 @@ def forget_user(
     checkpointer: Any = None,
     retrievers: Iterable[Any] = (),
     interactions: Any = None,
+    owned: Any = None,
 ) -> Forgotten:
     """Delete every trace of ``user_id`` the project controls; what went.
 
     ``retrievers`` (LoRA or preference retrievers) drop their cached results for the user.
     The interaction log in the store's database goes first (``interactions``: another
-    one), with the user's queued reflections: they are not run.
+    one), with the user's queued reflections: they are not run. ``owned``: where the
+    user's own models are (default ``$PERSONA_HOME/owned``), removed with their files.
     """
     validate_user_id(user_id)
     logged = _log_of(store, interactions).delete_user(user_id)
+    owned_versions = _owned_of(owned).delete_user(user_id)
     items = memory.delete_user(user_id) if memory is not None else 0
     threads = user_threads(checkpointer, user_id)
     if threads:
@@ -103,13 +108,25 @@ def forget_user(
         versions = 0
     for retriever in retrievers:
         retriever.forget(user_id)
-    return Forgotten(versions=versions, memory_items=items, threads=len(threads), logged=logged)
+    return Forgotten(
+        versions=versions,
+        memory_items=items,
+        threads=len(threads),
+        logged=logged,
+        owned=owned_versions,
+    )
 
 
 def _log_of(store: Any, interactions: Any) -> Any:
     from persona_plugin.interactions import InteractionLog
 
     return interactions if interactions is not None else InteractionLog.on(store)
+
+
+def _owned_of(owned: Any) -> Any:
+    from persona_plugin.cards.owned import OwnedCards
+
+    return owned if owned is not None else OwnedCards.from_settings()
 
 
 def export_user(
@@ -119,16 +136,18 @@ def export_user(
     memory: Any = None,
     checkpointer: Any = None,
     interactions: Any = None,
+    owned: Any = None,
 ) -> dict[str, Any]:
     """Everything kept about ``user_id``, as JSON-ready data: every persona version with
-    its record, every long-term memory item, the messages of every thread, and the
-    interaction log (turns and feedback).
+    its record, every long-term memory item, the messages of every thread, the
+    interaction log (turns and feedback), and the versions of the user's own models.
 
     Raises :class:`~persona_plugin.errors.PersonaNotFoundError` when nothing is kept.
     """
     validate_user_id(user_id)
     items = memory.get(user_id) if memory is not None else []
     logged = _log_of(store, interactions).export_user(user_id)
+    adapted = _owned_of(owned).export_user(user_id)
     threads = {}
     for thread in user_threads(checkpointer, user_id):
         saved = checkpointer.get_tuple({"configurable": {"thread_id": thread}})
@@ -142,10 +161,11 @@ def export_user(
     try:
         data = store.export(user_id)
     except PersonaNotFoundError:
-        if not items and not threads and not logged["turns"]:
+        if not items and not threads and not logged["turns"] and not adapted:
             raise
         data = {"user_id": user_id, "exported_at": utc_now(), "versions": []}
     data["memory"] = [item.model_dump(mode="json") for item in items]
     data["threads"] = threads
     data["interactions"] = logged
+    data["owned"] = adapted
     return data

@@ -27,6 +27,7 @@ from persona_plugin.cli._common import (
     report_error,
     state,
 )
+from persona_plugin.cli.adapt import adapt_app
 from persona_plugin.cli.eval import eval_app
 from persona_plugin.cli.lora import lora_app
 from persona_plugin.cli.prefs import prefs_app
@@ -41,6 +42,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+app.add_typer(adapt_app, name="adapt")
 app.add_typer(eval_app, name="eval")
 app.add_typer(lora_app, name="lora")
 app.add_typer(prefs_app, name="prefs")
@@ -214,11 +216,16 @@ def export(
 ) -> None:
     """Export everything kept about USER as JSON: every persona version with its history,
     long-term memory, and the messages of their conversations."""
+    from persona_plugin.cards.owned import OwnedCards
     from persona_plugin.privacy import export_user
 
     with state.store(create=False) as store:
         data = export_user(
-            user_id, store=store, memory=state.memory(), checkpointer=state.checkpointer()
+            user_id,
+            store=store,
+            memory=state.memory(),
+            checkpointer=state.checkpointer(),
+            owned=OwnedCards.from_settings(state.settings()),
         )
     text = json.dumps(data, indent=2, ensure_ascii=False, default=str)
     if output is None:
@@ -237,6 +244,7 @@ def delete(
 ) -> None:
     """Delete everything kept about USER, for good: every persona version, long-term memory
     and the checkpoints of their conversations."""
+    from persona_plugin.cards.owned import OwnedCards
     from persona_plugin.privacy import forget_user
 
     if not yes:
@@ -245,13 +253,18 @@ def delete(
         typer.confirm(f"Delete everything kept about '{user_id}'?", abort=True)
     with state.store(create=False) as store:
         gone = forget_user(
-            user_id, store=store, memory=state.memory(), checkpointer=state.checkpointer()
+            user_id,
+            store=store,
+            memory=state.memory(),
+            checkpointer=state.checkpointer(),
+            owned=OwnedCards.from_settings(state.settings()),
         )
     if not gone:
         raise PersonaNotFoundError(f"user '{user_id}' has no persona to delete.")
     out.print(
         f"deleted persona of '{user_id}' ({gone.versions} versions), "
-        f"{gone.memory_items} long-term memories and {gone.threads} conversations"
+        f"{gone.memory_items} long-term memories, {gone.threads} conversations and "
+        f"{gone.owned} versions of their own models"
     )
 
 

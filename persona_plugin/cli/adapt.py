@@ -1,0 +1,144 @@
+"""``persona adapt``: slow adaptation on the command line.
+
+``persona adapt USER`` (or ``--all``: every user with feedback) trains the user's own
+preference model from their interaction log and promotes it if the gate says it beats
+what serves them now (``--dry-run``: what would train and why, counts against
+thresholds); ``persona adapt history USER`` lists the versions with their figures;
+``persona adapt rollback USER KIND N`` serves version N again (0: none). Exit status as
+for every ``persona`` command.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import click
+import typer
+from rich.table import Table
+from typer.core import TyperGroup
+
+from persona_plugin.cli._common import out, reports_errors, state
+from persona_plugin.errors import PersonaValidationError
+
+
+class _AdaptGroup(TyperGroup):
+    """``persona adapt USER`` runs ``persona adapt run USER``: the group's commands are
+    ``run``, ``history`` and ``rollback``, and anything else first is a user (or --all)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+adapt_app = typer.Typer(
+    cls=_AdaptGroup,
+    help="Slow adaptation: train each user's own preference model from their feedback.",
+    no_args_is_help=True,
+)
+
+
+def _parts() -> tuple[Any, Any, Any]:
+    from persona_plugin.interactions import InteractionLog
+    from persona_plugin.preferences.hub import PreferenceHub
+
+    settings = state.settings()
+    store = state.store(create=False)
+    return store, InteractionLog.on(store), PreferenceHub.from_settings(settings)
+
+
+@adapt_app.command("run")
+@reports_errors
+def adapt_run(
+    user_id: Annotated[str | None, typer.Argument(help="the user (or --all)")] = None,
+    all_users: Annotated[
+        bool, typer.Option("--all", help="every user with feedback in the log")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="say what would train and why; change nothing")
+    ] = False,
+    min_pairs: Annotated[int, typer.Option(help="pairs a user needs for a model")] = 8,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON lines")] = False,
+) -> None:
+    """Train, gate and version USER's own preference model (or every user's with --all)."""
+    from persona_plugin.adaptation import adapt_preference_model
+
+    if (user_id is None) == (not all_users):
+        raise PersonaValidationError(
+            "command line", "USER", "name one user or pass --all", "e.g. `persona adapt ana`."
+        )
+    if min_pairs < 4:
+        raise PersonaValidationError(
+            "command line", "--min-pairs", f"{min_pairs}", "Training needs at least 4 pairs."
+        )
+    store, log, hub = _parts()
+    with store:
+        users = log.users_with_feedback() if all_users else [user_id]
+        for user in users:
+            result = adapt_preference_model(
+                user, log=log, hub=hub, store=store, min_pairs=min_pairs, dry_run=dry_run
+            )
+            if as_json:
+                out.print(json.dumps(result.to_dict()), markup=False, soft_wrap=True)
+            else:
+                version = f" v{result.version}" if result.version else ""
+                out.print(
+                    f"{user}: preference {result.status}{version}: {result.reason}",
+                    markup=False,
+                    soft_wrap=True,
+                )
+        if all_users and not users:
+            out.print("no user has feedback in the log yet", markup=False)
+
+
+@adapt_app.command("history")
+@reports_errors
+def adapt_history(
+    user_id: Annotated[str, typer.Argument(help="the user")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """The versions of USER's own models: the gate's verdict and figures, which serves."""
+    from persona_plugin.cards.owned import OWNED_KINDS, OwnedCards
+
+    owned = OwnedCards.from_settings(state.settings())
+    if as_json:
+        out.print(json.dumps(owned.export_user(user_id), indent=2), markup=False)
+        return
+    table = Table("kind", "version", "status", "held-out", "serving was", "pairs", "trained on")
+    rows = 0
+    for kind in OWNED_KINDS:
+        serving = owned.serving(user_id, kind)
+        for card in owned.versions(user_id, kind):
+            t = card.get("training") or {}
+            span = t.get("trained_on") or ["", ""]
+            mark = " (serving)" if card["version"] == serving else ""
+            table.add_row(
+                kind,
+                f"{card['version']}{mark}",
+                str(t.get("status", "")),
+                str(t.get("heldout_accuracy", "")),
+                str(t.get("serving_accuracy", "")),
+                f"{t.get('train_pairs', '')}+{t.get('heldout_pairs', '')}",
+                f"{span[0][:19]} .. {span[1][:19]}",
+            )
+            rows += 1
+    if rows:
+        out.print(table)
+    else:
+        out.print(f"user '{user_id}' has no models of their own yet", markup=False)
+
+
+@adapt_app.command("rollback")
+@reports_errors
+def adapt_rollback(
+    user_id: Annotated[str, typer.Argument(help="the user")],
+    kind: Annotated[str, typer.Argument(help="preference (adapter: not trained yet)")],
+    version: Annotated[int, typer.Argument(help="the version to serve; 0: none of their own")],
+) -> None:
+    """Serve version N of USER's own KIND model again (0: serve none of their own)."""
+    from persona_plugin.cards.owned import OwnedCards
+
+    OwnedCards.from_settings(state.settings()).rollback(user_id, kind, version)
+    served = f"version {version}" if version else "no model of their own"
+    out.print(f"user '{user_id}' is now served {served} ({kind})", markup=False)
