@@ -91,6 +91,15 @@ class Settings(BaseSettings):
         description="background reflection waits until a user's newest queued turn is this "
         "old, so a burst of turns becomes one reflection",
     )
+    adapt_interval_s: float | None = Field(
+        None,
+        gt=0,
+        description="`persona serve` adapts users with new feedback (their own preference "
+        "models) this often, in the background; empty: off",
+    )
+    adapt_min_pairs: int = Field(
+        8, ge=4, le=10000, description="preference pairs a user needs for a model of their own"
+    )
     checkpointer_url: str | None = Field(
         None,
         description="LangGraph checkpointer: sqlite:///path or postgresql://...; "

@@ -98,6 +98,7 @@ def forget_user(
     validate_user_id(user_id)
     logged = _log_of(store, interactions).delete_user(user_id)
     owned_versions = _owned_of(owned).delete_user(user_id)
+    _forget_leases(store, user_id)
     items = memory.delete_user(user_id) if memory is not None else 0
     threads = user_threads(checkpointer, user_id)
     if threads:
@@ -121,6 +122,18 @@ def _log_of(store: Any, interactions: Any) -> Any:
     from persona_plugin.interactions import InteractionLog
 
     return interactions if interactions is not None else InteractionLog.on(store)
+
+
+def _forget_leases(store: Any, user_id: str) -> None:
+    """The user's rows of slow adaptation's leases, where the store's database has them."""
+    import sqlalchemy as sa
+
+    engine = getattr(store, "engine", None)
+    if engine is None or not sa.inspect(engine).has_table("adaptation_leases"):
+        return
+    from persona_plugin.adaptation.schedule import Leases
+
+    Leases(engine).delete_user(user_id)
 
 
 def _owned_of(owned: Any) -> Any:

@@ -58,12 +58,39 @@ def adapt_run(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="say what would train and why; change nothing")
     ] = False,
-    min_pairs: Annotated[int, typer.Option(help="pairs a user needs for a model")] = 8,
+    min_pairs: Annotated[
+        int | None,
+        typer.Option(help="pairs a user needs for a model (default PERSONA_ADAPT_MIN_PAIRS)"),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON lines")] = False,
+    watch: Annotated[
+        bool,
+        typer.Option(
+            "--watch", help="run as a worker: adapt users with new feedback every --interval"
+        ),
+    ] = False,
+    interval: Annotated[
+        float | None,
+        typer.Option(
+            help="seconds between rounds of --watch (default PERSONA_ADAPT_INTERVAL_S or 300)"
+        ),
+    ] = None,
 ) -> None:
     """Train, gate and version USER's own preference model (or every user's with --all)."""
     from persona_plugin.adaptation import adapt_preference_model
 
+    settings = state.settings()
+    min_pairs = settings.adapt_min_pairs if min_pairs is None else min_pairs
+    if watch:
+        if user_id is not None or all_users or dry_run:
+            raise PersonaValidationError(
+                "command line",
+                "--watch",
+                "--watch adapts every user with new feedback",
+                "Drop USER, --all and --dry-run.",
+            )
+        _watch(interval or settings.adapt_interval_s or 300.0, min_pairs)
+        return
     if (user_id is None) == (not all_users):
         raise PersonaValidationError(
             "command line", "USER", "name one user or pass --all", "e.g. `persona adapt ana`."
@@ -90,6 +117,39 @@ def adapt_run(
                 )
         if all_users and not users:
             out.print("no user has feedback in the log yet", markup=False)
+
+
+def _watch(interval: float, min_pairs: int) -> None:
+    """The adaptation worker: rounds every ``interval`` s until SIGTERM or Ctrl-C."""
+    import signal
+
+    from persona_plugin.adaptation.schedule import AdaptationScheduler
+
+    if interval <= 0:
+        raise PersonaValidationError(
+            "command line", "--interval", f"{interval}", "Give a positive number of seconds."
+        )
+    store, log, hub = _parts()
+    with store:
+        scheduler = AdaptationScheduler(
+            store=store,
+            log=log,
+            hub=hub,
+            interval_s=interval,
+            min_pairs=min_pairs,
+            on_result=lambda r: out.print(
+                f"{r.user_id}: preference {r.status}: {r.reason}", markup=False, soft_wrap=True
+            ),
+        )
+        signal.signal(signal.SIGTERM, lambda *_: scheduler.stop(timeout=0))
+        out.print(
+            f"adapting users with new feedback every {interval:g} s as {scheduler.holder}",
+            markup=False,
+        )
+        try:
+            scheduler.run_forever()
+        except KeyboardInterrupt:
+            scheduler.stop(timeout=0)
 
 
 @adapt_app.command("history")

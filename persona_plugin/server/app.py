@@ -97,6 +97,7 @@ def create_app(
     close_resources: Callable[[], None] | None = None,
     request_timeout: float = 120.0,
     max_concurrent_per_model: int = 16,
+    adaptation: Any = None,
     **graph_options: Any,
 ) -> FastAPI:
     """The OpenAI-compatible persona server.
@@ -114,7 +115,9 @@ def create_app(
     that many worker threads, never the ones the health and persona routes answer from.
     The app takes over the graph: it registers its
     models to accept per-request sampling parameters, and its shutdown drains pending
-    background reflections (``graph.close()``).
+    background reflections (``graph.close()``). ``adaptation``: an
+    :class:`~persona_plugin.adaptation.schedule.AdaptationScheduler` the app runs in the
+    background while it serves (slow adaptation, off the request path).
     """
     from persona_plugin.chat_models.registry import EchoChatModel
     from persona_plugin.graph import build_persona_graph
@@ -173,9 +176,13 @@ def create_app(
         if nodes.background is not None and nodes.reflection != "off":
             # resume what an earlier process left queued (a crash, a restart)
             nodes.background.start()
+        if adaptation is not None:
+            adaptation.start()
         try:
             yield
         finally:
+            if adaptation is not None:
+                await anyio.to_thread.run_sync(adaptation.stop, close_timeout)
             finished = await anyio.to_thread.run_sync(nodes.close, close_timeout)
             if not finished:
                 log.warning("shutdown: background reflections still running after the timeout")
@@ -484,6 +491,19 @@ def create_app_from_settings(
     reflection = "off" if settings.chat_model == "echo" else "background"
     store = PersonaStore.from_settings(settings)
     memory = LongTermMemory.from_settings(settings)
+    adaptation = None
+    if settings.adapt_interval_s:
+        from persona_plugin.adaptation.schedule import AdaptationScheduler
+        from persona_plugin.interactions import InteractionLog
+        from persona_plugin.preferences.hub import PreferenceHub
+
+        adaptation = AdaptationScheduler(
+            store=store,
+            log=InteractionLog.on(store),
+            hub=PreferenceHub.from_settings(settings),
+            interval_s=settings.adapt_interval_s,
+            min_pairs=settings.adapt_min_pairs,
+        )
     return create_app(
         models=models,
         store=store,
@@ -495,6 +515,7 @@ def create_app_from_settings(
         close_resources=store.close,
         request_timeout=settings.server_request_timeout,
         max_concurrent_per_model=settings.server_max_concurrent,
+        adaptation=adaptation,
     )
 
 
