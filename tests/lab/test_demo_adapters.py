@@ -25,8 +25,8 @@ from persona_plugin.lab.training.demo_adapters import (
     main,
     training_examples,
 )
-from persona_plugin.lab.training.lora import TrainingExample, train_lora
 from persona_plugin.lora.hub import BUNDLED_LORA_DIR, LoraHub
+from persona_plugin.lora.training import TrainingExample, train_lora
 from tests.paths import MODEL_CACHE
 
 EMOJI = re.compile("[\U0001f300-\U0001faff\u2600-\u27bf]")

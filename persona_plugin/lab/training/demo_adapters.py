@@ -27,8 +27,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from persona_plugin.lab.training.lora import TrainingExample, TrainingReport, train_lora
 from persona_plugin.lora.hub import BUNDLED_LORA_DIR, AdapterCard, LoraHub, parse_card
+from persona_plugin.lora.training import TrainingExample, TrainingReport, train_lora
 
 BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_STEPS = 40

@@ -3,7 +3,7 @@
 Run: ``python -m persona_plugin.lab.training.reflection``.
 
 Builds the synthetic training set (:mod:`persona_plugin.lab.training.reflection_data`),
-trains a LoRA on the local model with :func:`~persona_plugin.lab.training.lora.train_lora`
+trains a LoRA on the local model with :func:`~persona_plugin.lora.training.train_lora`
 (a Rich progress bar), stores it in float16 (half the size; peft upcasts it on load),
 writes its hub card (kind ``reflection``) beside it, and evaluates it on the held-out
 split through the real :class:`~persona_plugin.reflection.local.LocalReflector` path
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     adapter_id = FEEDBACK_ADAPTER_ID if args.feedback else ADAPTER_ID
     if not args.eval_only:
-        from persona_plugin.lab.training.lora import TrainingExample, train_lora
+        from persona_plugin.lora.training import TrainingExample, train_lora
 
         if args.feedback:
             examples = build_feedback_examples(

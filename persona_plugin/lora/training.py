@@ -7,8 +7,10 @@ LoRA hub load by path. An example is a chat (``messages``) and the assistant's r
 (``completion``); the loss counts only the reply's tokens, so the adapter learns how to
 answer, not to repeat the prompt.
 
-Used by the demo style adapters (``persona_plugin.lab.training.demo_adapters``) and the reflection
-adapter. Deterministic for a given seed on one machine.
+Used by slow adaptation (a user's own adapter, :mod:`persona_plugin.adaptation.adapter`),
+the demo style adapters (``persona_plugin.lab.training.demo_adapters``) and the reflection
+adapter. Deterministic for a given seed on one machine. ``save_dtype="float16"`` halves
+the adapter's file (the local backend casts it back to the model's dtype when it loads).
 """
 
 from __future__ import annotations
@@ -66,7 +68,9 @@ class TrainingReport:
         return sum(p.stat().st_size for p in self.output_dir.iterdir() if p.is_file())
 
 
-def _encode(tokenizer: Any, example: TrainingExample, max_length: int) -> tuple[list[int], int]:
+def encode_example(
+    tokenizer: Any, example: TrainingExample, max_length: int = 512
+) -> tuple[list[int], int]:
     """Token ids of prompt + reply, and where the reply starts."""
     prompt = tokenizer.apply_chat_template(
         list(example.messages), add_generation_prompt=True, tokenize=False
@@ -81,6 +85,26 @@ def _encode(tokenizer: Any, example: TrainingExample, max_length: int) -> tuple[
         )
     ids = (prompt_ids + reply_ids)[:max_length]
     return ids, len(prompt_ids)
+
+
+def reply_loss(
+    model: Any, tokenizer: Any, examples: Sequence[TrainingExample], max_length: int = 512
+) -> float:
+    """The mean per-token loss (negative log-likelihood) of the examples' replies under
+    ``model``: how likely it finds what the user wanted; the gate of a user's adapter."""
+    import torch
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for ids, start in (encode_example(tokenizer, e, max_length) for e in examples):
+            scored = len(ids) - start  # reply tokens, each predicted from the one before
+            if scored < 1:
+                continue
+            out = model(**_batch([(ids, start)], pad_id))
+            total += float(out.loss) * scored
+            tokens += scored
+    return total / tokens if tokens else math.nan
 
 
 def _batch(rows: list[tuple[list[int], int]], pad_id: int) -> dict[str, Any]:
@@ -116,6 +140,7 @@ def train_lora(
     max_length: int = 512,
     seed: int = 0,
     progress: Progress | None = None,
+    save_dtype: str = "float32",
 ) -> TrainingReport:
     """Train a LoRA adapter on ``examples`` and save it to ``output_dir``.
 
@@ -125,6 +150,8 @@ def train_lora(
     """
     if not examples:
         raise PersonaConfigError("train_lora needs at least one example.")
+    if save_dtype not in ("float32", "float16", "bfloat16"):
+        raise PersonaConfigError(f"save_dtype {save_dtype!r} is not float32, float16 or bfloat16.")
     if steps < 1 or batch_size < 1 or rank < 1:
         raise PersonaConfigError(
             f"steps, batch_size and rank must be >= 1 (got {steps}, {batch_size}, {rank})."
@@ -139,7 +166,7 @@ def train_lora(
     base_dir = Path(model_dir) if model_dir is not None else ensure_local_model()
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    rows = [_encode(tokenizer, e, max_length) for e in examples]
+    rows = [encode_example(tokenizer, e, max_length) for e in examples]
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -185,6 +212,10 @@ def train_lora(
     work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".train"))
     # the card names the base model; an absolute path of this machine means nothing elsewhere
     model.peft_config["default"].base_model_name_or_path = base_dir.name
+    if save_dtype != "float32":
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.to(getattr(torch, save_dtype))
     try:
         # peft's "auto" looks the base model's name up on the Hugging Face hub (a network
         # call, and the name is a local folder's); only a targeted embedding needs saving
@@ -202,6 +233,7 @@ def train_lora(
                     "alpha": alpha,
                     "target_modules": list(target_modules),
                     "seed": seed,
+                    "save_dtype": save_dtype,
                     "first_loss": round(report.first_loss, 4),
                     "final_loss": round(report.final_loss, 4),
                 },
