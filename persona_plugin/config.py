@@ -100,6 +100,13 @@ class Settings(BaseSettings):
     adapt_min_pairs: int = Field(
         8, ge=4, le=10000, description="preference pairs a user needs for a model of their own"
     )
+    adapt_min_examples: int = Field(
+        32,
+        ge=4,
+        le=100000,
+        description="endorsed replies (rated +1, or edited) a user needs for an adapter of "
+        "their own on the local model",
+    )
     checkpointer_url: str | None = Field(
         None,
         description="LangGraph checkpointer: sqlite:///path or postgresql://...; "

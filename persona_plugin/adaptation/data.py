@@ -20,21 +20,28 @@ signal arrived (``created_at``), which orders the time split of the gate.
 
 from __future__ import annotations
 
+import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
+from persona_plugin.errors import PersonaNotFoundError
 from persona_plugin.guard import WITHHELD, instruction_reason
 from persona_plugin.interactions import FeedbackEvent, InteractionLog, LoggedTurn
+from persona_plugin.persona import Persona
 from persona_plugin.preferences.training import PreferencePair
+
+T = TypeVar("T")
 
 #: prompts this similar (cosine of MiniLM embeddings) count as "a similar prompt": a
 #: paraphrase of the same request scores 0.6-0.9 there, another topic under 0.3
 PROMPT_SIMILARITY = 0.5
 #: a regenerated turn's next turn asking this similar a thing is the same request again
 SAME_REQUEST = 0.9
+#: the newest share of a user's pairs (or examples) the gate holds out
+HOLDOUT = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +82,25 @@ class TrainingData:
     def sources(self) -> dict[str, int]:
         """How many pairs each kind of feedback gave."""
         return dict(Counter(p.source for p in self.pairs))
+
+
+def split(items: list[T], holdout: float = HOLDOUT) -> tuple[list[T], list[T]]:
+    """Older items (pairs or examples, oldest first) to train on, and the newest
+    ``holdout`` share of them (at least 2) to judge the candidate by."""
+    held = max(2, math.ceil(len(items) * holdout))
+    return items[:-held], items[-held:]
+
+
+def persona_of(store: Any, user_id: str) -> Persona:
+    """The user's persona in ``store``; a new one when there is none (no store, or no
+    persona yet), as the graph makes for a new user: what serves them is then retrieved
+    from the input alone, with their own models."""
+    if store is not None:
+        try:
+            return store.get(user_id)
+        except PersonaNotFoundError:
+            pass
+    return Persona.new(user_id)
 
 
 def _flagged(*texts: str) -> bool:

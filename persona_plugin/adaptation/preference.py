@@ -29,9 +29,15 @@ from typing import Any
 
 import numpy as np
 
-from persona_plugin.adaptation.data import LoggedPair, TrainingData, training_data
+from persona_plugin.adaptation.data import (
+    HOLDOUT,
+    LoggedPair,
+    TrainingData,
+    persona_of,
+    split,
+    training_data,
+)
 from persona_plugin.cards.owned import OWNED_PREFIX, OwnedCards, owned_id
-from persona_plugin.errors import PersonaNotFoundError
 from persona_plugin.preferences.cards import parse_card
 from persona_plugin.preferences.hub import PreferenceHub
 from persona_plugin.preferences.mbr import MBRSelector
@@ -41,8 +47,6 @@ from persona_plugin.preferences.training import train_head
 
 #: a user needs this many preference pairs before a model of their own is trained
 MIN_PAIRS = 8
-#: the newest share of the pairs the gate holds out
-HOLDOUT = 0.2
 KIND = "preference"
 
 
@@ -66,12 +70,6 @@ class AdaptationResult:
             "version": self.version,
             "figures": self.figures,
         }
-
-
-def split(pairs: list[LoggedPair], holdout: float = HOLDOUT) -> tuple[list, list]:
-    """Older pairs to train on, the newest ``holdout`` share (at least 2) to judge by."""
-    held = max(2, math.ceil(len(pairs) * holdout))
-    return pairs[:-held], pairs[-held:]
 
 
 def _span(pairs: list[LoggedPair]) -> list[str] | None:
@@ -139,7 +137,7 @@ def adapt_preference_model(
         source=f"own preference model of {user_id!r}",
     )
     candidate = EmbeddingHeadScorer(card, head, hub.embeddings)
-    persona = _persona(store, user_id)
+    persona = persona_of(store, user_id)
     gate = _Gate(hub, persona, user_id)
     serving = gate.accuracy(held, None)
     with_candidate = gate.accuracy(held, candidate)
@@ -170,15 +168,6 @@ def adapt_preference_model(
     return AdaptationResult(user_id, KIND, status, reason, version, figures)
 
 
-def _persona(store: Any, user_id: str) -> Any:
-    if store is None:
-        return None
-    try:
-        return store.get(user_id)
-    except PersonaNotFoundError:
-        return None
-
-
 def _accuracy(scores: list[list[float]]) -> float:
     """The share of pairs whose first (chosen) text scores higher; a tie counts half."""
     if not scores:
@@ -197,10 +186,7 @@ class _Gate:
         self.serving_ids: list[str] = []
 
     def _mixture(self, prompt: str, candidate: PreferenceScorer | None) -> list[tuple]:
-        if self.persona is None:
-            pairs: list[tuple[str, float]] = []
-        else:
-            pairs = self.retriever.retrieve(self.persona, prompt).pairs()
+        pairs = self.retriever.retrieve(self.persona, prompt).pairs()
         if candidate is None:
             self.serving_ids = sorted(set(self.serving_ids) | {m for m, _ in pairs})
             return pairs

@@ -28,6 +28,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from persona_plugin.adaptation.adapter import MIN_EXAMPLES, adapt_adapter
 from persona_plugin.adaptation.preference import MIN_PAIRS, AdaptationResult, adapt_preference_model
 from persona_plugin.interactions import feedback_table
 
@@ -153,7 +154,9 @@ class AdaptationScheduler:
     ``store``: the persona store (its database holds the log and the leases); ``log``: the
     interaction log on it; ``hub``: the preference hub (its ``owned`` folders get the
     versions). ``lease_s`` must outlast one user's training (seconds for a preference
-    model). ``on_result`` is called with each run's :class:`AdaptationResult`.
+    model, minutes for an adapter). ``on_result`` is called with each run's
+    :class:`AdaptationResult`. ``backend``: the local backend; given, users' own adapters
+    are trained too (``min_examples`` endorsed replies each).
     """
 
     def __init__(
@@ -167,9 +170,14 @@ class AdaptationScheduler:
         lease_s: float = 600.0,
         holder: str | None = None,
         on_result: Any = None,
+        backend: Any = None,
+        min_examples: int = MIN_EXAMPLES,
     ) -> None:
         self.store, self.log, self.hub = store, log, hub
         self.interval_s, self.min_pairs, self.lease_s = interval_s, min_pairs, lease_s
+        self.backend, self.min_examples = backend, min_examples
+        #: preference models always; adapters too when given the local backend to gate with
+        self.kinds = ("preference", "adapter") if backend is not None else ("preference",)
         self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.leases = Leases(store.engine)
         self.outcomes: deque[AdaptationResult] = deque(maxlen=200)
@@ -177,33 +185,50 @@ class AdaptationScheduler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def _adapt(self, user_id: str, kind: str) -> AdaptationResult:
+        if kind == "adapter":
+            return adapt_adapter(
+                user_id,
+                log=self.log,
+                backend=self.backend,
+                store=self.store,
+                min_examples=self.min_examples,
+                embeddings=self.hub.embeddings,
+            )
+        return adapt_preference_model(
+            user_id, log=self.log, hub=self.hub, store=self.store, min_pairs=self.min_pairs
+        )
+
     def run_once(self) -> list[AdaptationResult]:
         """Adapt every user due now whose lease this holder gets; what each run did."""
         done = []
-        for user_id, newest in self.leases.due("preference"):
+        for kind in self.kinds:
+            done += self._round(kind)
+        return done
+
+    def _round(self, kind: str) -> list[AdaptationResult]:
+        done = []
+        for user_id, newest in self.leases.due(kind):
             if self._stop.is_set():
                 break
-            if not self.leases.acquire(user_id, "preference", self.holder, self.lease_s):
+            if not self.leases.acquire(user_id, kind, self.holder, self.lease_s):
                 continue  # another replica adapts them now
             seen, status = None, None
             try:
-                if self.leases.seen(user_id, "preference") >= newest:
+                if self.leases.seen(user_id, kind) >= newest:
                     continue  # another replica finished them since this round looked
-
-                result = adapt_preference_model(
-                    user_id, log=self.log, hub=self.hub, store=self.store, min_pairs=self.min_pairs
-                )
+                result = self._adapt(user_id, kind)
                 seen, status = newest, result.status
                 self.outcomes.append(result)
                 done.append(result)
                 if self.on_result is not None:
                     self.on_result(result)
-                log.info("adapted %s: %s (%s)", user_id, result.status, result.reason)
+                log.info("adapted %s (%s): %s (%s)", user_id, kind, result.status, result.reason)
             except Exception:
                 # a failed run is retried at the next interval: nothing recorded as seen
-                log.exception("adapting %s failed", user_id)
+                log.exception("adapting %s (%s) failed", user_id, kind)
             finally:
-                self.leases.release(user_id, "preference", self.holder, seen=seen, status=status)
+                self.leases.release(user_id, kind, self.holder, seen=seen, status=status)
         return done
 
     def run_forever(self) -> None:

@@ -52,6 +52,7 @@ from persona_plugin.backends.types import (
     merge_results,
     normalize_mixture,
 )
+from persona_plugin.cards.owned import OWNED_PREFIX
 from persona_plugin.errors import PersonaConfigError, PersonaError, PersonaValidationError
 
 if TYPE_CHECKING:
@@ -255,9 +256,19 @@ class LocalBackend(BaseBackend):
             with self._serving(mixture) as served:
                 yield served
 
+    @property
+    def serves_owned_adapters(self) -> bool:
+        """Whether users' own adapters (slow adaptation) can be served: they are found
+        through the hub by id, and a new version, a new id, loads on its first request."""
+        return self.lora_hub is not None
+
     def _adapter_path(self, adapter_id: str) -> Path:
         if adapter_id in self._paths:
             return self._paths[adapter_id]
+        if self.lora_hub is not None and adapter_id.startswith(OWNED_PREFIX):
+            owned = self.lora_hub.owned_card(adapter_id)
+            if owned is not None:
+                return Path(owned.resolved_location)
         if self.lora_hub is not None and adapter_id in self.lora_hub:
             card = self.lora_hub.get(adapter_id)
             if card.location_is_local:

@@ -23,8 +23,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -57,6 +59,8 @@ class OwnedCards:
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).expanduser()
+        self._read: dict[Path, tuple[tuple[int, int], Any]] = {}
+        self._lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: Any = None) -> OwnedCards:
@@ -104,6 +108,39 @@ class OwnedCards:
         path = self.folder(user_id, kind) / f"v{version}.yaml"
         return path if version and path.is_file() else None
 
+    def serving_cards(self, user_id: str, kind: str, load: Callable[[Path], Any]) -> list[Any]:
+        """The card serving ``user_id`` (read with ``load``, re-read only when the file
+        changed), in a list: empty when none serves. A card whose ``owner`` is not the user
+        (a hand-edited file) is not theirs and not returned."""
+        path = self.serving_card(user_id, kind)
+        card = self._load(path, load) if path is not None else None
+        return [card] if card is not None and getattr(card, "owner", None) == user_id else []
+
+    def _load(self, path: Path, load: Callable[[Path], Any]) -> Any:
+        stat = path.stat()
+        stamp = (stat.st_size, stat.st_mtime_ns)
+        with self._lock:
+            cached = self._read.get(path)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        card = load(path)
+        with self._lock:
+            self._read[path] = (stamp, card)
+        return card
+
+    def find(self, card_id: str, kind: str, load: Callable[[Path], Any]) -> Any:
+        """The card of a versioned own id (``own-lora-<hash>-v<N>``), whoever's it is: a
+        backend resolving an id it was asked to serve (ownership is checked where the
+        request is made). None if there is no such version."""
+        digest, _, version = card_id.removeprefix(OWNED_PREFIX).partition("-")[2].rpartition("-v")
+        if not digest or not version.isdigit() or not re.fullmatch(r"[0-9a-f]{16}", digest):
+            return None
+        for path in self.root.glob(f"{digest}*/{kind}/v{int(version)}.yaml"):
+            card = self._load(path, load)
+            if getattr(card, "id", None) == card_id:
+                return card
+        return None
+
     # -- writing ----------------------------------------------------------------------------
 
     def add_version(
@@ -115,18 +152,23 @@ class OwnedCards:
         write_model: Callable[[Path], None] | None = None,
         model_suffix: str = ".npz",
         promote: bool,
+        versioned_id: bool = False,
     ) -> int:
         """Write a new version (its card, and its model through ``write_model(path)`` when
         given) and, when ``promote``, serve it; its number. ``card["location"]`` is set to
-        the model's file name."""
+        the model's file (or folder) name; ``versioned_id`` appends ``-v<N>`` to the card's
+        id (an adapter's: a backend that loaded version 2 under its id must not serve it
+        for version 3)."""
         folder = self.folder(user_id, kind)
         folder.mkdir(parents=True, exist_ok=True)
         version = max((v["version"] for v in self.versions(user_id, kind)), default=0) + 1
         while True:
             model_name = f"v{version}{model_suffix}"
             data = dict(card)
+            if versioned_id:
+                data["id"] = f"{card['id']}-v{version}"
             if write_model is not None:
-                data["location"] = model_name
+                data["location"] = f"./{model_name}"  # beside the card
             text = dump_yaml(data)
             if self._create(folder / f"v{version}.yaml", text):
                 break
@@ -158,6 +200,26 @@ class OwnedCards:
             return True
         finally:
             Path(tmp).unlink(missing_ok=True)
+
+    def update_training(
+        self, user_id: str, kind: str, version: int, training: Mapping[str, Any], *, promote: bool
+    ) -> None:
+        """Rewrite a version's ``training`` record (the gate's verdict), and serve it when
+        ``promote``."""
+        path = self.folder(user_id, kind) / f"v{version}.yaml"
+        card = load_yaml(path.read_text(encoding="utf-8"), source=str(path))
+        write_atomically(path, dump_yaml({**card, "training": dict(training)}))
+        if promote:
+            self._point(user_id, kind, version, "promoted")
+
+    def remove_model(self, user_id: str, kind: str, version: int) -> None:
+        """Drop a version's model file or folder (a rejected candidate's), keeping its card."""
+        for path in self.folder(user_id, kind).glob(f"v{version}.*"):
+            if path.suffix not in (".yaml",):
+                path.unlink()
+        folder = self.folder(user_id, kind) / f"v{version}"
+        if folder.is_dir():
+            shutil.rmtree(folder)
 
     def _point(self, user_id: str, kind: str, version: int, why: str) -> None:
         pointer = {"version": version, "since": datetime.now(UTC).isoformat(), "by": why}

@@ -17,6 +17,7 @@ which cards fit, and :class:`TextEmbedder` accepts any embedder.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import threading
 from collections import OrderedDict
@@ -40,6 +41,23 @@ class RetrievedCard:
     weight: float
     score: float  # cosine similarity to the query
     kind: str
+
+
+#: the share of a mixture a user's own card (an adapter or preference model trained on
+#: their feedback by slow adaptation, promoted only when it beat what served them) takes;
+#: the cards retrieved by the persona's text share the rest in their proportions
+OWN_WEIGHT = 0.5
+
+
+def mix_in_own(retrieved: tuple[Any, ...], own: Sequence[Any], share: float) -> tuple[Any, ...]:
+    """``own`` (retrieved cards of the user's own, weights ignored) at ``share`` of the
+    mixture (all of it when nothing else was retrieved), ``retrieved`` scaled to the rest."""
+    if not own or share == 0:
+        return retrieved
+    share = share if retrieved else 1.0
+    mine = tuple(dataclasses.replace(c, weight=share / len(own)) for c in own)
+    rest = tuple(dataclasses.replace(c, weight=c.weight * (1 - share)) for c in retrieved)
+    return mine + tuple(c for c in rest if c.weight != 0)
 
 
 class CardMixture:

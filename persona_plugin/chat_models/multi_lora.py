@@ -50,8 +50,10 @@ from persona_plugin.backends.types import (
     Mixture,
     normalize_mixture,
 )
+from persona_plugin.cards.owned import OWNED_PREFIX, owned_id
 from persona_plugin.chat_models.persona_aware import LiftsConfigurable, coerce_persona, content_text
 from persona_plugin.errors import PersonaConfigError
+from persona_plugin.persona import Persona
 
 #: keys of ``config["configurable"]`` this model reads
 log = logging.getLogger(__name__)
@@ -141,15 +143,18 @@ class MultiLoraChatModel(LiftsConfigurable, BaseChatModel):
     def _adapters(
         self, messages: Sequence[BaseMessage], kwargs: dict[str, Any]
     ) -> tuple[Mixture, list[tuple[str, float, float]] | None]:
-        if kwargs.get("adapters") is not None:
-            return normalize_mixture(kwargs["adapters"]), None
         persona = coerce_persona(kwargs.get("persona", self.persona))
+        if kwargs.get("adapters") is not None:
+            given = normalize_mixture(kwargs["adapters"])
+            _check_owned(given, persona)
+            return given, None
         if self.retriever is not None and persona is not None:
             user = next((m for m in reversed(messages) if isinstance(m, HumanMessage)), None)
             mixture = self.retriever.retrieve(
                 persona,
                 content_text(user.content) if user is not None else "",
                 allowed=getattr(self.backend, "adapter_ids", None),
+                owned=getattr(self.backend, "serves_owned_adapters", False),
             )
             retrieved = [(a.id, round(a.weight, 4), round(a.score, 4)) for a in mixture.adapters]
             return normalize_mixture(mixture.pairs()), retrieved
@@ -349,3 +354,21 @@ class MultiLoraChatModel(LiftsConfigurable, BaseChatModel):
                     response_metadata={"fallback": True, "fallback_reason": str(exc)[:200]},
                 )
             )
+
+
+def _check_owned(mixture: Mixture, persona: Any) -> None:
+    """A user's own adapter is served to that user alone: an own id in a mixture given
+    for someone else's request is refused."""
+    own = [a for a, _ in mixture if a.startswith(OWNED_PREFIX)]
+    if not own:
+        return
+    user_id = None
+    if isinstance(persona, Persona):
+        user_id = persona.meta.user_id or persona.identity.user_id
+    mine = {owned_id(user_id, "adapter")} if user_id else set()
+    theirs = [a for a in own if a.rpartition("-v")[0] not in mine]
+    if theirs:
+        raise PersonaConfigError(
+            f"adapters {theirs} are a user's own and this request is not that user's: "
+            "own adapters are served to their owner alone."
+        )

@@ -64,14 +64,30 @@ class EchoChatModel(BaseChatModel):
 
 
 @functools.lru_cache(maxsize=4)
-def _shared_local_backend(lora_dir: Path, cache_dir: Path | None) -> LocalBackend:
+def _shared_local_backend(
+    lora_dir: Path, cache_dir: Path | None, owned_root: Path | None = None
+) -> LocalBackend:
     # one loaded model per process and hub: the graph and the reflector resolve the model
     # separately, and a second copy of the weights would only cost memory
     from persona_plugin.backends.local import LocalBackend
+    from persona_plugin.cards.owned import OwnedCards
     from persona_plugin.lora.hub import BUNDLED_LORA_DIR, LoraHub
 
-    hub = LoraHub(lora_dir, bundled=(BUNDLED_LORA_DIR,))
+    owned = OwnedCards(owned_root) if owned_root is not None else None
+    hub = LoraHub(lora_dir, bundled=(BUNDLED_LORA_DIR,), owned=owned)
     return LocalBackend(lora_hub=hub, cache_dir=cache_dir)
+
+
+def shared_local_backend(settings: Settings | None = None) -> LocalBackend:
+    """The process's local backend on the LoRA hub (and users' own adapters) of
+    ``settings``: one loaded model, whoever asks (the graph, the reflector, adaptation)."""
+    from persona_plugin.cards.owned import OwnedCards
+    from persona_plugin.config import Settings
+
+    settings = settings or Settings.load()
+    cache_dir = settings.cache_dir / "models" if settings.cache_dir is not None else None
+    owned = OwnedCards.from_settings(settings).root
+    return _shared_local_backend(settings.resolved_lora_dir, cache_dir, owned)
 
 
 def local_chat_model(
@@ -96,13 +112,10 @@ def local_chat_model(
     itself; pass ``temperature=None`` for deterministic replies.
     """
     from persona_plugin.chat_models.multi_lora import MultiLoraChatModel
-    from persona_plugin.config import Settings
     from persona_plugin.lora.retrieval import LoraRetriever
 
     if backend is None:
-        settings = settings or Settings.load()
-        cache_dir = settings.cache_dir / "models" if settings.cache_dir is not None else None
-        backend = _shared_local_backend(settings.resolved_lora_dir, cache_dir)
+        backend = shared_local_backend(settings)
     retriever = LoraRetriever(
         backend.lora_hub,
         top_k=top_k,

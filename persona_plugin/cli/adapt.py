@@ -75,12 +75,24 @@ def adapt_run(
             help="seconds between rounds of --watch (default PERSONA_ADAPT_INTERVAL_S or 300)"
         ),
     ] = None,
+    kind: Annotated[
+        str | None,
+        typer.Option(
+            help="preference, adapter or all (default: all when PERSONA_CHAT_MODEL is "
+            "local, whose backend serves users' own adapters; else preference)"
+        ),
+    ] = None,
 ) -> None:
-    """Train, gate and version USER's own preference model (or every user's with --all)."""
-    from persona_plugin.adaptation import adapt_preference_model
-
+    """Train, gate and version USER's own preference model and adapter (or every user's
+    with --all)."""
     settings = state.settings()
     min_pairs = settings.adapt_min_pairs if min_pairs is None else min_pairs
+    kind = kind or ("all" if settings.chat_model == "local" else "preference")
+    if kind not in ("preference", "adapter", "all"):
+        raise PersonaValidationError(
+            "command line", "--kind", f"{kind!r}", "Use preference, adapter or all."
+        )
+    kinds = ("preference", "adapter") if kind == "all" else (kind,)
     if watch:
         if user_id is not None or all_users or dry_run:
             raise PersonaValidationError(
@@ -89,7 +101,7 @@ def adapt_run(
                 "--watch adapts every user with new feedback",
                 "Drop USER, --all and --dry-run.",
             )
-        _watch(interval or settings.adapt_interval_s or 300.0, min_pairs)
+        _watch(interval or settings.adapt_interval_s or 300.0, min_pairs, kinds)
         return
     if (user_id is None) == (not all_users):
         raise PersonaValidationError(
@@ -100,26 +112,66 @@ def adapt_run(
             "command line", "--min-pairs", f"{min_pairs}", "Training needs at least 4 pairs."
         )
     store, log, hub = _parts()
+    backend = _backend() if "adapter" in kinds else None
     with store:
         users = log.users_with_feedback() if all_users else [user_id]
         for user in users:
-            result = adapt_preference_model(
-                user, log=log, hub=hub, store=store, min_pairs=min_pairs, dry_run=dry_run
-            )
-            if as_json:
-                out.print(json.dumps(result.to_dict()), markup=False, soft_wrap=True)
-            else:
-                version = f" v{result.version}" if result.version else ""
-                out.print(
-                    f"{user}: preference {result.status}{version}: {result.reason}",
-                    markup=False,
-                    soft_wrap=True,
-                )
+            for result in _adapt(user, kinds, log, hub, store, backend, min_pairs, dry_run):
+                if as_json:
+                    out.print(json.dumps(result.to_dict()), markup=False, soft_wrap=True)
+                else:
+                    version = f" v{result.version}" if result.version else ""
+                    out.print(
+                        f"{user}: {result.kind} {result.status}{version}: {result.reason}",
+                        markup=False,
+                        soft_wrap=True,
+                    )
         if all_users and not users:
             out.print("no user has feedback in the log yet", markup=False)
 
 
-def _watch(interval: float, min_pairs: int) -> None:
+def _backend() -> Any:
+    from persona_plugin.chat_models.registry import shared_local_backend
+
+    return shared_local_backend(state.settings())
+
+
+def _adapt(
+    user: str,
+    kinds: tuple[str, ...],
+    log: Any,
+    hub: Any,
+    store: Any,
+    backend: Any,
+    min_pairs: int,
+    dry_run: bool,
+) -> list[Any]:
+    from persona_plugin.adaptation import adapt_preference_model
+    from persona_plugin.adaptation.adapter import adapt_adapter
+
+    results = []
+    if "preference" in kinds:
+        results.append(
+            adapt_preference_model(
+                user, log=log, hub=hub, store=store, min_pairs=min_pairs, dry_run=dry_run
+            )
+        )
+    if "adapter" in kinds:
+        results.append(
+            adapt_adapter(
+                user,
+                log=log,
+                backend=backend,
+                store=store,
+                min_examples=state.settings().adapt_min_examples,
+                dry_run=dry_run,
+                embeddings=hub.embeddings,
+            )
+        )
+    return results
+
+
+def _watch(interval: float, min_pairs: int, kinds: tuple[str, ...]) -> None:
     """The adaptation worker: rounds every ``interval`` s until SIGTERM or Ctrl-C."""
     import signal
 
@@ -138,9 +190,12 @@ def _watch(interval: float, min_pairs: int) -> None:
             interval_s=interval,
             min_pairs=min_pairs,
             on_result=lambda r: out.print(
-                f"{r.user_id}: preference {r.status}: {r.reason}", markup=False, soft_wrap=True
+                f"{r.user_id}: {r.kind} {r.status}: {r.reason}", markup=False, soft_wrap=True
             ),
+            backend=_backend() if "adapter" in kinds else None,
+            min_examples=state.settings().adapt_min_examples,
         )
+        scheduler.kinds = kinds
         signal.signal(signal.SIGTERM, lambda *_: scheduler.stop(timeout=0))
         out.print(
             f"adapting users with new feedback every {interval:g} s as {scheduler.holder}",
@@ -165,7 +220,9 @@ def adapt_history(
     if as_json:
         out.print(json.dumps(owned.export_user(user_id), indent=2), markup=False)
         return
-    table = Table("kind", "version", "status", "held-out", "serving was", "pairs", "trained on")
+    table = Table(
+        "kind", "version", "status", "held-out", "serving was", "train+held", "trained on"
+    )
     rows = 0
     for kind in OWNED_KINDS:
         serving = owned.serving(user_id, kind)
@@ -177,9 +234,12 @@ def adapt_history(
                 kind,
                 f"{card['version']}{mark}",
                 str(t.get("status", "")),
-                str(t.get("heldout_accuracy", "")),
-                str(t.get("serving_accuracy", "")),
-                f"{t.get('train_pairs', '')}+{t.get('heldout_pairs', '')}",
+                # accuracy on pairs (a preference model; higher is better) or the loss of
+                # endorsed replies (an adapter; lower is better)
+                str(t.get("heldout_accuracy", t.get("heldout_loss", ""))),
+                str(t.get("serving_accuracy", t.get("serving_loss", ""))),
+                f"{t.get('train_pairs', t.get('train_examples', ''))}+"
+                f"{t.get('heldout_pairs', t.get('heldout_examples', ''))}",
                 f"{span[0][:19]} .. {span[1][:19]}",
             )
             rows += 1
@@ -193,7 +253,7 @@ def adapt_history(
 @reports_errors
 def adapt_rollback(
     user_id: Annotated[str, typer.Argument(help="the user")],
-    kind: Annotated[str, typer.Argument(help="preference (adapter: not trained yet)")],
+    kind: Annotated[str, typer.Argument(help="preference or adapter")],
     version: Annotated[int, typer.Argument(help="the version to serve; 0: none of their own")],
 ) -> None:
     """Serve version N of USER's own KIND model again (0: serve none of their own)."""

@@ -59,6 +59,7 @@ from persona_plugin.cards.folder import (
     parse_card_text,
     read_card_bytes,
 )
+from persona_plugin.cards.owned import OwnedCards
 from persona_plugin.config import ASSETS_DIR
 from persona_plugin.errors import (
     PersonaConfigError,
@@ -71,7 +72,7 @@ AdapterKind = Literal[
 ADAPTER_KINDS: tuple[str, ...] = AdapterKind.__args__  # type: ignore[attr-defined]
 _CARD_KEYS = (
     "id, base_model, description, kind, rank, target_modules, location, tags, servers, "
-    "sample_inputs, merge_of"
+    "sample_inputs, merge_of, owner, training"
 )
 
 
@@ -105,6 +106,12 @@ class AdapterCard(BaseModel):
     sample_inputs: list[str] = Field(default_factory=list)
     merge_of: list[MergeComponent] = Field(
         default_factory=list, description="a pre-merged adapter: the adapters it merges"
+    )
+    owner: str | None = Field(
+        None, min_length=1, description="the user an adapter of their own serves (alone)"
+    )
+    training: dict[str, Any] | None = Field(
+        None, description="how slow adaptation trained it: data span, figures, the gate"
     )
 
     _path: Path | None = PrivateAttr(default=None)
@@ -287,10 +294,28 @@ class LoraHub(CardHub[AdapterCard]):
         directory: str | os.PathLike[str],
         *,
         bundled: Sequence[str | os.PathLike[str]] = (),
+        owned: OwnedCards | None = None,
     ) -> None:
         super().__init__(
             Path(directory).expanduser(), [Path(d).expanduser() for d in bundled], load_card
         )
+        self._owned = owned
+
+    @property
+    def owned(self) -> OwnedCards:
+        """Where users' own adapters are (default ``$PERSONA_HOME/owned``)."""
+        if self._owned is None:
+            self._owned = OwnedCards.from_settings()
+        return self._owned
+
+    def owned_cards(self, user_id: str) -> list[AdapterCard]:
+        """The adapter of ``user_id``'s own serving now (slow adaptation), if any: theirs
+        alone, never in :meth:`cards`."""
+        return self.owned.serving_cards(user_id, "adapter", load_card)
+
+    def owned_card(self, adapter_id: str) -> AdapterCard | None:
+        """The card of an own adapter's versioned id, for a backend asked to serve it."""
+        return self.owned.find(adapter_id, "adapter", load_card)
 
     @property
     def bundled(self) -> tuple[Path, ...]:
@@ -304,7 +329,11 @@ class LoraHub(CardHub[AdapterCard]):
             from persona_plugin.config import Settings
 
             settings = Settings.load()
-        return cls(settings.resolved_lora_dir, bundled=(BUNDLED_LORA_DIR,) if bundled else ())
+        return cls(
+            settings.resolved_lora_dir,
+            bundled=(BUNDLED_LORA_DIR,) if bundled else (),
+            owned=OwnedCards.from_settings(settings),
+        )
 
     def __repr__(self) -> str:
         if self.bundled:

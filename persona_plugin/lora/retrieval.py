@@ -36,12 +36,14 @@ from typing import Any
 import numpy as np
 
 from persona_plugin.cards.retrieval import (
+    OWN_WEIGHT,
     CardMixture,
     CardRetriever,
     PersonaTextMode,
     RetrievedCard,
     check_temperature,
     check_top_k,
+    mix_in_own,
 )
 from persona_plugin.errors import PersonaConfigError
 from persona_plugin.lora.hub import ADAPTER_KINDS, AdapterCard, LoraHub
@@ -91,7 +93,11 @@ class LoraRetriever(CardRetriever):
         persona_text: PersonaTextMode | Callable[[Persona], str] = "compact",
         assembler: Any = None,
         cache_size: int = 4096,
+        own_weight: float = OWN_WEIGHT,
     ) -> None:
+        if not 0.0 <= own_weight <= 1.0:
+            raise PersonaConfigError(f"own_weight must be in [0, 1], not {own_weight}.")
+        self.own_weight = own_weight
         super().__init__(
             embedder=embedder,
             top_k=top_k,
@@ -121,6 +127,24 @@ class LoraRetriever(CardRetriever):
             and (kinds is None or c.kind in kinds)
             and (self.base_model is None or c.base_model == self.base_model)
             and (allowed is None or c.id in allowed)
+            and c.owner is None  # a user's own adapter reaches that user alone (_owned)
+        ]
+
+    def _owned(
+        self, persona: Persona | str | None, kinds: frozenset[str] | None, exclude: frozenset[str]
+    ) -> list[RetrievedAdapter]:
+        """The persona's user's own adapter serving now (slow adaptation), if any."""
+        if not isinstance(persona, Persona) or not isinstance(self.hub, LoraHub):
+            return []
+        user_id = persona.meta.user_id or persona.identity.user_id
+        if not user_id or self.own_weight == 0:
+            return []
+        return [
+            RetrievedAdapter(c.id, 1.0, 1.0, c.kind)
+            for c in self.hub.owned_cards(user_id)
+            if c.kind not in exclude
+            and (kinds is None or c.kind in kinds)
+            and (self.base_model is None or c.base_model == self.base_model)
         ]
 
     # -- retrieval ------------------------------------------------------------------------
@@ -135,11 +159,14 @@ class LoraRetriever(CardRetriever):
         kinds: Collection[str] | None = None,
         exclude_kinds: Collection[str] | None = None,
         allowed: Collection[str] | None = None,
+        owned: bool = True,
     ) -> LoraMixture:
         """The ``top_k`` adapters for ``persona`` (a persona or its text) and ``input``.
 
-        ``allowed`` limits the candidates to adapters a backend can serve. An empty mixture
-        means: no candidates, or nothing to retrieve with (no persona text and no input).
+        ``allowed`` limits the candidates to adapters a backend can serve. The persona's
+        user's own adapter, if one serves them, joins at ``own_weight`` of the mixture
+        unless ``owned=False`` (a backend that cannot load it). An empty mixture means: no
+        candidates, or nothing to retrieve with (no persona text and no input).
         """
         k = self.top_k if top_k is None else check_top_k(top_k)
         temp = self.temperature if temperature is None else check_temperature(temperature)
@@ -155,6 +182,10 @@ class LoraRetriever(CardRetriever):
             (k, temp, kind_set, exclude, allowed_set, tuple(hashes)),
             lambda query: self._score(cards, hashes, query, k, temp),
         )
+        if owned:
+            adapters = mix_in_own(
+                adapters, self._owned(persona, kind_set, exclude), self.own_weight
+            )
         return LoraMixture(adapters, cached=cached)
 
     def _score(

@@ -95,7 +95,6 @@ class PreferenceHub(CardHub[PreferenceCard]):
         self.device = device
         self._scorers: dict[str, PreferenceScorer] = {}
         self._owned = owned
-        self._owned_read: dict[Path, tuple[tuple[int, int], PreferenceCard]] = {}
 
     @property
     def owned(self) -> OwnedCards:
@@ -107,22 +106,7 @@ class PreferenceHub(CardHub[PreferenceCard]):
     def owned_cards(self, user_id: str) -> list[PreferenceCard]:
         """The model of ``user_id``'s own serving now (slow adaptation), if any: theirs
         alone, never in :meth:`cards`."""
-        path = self.owned.serving_card(user_id, "preference")
-        if path is None:
-            return []
-        stat = path.stat()
-        stamp = (stat.st_size, stat.st_mtime_ns)
-        with self._lock:
-            cached = self._owned_read.get(path)
-        if cached is not None and cached[0] == stamp:
-            card = cached[1]
-        else:
-            card = load_card(path)
-            with self._lock:
-                self._owned_read[path] = (stamp, card)
-        if card.owner != user_id:  # a hash collision or a hand-edited card: not theirs
-            return []
-        return [card]
+        return self.owned.serving_cards(user_id, "preference", load_card)
 
     def owned_card(self, user_id: str, model_id: str) -> PreferenceCard:
         """``user_id``'s own model ``model_id``; another user's is not found."""

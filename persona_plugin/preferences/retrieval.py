@@ -22,23 +22,20 @@ from typing import Any
 import numpy as np
 
 from persona_plugin.cards.retrieval import (
+    OWN_WEIGHT,
     CardMixture,
     CardRetriever,
     PersonaTextMode,
     RetrievedCard,
     check_temperature,
     check_top_k,
+    mix_in_own,
     preference_lines,
 )
 from persona_plugin.errors import PersonaConfigError, PersonaValidationError
 from persona_plugin.persona import Persona
 from persona_plugin.preferences.cards import PREFERENCE_KINDS, PreferenceCard
 from persona_plugin.preferences.hub import PreferenceHub
-
-#: the share of the mixture a user's own model (trained on their feedback by slow
-#: adaptation, and promoted only when it beat what served them) takes; the models
-#: retrieved by the persona's text share the rest
-OWN_WEIGHT = 0.5
 
 # -- mixtures -----------------------------------------------------------------------------
 
@@ -172,7 +169,7 @@ class PreferenceRetriever(CardRetriever):
             for c in cards
             if (kinds is None or c.kind in kinds)
             and (allowed is None or c.id in allowed)
-            and c.owner is None  # a user's own model reaches that user alone (_with_owned)
+            and c.owner is None  # a user's own model reaches that user alone (_owned)
         ]
 
     def _owned(
@@ -192,20 +189,6 @@ class PreferenceRetriever(CardRetriever):
             for c in self.hub.owned_cards(user_id)
             if (kinds is None or c.kind in kinds) and (allowed is None or c.id in allowed)
         ]
-
-    def _with_owned(
-        self, models: tuple[RetrievedPreference, ...], owned: list[PreferenceCard]
-    ) -> tuple[RetrievedPreference, ...]:
-        """The user's own model at ``own_weight`` of the mixture (all of it when nothing
-        else was retrieved), the retrieved ones sharing the rest in their proportions."""
-        if not owned:
-            return models
-        share = self.own_weight if models else 1.0
-        mine = tuple(RetrievedPreference(c.id, share / len(owned), 1.0, c.kind) for c in owned)
-        rest = tuple(
-            RetrievedPreference(m.id, m.weight * (1 - share), m.score, m.kind) for m in models
-        )
-        return mine + tuple(m for m in rest if m.weight != 0)
 
     def retrieve(
         self,
@@ -232,7 +215,11 @@ class PreferenceRetriever(CardRetriever):
             (k, temp, kind_set, allowed_set, hashes),
             lambda query: self._score(cards, query, k, temp),
         )
-        models = self._with_owned(models, self._owned(persona, kind_set, allowed_set))
+        own = [
+            RetrievedPreference(c.id, 1.0, 1.0, c.kind)
+            for c in self._owned(persona, kind_set, allowed_set)
+        ]
+        models = mix_in_own(models, own, self.own_weight)
         return PreferenceMixture(models, cached=cached)
 
     def _score(

@@ -32,8 +32,9 @@ def home(monkeypatch: pytest.MonkeyPatch) -> Path:
         for user, questions in (("ana", QUESTIONS), ("bob", QUESTIONS[:3])):
             for n, (question, short, topic) in enumerate(questions):
                 turn = f"{user}-{n}"
-                log.record_turn(user, turn, user_text=question, reply_text=long_reply(short, topic))
-                log.record_feedback(user, turn, "edit", text=short, reflect=False)
+                log.record_turn(user, turn, user_text=question, reply_text=short)
+                edit = long_reply(short, topic)  # they expand every reply
+                log.record_feedback(user, turn, "edit", text=edit, reflect=False)
     return home
 
 
@@ -44,11 +45,15 @@ def test_adapt_plans_trains_lists_and_rolls_back(home: Path, capsys: pytest.Capt
     assert "bob: preference skipped: 3 preference pairs, fewer than 8" in out
     owned = OwnedCards(home / "owned")
     assert owned.versions("ana", "preference") == []
+    code, out = run(capsys, "adapt", "ana", "--kind", "adapter", "--dry-run")
+    assert code == 0 and "ana: adapter skipped: 14 endorsed replies, fewer than 32" in out, out
+    code, out = run(capsys, "adapt", "ana", "--kind", "lora")
+    assert code == 2 and "Use preference, adapter or all" in out, out
 
     code, out = run(capsys, "adapt", "ana", "--json")
     assert code == 0, out
     result = json.loads(out)
-    assert result["status"] == "promoted" and result["version"] == 1
+    assert result["status"] == "promoted" and result["version"] == 1, result
     assert owned.serving("ana", "preference") == 1
 
     code, out = run(capsys, "adapt", "history", "ana")

@@ -73,6 +73,15 @@ class World:
             turn = self.say(user, question, long_reply(short, topic))
             self.log.record_feedback(user, turn, "edit", text=short, reflect=False)
 
+    def likes_long(self, user: str, questions: list[tuple[str, str, str]]) -> None:
+        """A user who expands every short reply they get (an edit per turn): a taste the
+        bundled models, retrieved for an empty persona, get wrong (brevity wins there)."""
+        for question, short, topic in questions:
+            turn = self.say(user, question, short)
+            self.log.record_feedback(
+                user, turn, "edit", text=long_reply(short, topic), reflect=False
+            )
+
 
 @pytest.fixture
 def world(tmp_path: Path) -> World:
@@ -146,10 +155,10 @@ def test_every_kind_of_feedback_gives_its_pairs_and_flagged_text_is_left_out(
 # -- training, the gate, versions ----------------------------------------------------------
 
 
-def test_a_user_who_shortens_replies_gets_a_model_of_their_own_that_prefers_short(
+def test_a_user_who_expands_replies_gets_a_model_of_their_own_that_prefers_long(
     world: World,
 ) -> None:
-    world.likes_short("ana", QUESTIONS)
+    world.likes_long("ana", QUESTIONS)
     planned = adapt_preference_model(
         "ana", log=world.log, hub=world.hub, store=world.store, dry_run=True
     )
@@ -161,19 +170,20 @@ def test_a_user_who_shortens_replies_gets_a_model_of_their_own_that_prefers_shor
     assert result.version == 1 and world.owned.serving("ana", "preference") == 1
     figures = result.figures
     assert figures["heldout_pairs"] == 3 and figures["train_pairs"] == 11
-    # no persona: nothing serves ana now, a coin toss; her own model gets her newest pairs
-    assert figures["serving_accuracy"] == 0.5 and figures["heldout_accuracy"] == 1.0
+    # no persona yet: the bundled models retrieved by the input alone serve her now, and
+    # prefer the short replies she expanded; with her own model MBR gets them all right
+    assert figures["serving_accuracy"] < 0.5 and figures["heldout_accuracy"] == 1.0
     [card] = world.hub.owned_cards("ana")
     assert card.owner == "ana" and card.id == owned_id("ana", "preference")
     assert card.training["status"] == "promoted"
     assert card.training["trained_on"][1] < card.training["judged_on"][0]
     assert card.resolved_location.is_file()
-    # it prefers the short reply to a question it never saw
+    # it prefers the long reply to a question it never saw
     scorer = world.hub.scorer(card)
     short, long = scorer.score(
         "How do I tie a tie?", ["Make a simple knot.", long_reply("Make a simple knot.", "ties")]
     )
-    assert short > long
+    assert long > short
 
 
 def test_the_gate_rejects_a_candidate_that_does_not_beat_what_serves(world: World) -> None:
@@ -195,7 +205,7 @@ def test_the_gate_rejects_a_candidate_that_does_not_beat_what_serves(world: Worl
 
 
 def test_too_little_feedback_trains_nothing_and_says_how_much_is_needed(world: World) -> None:
-    world.likes_short("ana", QUESTIONS[:5])
+    world.likes_long("ana", QUESTIONS[:5])
     result = adapt_preference_model("ana", log=world.log, hub=world.hub, store=world.store)
     assert result.status == "skipped" and "5 preference pairs, fewer than 8" in result.reason
     assert world.owned.versions("ana", "preference") == []
@@ -204,7 +214,7 @@ def test_too_little_feedback_trains_nothing_and_says_how_much_is_needed(world: W
 def test_versions_roll_back_and_a_second_promotion_is_judged_against_the_first(
     world: World,
 ) -> None:
-    world.likes_short("ana", QUESTIONS)
+    world.likes_long("ana", QUESTIONS)
     first = adapt_preference_model("ana", log=world.log, hub=world.hub, store=world.store)
     assert first.status == "promoted"
     world.store.create("ana", Persona.new("ana"))  # a persona: now retrieval serves too
@@ -226,7 +236,7 @@ def test_versions_roll_back_and_a_second_promotion_is_judged_against_the_first(
 
 
 def test_own_models_reach_their_owner_alone_among_50_users(world: World) -> None:
-    world.likes_short("u00", QUESTIONS)
+    world.likes_long("u00", QUESTIONS)
     assert adapt_preference_model("u00", log=world.log, hub=world.hub).status == "promoted"
     [trained] = world.hub.owned_cards("u00")
     model = trained.resolved_location.read_bytes()
@@ -259,8 +269,8 @@ def test_own_models_reach_their_owner_alone_among_50_users(world: World) -> None
 
 
 def test_forgetting_a_user_removes_their_models_and_export_lists_them(world: World) -> None:
-    world.likes_short("ana", QUESTIONS)
-    world.likes_short("bob", QUESTIONS)
+    world.likes_long("ana", QUESTIONS)
+    world.likes_long("bob", QUESTIONS)
     for user in ("ana", "bob"):
         adapt_preference_model(user, log=world.log, hub=world.hub)
     folder = world.owned.folder("ana", "preference")
@@ -278,7 +288,7 @@ def test_forgetting_a_user_removes_their_models_and_export_lists_them(world: Wor
 def test_adaptation_reads_the_log_on_postgresql_too(tmp_path: Path, postgres_url: str) -> None:
     world = World(tmp_path, postgres_url)
     try:
-        world.likes_short("ana", QUESTIONS)
+        world.likes_long("ana", QUESTIONS)
         result = adapt_preference_model("ana", log=world.log, hub=world.hub, store=world.store)
         assert result.status == "promoted" and world.log.users_with_feedback() == ["ana"]
     finally:

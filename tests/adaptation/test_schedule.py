@@ -28,8 +28,9 @@ def give_feedback(store: PersonaStore, user: str, questions: list[tuple[str, str
     log = InteractionLog.on(store)
     for n, (question, short, topic) in enumerate(questions):
         turn = f"{user}-{n}-{time.monotonic_ns()}"
-        log.record_turn(user, turn, user_text=question, reply_text=long_reply(short, topic))
-        log.record_feedback(user, turn, "edit", text=short, reflect=False)
+        log.record_turn(user, turn, user_text=question, reply_text=short)
+        edit = long_reply(short, topic)  # they expand every reply
+        log.record_feedback(user, turn, "edit", text=edit, reflect=False)
 
 
 def scheduler(url: str, owned: OwnedCards, tmp_path: Path, **options) -> AdaptationScheduler:
