@@ -43,6 +43,7 @@ from persona_plugin.backends.types import (
     GenerationResult,
     merge_results,
 )
+from persona_plugin.cards.owned import OWNED_PREFIX
 from persona_plugin.errors import PersonaConfigError, PersonaValidationError
 
 if TYPE_CHECKING:
@@ -81,6 +82,7 @@ class LoRAXBackend(HttpBackend):
         api_key: str | None = None,
         transport: httpx.BaseTransport | None = None,
         async_transport: httpx.AsyncBaseTransport | None = None,
+        lora_hub: LoraHub | None = None,
     ) -> None:
         super().__init__(
             base_url,
@@ -111,6 +113,10 @@ class LoRAXBackend(HttpBackend):
         self.merge_strategy = merge_strategy
         self.density = density
         self.majority_sign_method = majority_sign_method
+        # users' own adapters (slow adaptation): found through the hub by their versioned
+        # ids and sent as their folders with source "local" (LoRAX loads an adapter on its
+        # first request; the server must see this machine's disk, e.g. a shared volume)
+        self.lora_hub = lora_hub
 
     @classmethod
     def from_hub(cls, hub: LoraHub, base_url: str, **kwargs: Any) -> LoRAXBackend:
@@ -120,6 +126,7 @@ class LoRAXBackend(HttpBackend):
             base_url,
             adapters={c.id: c.resolved_location for c in cards},
             sources={c.id: "local" if c.location_is_local else "hub" for c in cards},
+            lora_hub=hub,
             **kwargs,
         )
 
@@ -130,15 +137,31 @@ class LoRAXBackend(HttpBackend):
     def adapter_ids(self) -> frozenset[str] | None:
         return None if self.served is None else frozenset(self.served)
 
+    @property
+    def serves_owned_adapters(self) -> bool:
+        """Whether users' own adapters can be served (a hub to find their folders in)."""
+        return self.lora_hub is not None
+
+    def _own_path(self, adapter_id: str) -> str | None:
+        if self.lora_hub is None or not adapter_id.startswith(OWNED_PREFIX):
+            return None
+        card = self.lora_hub.owned_card(adapter_id)
+        return card.resolved_location if card is not None else None
+
     # -- request bodies -------------------------------------------------------------------
 
     def _name(self, adapter_id: str) -> str:
+        own = self._own_path(adapter_id)
+        if own is not None:
+            return own
         if self.served is None:
             return adapter_id
         return self.served[adapter_id]
 
     def _source(self, ids: list[str]) -> str | None:
-        sources = {self.sources.get(a, self.adapter_source) for a in ids}
+        sources = {
+            "local" if self._own_path(a) else self.sources.get(a, self.adapter_source) for a in ids
+        }
         if len(sources) > 1:
             raise PersonaValidationError(
                 "GenerationRequest",
@@ -159,7 +182,7 @@ class LoRAXBackend(HttpBackend):
             )
         ids = [a for a, _ in request.adapters]
         if self.served is not None:
-            missing = [a for a in ids if a not in self.served]
+            missing = [a for a in ids if a not in self.served and self._own_path(a) is None]
             if missing:
                 raise AdapterNotServedError(
                     f"adapter(s) {', '.join(map(repr, missing))} are not configured for the "

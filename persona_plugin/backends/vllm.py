@@ -12,6 +12,10 @@ adapter that is not loaded yet, a pre-merged one included, is loaded first with
 ``POST /v1/load_lora_adapter {lora_name, lora_path}``; and a ``merger`` (mixture -> path
 of a merged adapter written on the server's disk, e.g. by the local peft backend) lets a
 mixture no card lists be merged, loaded and served as such (``served_by="merged"``).
+Users' own adapters (slow adaptation) are loaded the same way from their folders, found
+through ``lora_hub`` by their versioned ids; whether the server allows runtime updates is
+asked once (:attr:`VLLMBackend.serves_owned_adapters`), and a server that does not is
+served without them.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from persona_plugin.backends.types import (
     GenerationResult,
     Mixture,
 )
+from persona_plugin.cards.owned import OWNED_PREFIX
 from persona_plugin.errors import PersonaConfigError
 from persona_plugin.lora.hub import mixture_matches
 
@@ -57,6 +62,10 @@ if TYPE_CHECKING:
     from persona_plugin.lora.hub import LoraHub
 
 Merger = Callable[[Mixture], str]
+
+
+class RuntimeUpdatesRefusedError(AdapterNotServedError):
+    """The vLLM server has no runtime LoRA loading (``/v1/load_lora_adapter`` is absent)."""
 
 
 class VLLMBackend(HttpBackend):
@@ -86,6 +95,7 @@ class VLLMBackend(HttpBackend):
         api_key: str | None = None,
         transport: httpx.BaseTransport | None = None,
         async_transport: httpx.AsyncBaseTransport | None = None,
+        lora_hub: LoraHub | None = None,
     ) -> None:
         super().__init__(
             base_url,
@@ -111,6 +121,10 @@ class VLLMBackend(HttpBackend):
         self._load_lock = threading.Lock()
         self.loaded: dict[str, str] = {}  # hub id -> lora_name, loaded by this backend
         self.merged: set[str] = set()  # names of mixtures merged by `merger` and loaded
+        # users' own adapters (slow adaptation) are found through the hub by id, and loaded
+        # at run time: whether this server allows that is learned from it once
+        self.lora_hub = lora_hub
+        self.runtime_updates: bool | None = None
 
     @classmethod
     def from_hub(
@@ -133,6 +147,7 @@ class VLLMBackend(HttpBackend):
             adapters=hub.served_on(server),
             premerged=hub.premerged_on(None),
             paths={c.id: c.resolved_location for c in cards},
+            lora_hub=hub,
             **kwargs,
         )
 
@@ -151,8 +166,41 @@ class VLLMBackend(HttpBackend):
     def _available(self) -> dict[str, str]:
         return {**self.served, **self.loaded}
 
+    def _path(self, adapter_id: str) -> str | None:
+        """Where the server finds the adapter: a given path, or a user's own adapter's
+        folder (the server must see this machine's disk, e.g. a shared volume)."""
+        if adapter_id in self.paths:
+            return self.paths[adapter_id]
+        if self.lora_hub is not None and adapter_id.startswith(OWNED_PREFIX):
+            card = self.lora_hub.owned_card(adapter_id)
+            return card.resolved_location if card is not None else None
+        return None
+
     def _loadable(self, adapter_id: str) -> bool:
-        return self.allow_runtime_loading and adapter_id in self.paths
+        return (
+            self.allow_runtime_loading
+            and self.runtime_updates is not False
+            and self._path(adapter_id) is not None
+        )
+
+    @property
+    def serves_owned_adapters(self) -> bool:
+        """Whether users' own adapters can be served: runtime loading on here, a hub to
+        find them in, and a server not known to refuse runtime LoRA updates (vLLM has
+        ``/v1/load_lora_adapter`` only with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``;
+        the first load it refuses teaches this backend so)."""
+        return (
+            self.allow_runtime_loading
+            and self.lora_hub is not None
+            and self.runtime_updates is not False
+        )
+
+    def _without_own(self, mixture: Mixture) -> Mixture:
+        """``mixture`` less users' own adapters, renormalised (a server that cannot load
+        them serves the rest)."""
+        rest = [(a, w) for a, w in mixture if not a.startswith(OWNED_PREFIX)]
+        total = sum(w for _, w in rest)
+        return tuple((a, w / total) for a, w in rest) if total else ()
 
     def _unknown(self, ids: list[str]) -> AdapterNotServedError:
         loadable = "" if self.allow_runtime_loading else " (runtime loading is off)"
@@ -178,7 +226,7 @@ class VLLMBackend(HttpBackend):
                     return served, []
                 if self._loadable(merged_id):
                     served = Served(merged_id, ((merged_id, 1.0),), "premerged")
-                    return served, [(merged_id, merged_id, self.paths[merged_id])]
+                    return served, [(merged_id, merged_id, self._path(merged_id) or "")]
             if self.merger is not None and self.allow_runtime_loading:
                 digest = hashlib.sha256(repr([(a, round(w, 4)) for a, w in mixture]).encode())
                 name = f"merged-{digest.hexdigest()[:12]}"
@@ -195,7 +243,7 @@ class VLLMBackend(HttpBackend):
             tolerance=self.merge_tolerance,
             unknown=self._unknown,
         )
-        return served, [(a, a, self.paths[a]) for a, _ in served.adapters if a in loadable]
+        return served, [(a, a, self._path(a) or "") for a, _ in served.adapters if a in loadable]
 
     def _load_body(self, adapter_id: str, name: str, path: str, mixture: Mixture) -> dict[str, str]:
         if not path:
@@ -208,6 +256,47 @@ class VLLMBackend(HttpBackend):
             return True
         # vLLM answers 400 for an adapter that is already loaded: what we wanted
         return response.status_code == 400 and "already" in response.text.lower()
+
+    def _refused(self, response: httpx.Response) -> None:
+        """A server without the load route (runtime updates off): learn it, and say so."""
+        if response.status_code not in (404, 405):
+            self.runtime_updates = True
+            return
+        try:
+            shaped = response.json().get("object") == "error"  # vLLM's own error: a route
+        except (ValueError, AttributeError):
+            shaped = False
+        if shaped:
+            return
+        self.runtime_updates = False
+        raise RuntimeUpdatesRefusedError(
+            f"the vLLM server at {self.base_url} does not allow runtime LoRA updates (no "
+            "/v1/load_lora_adapter): start it with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, "
+            "or with --lora-modules naming the adapter.",
+            backend=self.name,
+        )
+
+    def _plan_and_load(self, mixture: Mixture) -> Served:
+        served, loads = self._plan(mixture)
+        try:
+            self._load(loads, mixture)
+        except RuntimeUpdatesRefusedError:
+            if not any(a.startswith(OWNED_PREFIX) for a, _ in mixture):
+                raise
+            served, loads = self._plan(self._without_own(mixture))
+            self._load(loads, mixture)
+        return served
+
+    async def _aplan_and_load(self, mixture: Mixture) -> Served:
+        served, loads = self._plan(mixture)
+        try:
+            await self._aload(loads, mixture)
+        except RuntimeUpdatesRefusedError:
+            if not any(a.startswith(OWNED_PREFIX) for a, _ in mixture):
+                raise
+            served, loads = self._plan(self._without_own(mixture))
+            await self._aload(loads, mixture)
+        return served
 
     def _record(self, adapter_id: str, name: str, path: str) -> None:
         if path:
@@ -224,6 +313,7 @@ class VLLMBackend(HttpBackend):
 
                 def attempt(body: dict[str, str] = body) -> None:
                     response = self.client.post("/v1/load_lora_adapter", json=body)
+                    self._refused(response)
                     if not self._loaded_ok(response):
                         self._check(response)
 
@@ -238,6 +328,7 @@ class VLLMBackend(HttpBackend):
 
             async def attempt(body: dict[str, str] = body) -> None:
                 response = await self.aclient.post("/v1/load_lora_adapter", json=body)
+                self._refused(response)
                 if not self._loaded_ok(response):
                     self._check(response)
 
@@ -328,8 +419,7 @@ class VLLMBackend(HttpBackend):
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         for reloaded in (False, True):
-            served, loads = self._plan(request.adapters)
-            self._load(loads, request.adapters)
+            served = self._plan_and_load(request.adapters)
             path, body = self.body(request, served, stream=False)
             try:
                 return self._from_response(request, served, self.post_json(path, body))
@@ -340,8 +430,7 @@ class VLLMBackend(HttpBackend):
 
     async def agenerate(self, request: GenerationRequest) -> GenerationResult:
         for reloaded in (False, True):
-            served, loads = self._plan(request.adapters)
-            await self._aload(loads, request.adapters)
+            served = await self._aplan_and_load(request.adapters)
             path, body = self.body(request, served, stream=False)
             try:
                 response = await self.apost_json(path, body)
@@ -355,8 +444,7 @@ class VLLMBackend(HttpBackend):
 
     def stream(self, request: GenerationRequest) -> Iterator[GenerationChunk]:
         check_streamable(request, self.name)
-        served, loads = self._plan(request.adapters)
-        self._load(loads, request.adapters)
+        served = self._plan_and_load(request.adapters)
         path, body = self.body(request, served, stream=True)
 
         def open_stream() -> Iterator[GenerationChunk]:
@@ -373,8 +461,7 @@ class VLLMBackend(HttpBackend):
 
     async def astream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         check_streamable(request, self.name)
-        served, loads = self._plan(request.adapters)
-        await self._aload(loads, request.adapters)
+        served = await self._aplan_and_load(request.adapters)
         path, body = self.body(request, served, stream=True)
 
         async def open_stream() -> AsyncIterator[GenerationChunk]:

@@ -49,6 +49,7 @@ from persona_plugin.backends import (
     TGIBackend,
     VLLMBackend,
 )
+from persona_plugin.cards.owned import OwnedCards, owned_id
 from persona_plugin.chat_models import MultiLoraChatModel
 from persona_plugin.errors import PersonaConfigError, PersonaValidationError
 from persona_plugin.lora.hub import LoraHub, parse_card
@@ -221,6 +222,8 @@ class StandIn:
     spec: Spec | None = None
     base_model: str = "base-model"
     loaded: dict[str, str] = field(default_factory=dict)  # vllm: lora_name -> path
+    # vllm: VLLM_ALLOW_RUNTIME_LORA_UPDATING; off, the load route does not exist
+    runtime_updates: bool = True
     calls: list[Call] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     actions: deque[dict[str, Any]] = field(default_factory=deque)
@@ -530,6 +533,9 @@ class StandIn:
     # -- vLLM -----------------------------------------------------------------------------
 
     def _vllm(self, h: BaseHTTPRequestHandler, path: str, body: Any, action: dict) -> None:
+        if path == "/v1/load_lora_adapter" and not self.runtime_updates:
+            self._send_json(h, 404, {"detail": "Not Found"}, {})  # FastAPI: no such route
+            return
         if path == "/v1/load_lora_adapter":
             name = body["lora_name"]
             if name in self.loaded:
@@ -1461,3 +1467,96 @@ def test_tgi_content_null_is_no_reply(tgi_server: StandIn, sleeps: Sleeps) -> No
     tgi_server.then({"malformed": null})
     with pytest.raises(BackendProtocolError, match="content: null"):
         backend.generate(chat())
+
+
+# -- users' own adapters (slow adaptation), loaded at run time -----------------------------
+
+
+def _own_adapter(tmp_path: Path, user: str) -> tuple[LoraHub, str, Path]:
+    owned = OwnedCards(tmp_path / "owned")
+    card = {
+        "id": owned_id(user, "adapter"),
+        "base_model": "base-model",
+        "description": "How this user likes to be answered.",
+        "kind": "preference",
+        "rank": 4,
+        "target_modules": ["q_proj", "v_proj"],
+        "owner": user,
+    }
+    version = owned.add_version(
+        user,
+        "adapter",
+        card,
+        write_model=Path.mkdir,
+        model_suffix="",
+        promote=True,
+        versioned_id=True,
+    )
+    own = f"{owned_id(user, 'adapter')}-v{version}"
+    return LoraHub(tmp_path / "lora", owned=owned), own, owned.folder(user, "adapter") / "v1"
+
+
+def test_vllm_loads_a_users_own_adapter_at_run_time_for_that_user_alone(
+    vllm_server: StandIn, sleeps: Sleeps, tmp_path: Path
+) -> None:
+    hub, own, folder = _own_adapter(tmp_path, "ana")
+    backend = vllm(vllm_server, sleeps, allow_runtime_loading=True, lora_hub=hub)
+    assert backend.serves_owned_adapters
+    chat = MultiLoraChatModel(backend=backend, retriever=LoraRetriever(hub))
+    reply = chat.invoke("hi", persona=Persona.new("ana"))
+    assert vllm_server.paths() == ["/v1/load_lora_adapter", "/v1/chat/completions"]
+    assert vllm_server.calls[0].body == {"lora_name": own, "lora_path": str(folder)}
+    assert reply.content == f"reply from {own}"
+    assert chat.invoke("hi", persona=Persona.new("bob")).content == "reply from base"
+    chat.invoke("hi again", persona=Persona.new("ana"))
+    assert vllm_server.paths().count("/v1/load_lora_adapter") == 1  # loaded once
+
+
+def test_vllm_without_runtime_updates_serves_the_user_without_their_own_adapter(
+    sleeps: Sleeps, tmp_path: Path
+) -> None:
+    server = StandIn("vllm", None, runtime_updates=False)
+    try:
+        hub, _, _ = _own_adapter(tmp_path, "ana")
+        backend = server.track(
+            VLLMBackend(
+                server.url,
+                model="base-model",
+                retry=policy(sleeps),
+                allow_runtime_loading=True,
+                lora_hub=hub,
+            )
+        )
+        chat = MultiLoraChatModel(backend=backend, retriever=LoraRetriever(hub))
+        reply = chat.invoke("hi", persona=Persona.new("ana"))
+        assert reply.content == "reply from base"  # not an error: served without it
+        assert server.paths() == ["/v1/load_lora_adapter", "/v1/chat/completions"]
+        assert backend.serves_owned_adapters is False  # learned once
+        chat.invoke("hi", persona=Persona.new("ana"))
+        assert server.paths().count("/v1/load_lora_adapter") == 1
+        with pytest.raises(AdapterNotServedError, match="does not allow runtime LoRA updates"):
+            VLLMBackend(
+                server.url,
+                model="base-model",
+                retry=policy(sleeps),
+                allow_runtime_loading=True,
+                paths={"kb": "/loras/kb"},
+            ).generate(prompt(adapters=[("kb", 1.0)]))
+    finally:
+        server.close()
+    assert server.problems == []
+
+
+def test_lorax_sends_a_users_own_adapter_as_its_local_folder(
+    lorax_server: StandIn, sleeps: Sleeps, tmp_path: Path
+) -> None:
+    hub, own, folder = _own_adapter(tmp_path, "ana")
+    backend = lorax(lorax_server, sleeps, adapters=["formal"], lora_hub=hub)
+    assert backend.serves_owned_adapters
+    chat = MultiLoraChatModel(backend=backend, retriever=LoraRetriever(hub))
+    reply = chat.invoke("hi", persona=Persona.new("ana"))
+    params = lorax_server.calls[-1].body["parameters"]
+    assert (params["adapter_id"], params["adapter_source"]) == (str(folder), "local")
+    assert reply.content == f"reply from {folder}"
+    assert reply.response_metadata["adapters"] == [[own, 1.0]]
+    assert chat.invoke("hi", persona=Persona.new("bob")).content == "reply from base"
