@@ -91,6 +91,11 @@ class Settings(BaseSettings):
         description="background reflection waits until a user's newest queued turn is this "
         "old, so a burst of turns becomes one reflection",
     )
+    routing: bool = Field(
+        False,
+        description="`persona serve` answers model 'auto' with the served model each user "
+        "prefers (stated in their persona, then measured from their ratings)",
+    )
     adapt_interval_s: float | None = Field(
         None,
         gt=0,

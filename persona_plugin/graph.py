@@ -54,6 +54,7 @@ from langchain_core.runnables import RunnableBinding, RunnableConfig
 from langgraph.graph import END, START, StateGraph, add_messages
 from typing_extensions import TypedDict  # pydantic reads only this one on Python < 3.12
 
+from persona_plugin.adaptation.routing import ModelRouter, Route
 from persona_plugin.chat import merge_system_message
 from persona_plugin.chat_models.persona_aware import takes_persona
 from persona_plugin.config import Settings
@@ -148,6 +149,7 @@ class PersonaGraph:
         mbr_n: int = 0,
         preference_hub: Any = None,
         interactions: Any = True,
+        routing: bool = False,
     ) -> None:
         if reflection not in MODES:
             raise PersonaConfigError(f"reflection mode {reflection!r} is not one of {MODES}")
@@ -171,6 +173,9 @@ class PersonaGraph:
             InteractionLog.on(store) if interactions is True else interactions or None
         )
         self._mbr_models: dict[tuple[int, int], Any] = {}
+        #: picks the model a turn that names none is served by (adaptation.routing)
+        self.router = self._router(routing)
+        self._routes: OrderedDict[tuple[str, str], Route] = OrderedDict()
         self.knowledge_bases = KnowledgeBaseSearch(getattr(memory, "client", None))
         # this turn's parsed persona, by turn id: the state holds it as plain data (what a
         # checkpointer can store), and re-validating it in every node cost four parses a turn
@@ -351,13 +356,45 @@ class PersonaGraph:
         assembled = self.assembler.assemble(
             persona,
             context=state.get("context") or {},
-            tools=bound_tool_names(self._model(config)),
+            tools=bound_tool_names(self._model(config, self._route(state, config))),
         )
         return {"system_prompt": assembled.text}
 
-    def _model(self, config: RunnableConfig) -> Any:
-        """The chat model this call asked for (``configurable["model"]``), else the default."""
-        name = _configurable(config).get("model")
+    def _router(self, routing: bool) -> ModelRouter | None:
+        if not routing:
+            return None
+        if not self.models or self.interactions is None:
+            raise PersonaConfigError(
+                "routing picks among the graph's models= by the ratings in the interaction "
+                "log: pass models={name: chat_model, ...} and keep the log on."
+            )
+        return ModelRouter(list(self.models), self.interactions)
+
+    def _route(self, state: PersonaState, config: RunnableConfig) -> Route | None:
+        """The router's pick for this turn (once per turn), when the call names no model
+        (or the server's pick, ``configurable["route"]``, for ``model: "auto"``)."""
+        given = _configurable(config).get("route")
+        if isinstance(given, dict) and given.get("model"):
+            return Route(
+                str(given["model"]), str(given.get("reason", "")), given.get("ratings") or {}
+            )
+        if self.router is None or _configurable(config).get("model") not in (None, "", "auto"):
+            return None
+        key = (state.get("user_id", ""), state.get("turn_id", ""))
+        route = self._routes.get(key)
+        if route is None:
+            route = self.router.route(key[0], self._persona(state))
+            self._routes[key] = route
+            while len(self._routes) > MAX_TURNS_IN_FLIGHT:
+                self._routes.popitem(last=False)
+        return route
+
+    def _model(self, config: RunnableConfig, route: Route | None = None) -> Any:
+        """The chat model this call asked for (``configurable["model"]``), else the one the
+        router picked, else the default."""
+        name = route.model if route is not None else _configurable(config).get("model")
+        if name == "auto" and route is None:
+            name = None  # no router: "auto" is the default model
         if not name:
             return self.chat_model
         if name not in self.models:
@@ -367,7 +404,9 @@ class PersonaGraph:
         return self.models[name]
 
     def generate(self, state: PersonaState, config: RunnableConfig) -> dict[str, Any]:
-        model = self._model(config)
+        route = self._route(state, config)
+        self._routes.pop((state.get("user_id", ""), state.get("turn_id", "")), None)
+        model = self._model(config, route)
         messages = self._window(state)
         if state.get("system_prompt"):
             messages = merge_system_message(messages, state["system_prompt"])
@@ -389,6 +428,8 @@ class PersonaGraph:
             "latency_ms": round(1000 * (time.perf_counter() - started), 3),
         }
         metadata = {**(getattr(reply, "response_metadata", None) or {}), "persona": tag}
+        if route is not None:
+            metadata["route"] = route.to_metadata()
         reply = reply.model_copy(update={"response_metadata": metadata})
         return {"messages": [reply]}
 
@@ -528,7 +569,9 @@ class PersonaGraph:
                 reply_text=answered or "(a tool call)",
                 thread_id=configurable.get("thread_id"),
                 persona_version=tag.get("persona_version"),
-                model=configurable.get("model") or type(self.chat_model).__name__,
+                model=(metadata.get("route") or {}).get("model")
+                or configurable.get("model")
+                or type(self.chat_model).__name__,
                 latency_ms=tag.get("latency_ms"),
                 details=json.loads(json.dumps(details, default=str)),
                 **queue,

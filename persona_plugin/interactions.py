@@ -374,6 +374,31 @@ class InteractionLog:
             rows = conn.execute(query.order_by(f.c.id)).mappings().all()
         return [FeedbackEvent(**_feedback_fields(row)) for row in rows]
 
+    def ratings_by_model(self, user_id: str) -> dict[str, tuple[int, int]]:
+        """Per model that served the user: how many of its turns they rated and the sum of
+        those ratings (the last rating of a turn counts)."""
+        t, f = turns_table, feedback_table
+        query = (
+            sa.select(t.c.model, f.c.turn_id, f.c.rating)
+            .select_from(f.join(t, sa.and_(t.c.user_id == f.c.user_id, t.c.turn_id == f.c.turn_id)))
+            .where(f.c.user_id == user_id, f.c.kind == "rating")
+            .order_by(f.c.id)
+        )
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        last = {turn: (model, rating) for model, turn, rating in rows}
+        out: dict[str, tuple[int, int]] = {}
+        for model, rating in last.values():
+            count, total = out.get(model or "", (0, 0))
+            out[model or ""] = (count + 1, total + int(rating or 0))
+        return out
+
+    def count_turns(self, user_id: str) -> int:
+        """How many turns of the user are logged."""
+        query = sa.select(sa.func.count()).where(turns_table.c.user_id == user_id)
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar() or 0)
+
     def users_with_feedback(self) -> list[str]:
         """Every user with at least one feedback event (whom slow adaptation looks at)."""
         query = sa.select(feedback_table.c.user_id).distinct().order_by(feedback_table.c.user_id)

@@ -76,6 +76,8 @@ from persona_plugin.server.streaming import _Run, _stream_response
 
 log = logging.getLogger(__name__)
 
+#: the model name that asks the server to route the user to the model they prefer
+AUTO_MODEL = "auto"
 DEFAULT_MODEL = "persona-echo"
 
 
@@ -158,6 +160,7 @@ def create_app(
             memory=memory,
             reflector=reflector,
             reflection=reflection,
+            models=served,
             **options,
         )
     else:
@@ -254,15 +257,26 @@ def create_app(
     def _model_card(name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": _CREATED, "owned_by": "persona-plugin"}
 
+    routed = getattr(nodes, "router", None) is not None
+    listed = [*served, *([AUTO_MODEL] if routed else [])]
+
     @app.get("/v1/models")
     def list_models(_grant: Authenticated) -> dict[str, Any]:
-        return {"object": "list", "data": [_model_card(name) for name in served]}
+        return {"object": "list", "data": [_model_card(name) for name in listed]}
 
     @app.get("/v1/models/{model}")
     def get_model(model: str, _grant: Authenticated) -> dict[str, Any]:
-        if model not in served:
+        if model not in listed:
             raise _model_not_found(model)
         return _model_card(model)
+
+    def _routed(user_id: str) -> dict[str, Any]:
+        """The router's pick for ``model: "auto"`` (the user's persona: their stated models)."""
+        try:
+            persona = nodes.store.get(user_id)
+        except PersonaNotFoundError:
+            persona = None
+        return nodes.router.route(user_id, persona).to_metadata()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request, grant: Authenticated) -> Any:
@@ -289,6 +303,10 @@ def create_app(
                 "missing_required_parameter",
             )
         authorize(grant, user_id, "user")
+        route = None
+        if req.model == AUTO_MODEL and routed:
+            route = await anyio.to_thread.run_sync(_routed, user_id)
+            req = req.model_copy(update={"model": route["model"]})
         if req.model not in served:
             raise _model_not_found(req.model)
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
@@ -302,6 +320,7 @@ def create_app(
                 # own (a graph with a checkpointer would otherwise refuse it)
                 "thread_id": completion_id,
                 PARAMS_KEY: req.sampling_params(),
+                **({"route": route} if route is not None else {}),
             },
             "run_name": "persona_openai_chat",
         }
@@ -344,6 +363,8 @@ def create_app(
             ],
             "usage": run.usage(reply, state.get("system_prompt")),
             "system_fingerprint": None,
+            # which model a "model": "auto" request was routed to, and why (an extension)
+            **({"persona_route": route} if route is not None else {}),
         }
 
     @app.post("/v1/feedback")
@@ -516,6 +537,7 @@ def create_app_from_settings(
         request_timeout=settings.server_request_timeout,
         max_concurrent_per_model=settings.server_max_concurrent,
         adaptation=adaptation,
+        routing=settings.routing,
     )
 
 
