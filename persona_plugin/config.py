@@ -103,7 +103,11 @@ class Settings(BaseSettings):
         "models) this often, in the background; empty: off",
     )
     adapt_min_pairs: int = Field(
-        8, ge=4, le=10000, description="preference pairs a user needs for a model of their own"
+        8,
+        ge=6,
+        le=10000,
+        description="preference pairs a user needs for a model of their own (at least 6: "
+        "4 to train on, 2 held out)",
     )
     adapt_min_examples: int = Field(
         32,

@@ -35,6 +35,7 @@ import itertools
 import json
 import logging
 import sqlite3
+import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -176,6 +177,7 @@ class PersonaGraph:
         #: picks the model a turn that names none is served by (adaptation.routing)
         self.router = self._router(routing)
         self._routes: OrderedDict[tuple[str, str], Route] = OrderedDict()
+        self._routes_lock = threading.Lock()
         self.knowledge_bases = KnowledgeBaseSearch(getattr(memory, "client", None))
         # this turn's parsed persona, by turn id: the state holds it as plain data (what a
         # checkpointer can store), and re-validating it in every node cost four parses a turn
@@ -381,12 +383,14 @@ class PersonaGraph:
         if self.router is None or _configurable(config).get("model") not in (None, "", "auto"):
             return None
         key = (state.get("user_id", ""), state.get("turn_id", ""))
-        route = self._routes.get(key)
+        with self._routes_lock:
+            route = self._routes.get(key)
         if route is None:
             route = self.router.route(key[0], self._persona(state))
-            self._routes[key] = route
-            while len(self._routes) > MAX_TURNS_IN_FLIGHT:
-                self._routes.popitem(last=False)
+            with self._routes_lock:  # server threads run turns at once
+                self._routes[key] = route
+                while len(self._routes) > MAX_TURNS_IN_FLIGHT:
+                    self._routes.popitem(last=False)
         return route
 
     def _model(self, config: RunnableConfig, route: Route | None = None) -> Any:
@@ -405,7 +409,8 @@ class PersonaGraph:
 
     def generate(self, state: PersonaState, config: RunnableConfig) -> dict[str, Any]:
         route = self._route(state, config)
-        self._routes.pop((state.get("user_id", ""), state.get("turn_id", "")), None)
+        with self._routes_lock:
+            self._routes.pop((state.get("user_id", ""), state.get("turn_id", "")), None)
         model = self._model(config, route)
         messages = self._window(state)
         if state.get("system_prompt"):

@@ -77,7 +77,8 @@ def adapt_adapter(
     where their persona is; ``steps``: optimizer steps (default :func:`training_steps`).
     """
     hub = getattr(backend, "lora_hub", None)
-    if hub is None or not getattr(backend, "serves_owned_adapters", False):
+    in_process = callable(getattr(backend, "serving", None)) and hasattr(backend, "unload")
+    if hub is None or not in_process or not getattr(backend, "serves_owned_adapters", False):
         raise PersonaConfigError(
             "a user's own adapter is trained for the local backend with a LoRA hub "
             "(LocalBackend(lora_hub=LoraHub.from_settings())): it is what serves it."
@@ -118,6 +119,7 @@ def adapt_adapter(
             train_lora(
                 [_chat(e) for e in train],
                 folder,
+                model_dir=backend.model_path,  # the model the backend serves
                 rank=RANK,
                 alpha=2 * RANK,
                 target_modules=TARGET_MODULES,
@@ -149,8 +151,16 @@ def adapt_adapter(
     candidate = f"{owned_id(user_id, KIND)}-v{version}"
     gate = _Gate(backend, persona_of(store, user_id), hub)
     held_chats = [(e.prompt, _chat(e)) for e in held]
-    serving = gate.loss(held_chats, None)
-    with_candidate = gate.loss(held_chats, candidate)
+    try:
+        serving = gate.loss(held_chats, None)
+        with_candidate = gate.loss(held_chats, candidate)
+    except BaseException as exc:
+        # no candidate left behind to be found again: its card says why, its weights go
+        failed = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:500], **counts}
+        owned.update_training(user_id, KIND, version, failed, promote=False)
+        owned.remove_model(user_id, KIND, version)
+        backend.unload(candidate)
+        raise
     promote = with_candidate < serving
     status = "promoted" if promote else "rejected"
     report = reports[0]
@@ -166,9 +176,15 @@ def adapt_adapter(
         "train_seconds": round(trained_seconds, 1),
         "seconds": round(time.monotonic() - started, 1),
     }
+    if log.count_turns(user_id) == 0:
+        # the user was forgotten while this ran: nothing trained on their data may stay
+        backend.unload(candidate)
+        owned.delete_user(user_id)
+        return AdaptationResult(user_id, KIND, "skipped", "the user was forgotten meanwhile")
     owned.update_training(user_id, KIND, version, {"status": status, **figures}, promote=promote)
     if not promote:
         owned.remove_model(user_id, KIND, version)
+        backend.unload(candidate)
     verdict = "beat" if promote else "did not beat"
     reason = (
         f"held-out reply loss {with_candidate:.3f} {verdict} the serving {serving:.3f} "

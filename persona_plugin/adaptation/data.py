@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, TypeVar
 
 import numpy as np
@@ -40,6 +41,9 @@ T = TypeVar("T")
 PROMPT_SIMILARITY = 0.5
 #: a regenerated turn's next turn asking this similar a thing is the same request again
 SAME_REQUEST = 0.9
+#: a regenerated reply of a thread that did not go on (a server request is a thread of
+#: its own) is kept by the user's next turn asking the same thing within this many seconds
+REGENERATE_WINDOW_S = 600.0
 #: the newest share of a user's pairs (or examples) the gate holds out
 HOLDOUT = 0.2
 
@@ -246,18 +250,30 @@ def _regenerate_pairs(
 def _kept_reply(
     lost: LoggedTurn, later: list[LoggedTurn], regenerated: dict[str, Any], embed: _Embedder
 ) -> LoggedTurn | None:
-    """The first later turn of the thread asking the same thing again that was not itself
-    regenerated (following a chain of regenerations); None if the thread moved on."""
+    """The first later turn asking the same thing again that was not itself regenerated
+    (following a chain of regenerations); None if the conversation moved on.
+
+    In the same thread when the thread went on. A client of the OpenAI-compatible server
+    sends each request as a thread of its own: then the user's next turns within
+    :data:`REGENERATE_WINDOW_S` of the regenerated one, whatever their thread."""
+    thread = [t for t in later if t.thread_id == lost.thread_id]
+    if not thread:
+        since = _time(lost.created_at)
+        thread = [
+            t for t in later if (_time(t.created_at) - since).total_seconds() <= REGENERATE_WINDOW_S
+        ]
     current = lost
-    for turn in later:
-        if turn.thread_id != lost.thread_id:
-            continue
+    for turn in thread:
         if not _same_request(current.user_text, turn.user_text, embed):
             return None  # the conversation moved on without a kept answer to this request
         if turn.turn_id not in regenerated:
             return turn
         current = turn
     return None
+
+
+def _time(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
 def _same_request(a: str, b: str, embed: _Embedder) -> bool:

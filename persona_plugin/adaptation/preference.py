@@ -47,6 +47,8 @@ from persona_plugin.preferences.training import train_head
 
 #: a user needs this many preference pairs before a model of their own is trained
 MIN_PAIRS = 8
+#: what a Bradley-Terry head needs to train on, after the held-out pairs
+MIN_TRAIN_PAIRS = 4
 KIND = "preference"
 
 
@@ -113,6 +115,15 @@ def adapt_preference_model(
         )
     train, held = split(pairs, holdout)
     counts |= {"train_pairs": len(train), "heldout_pairs": len(held)}
+    if len(train) < MIN_TRAIN_PAIRS:
+        return AdaptationResult(
+            user_id,
+            KIND,
+            "skipped",
+            f"{len(pairs)} preference pairs leave {len(train)} to train on after the newest "
+            f"{len(held)} are held out, fewer than {MIN_TRAIN_PAIRS}",
+            figures=counts,
+        )
     if dry_run:
         return AdaptationResult(
             user_id,
@@ -157,9 +168,15 @@ def adapt_preference_model(
     status = "promoted" if promote else "rejected"
     record = card.to_dict() | {"training": {"status": status, **figures}}
     record.pop("location")
+    if log.count_turns(user_id) == 0:
+        # the user was forgotten while this ran: nothing trained on their data may stay
+        return AdaptationResult(user_id, KIND, "skipped", "the user was forgotten meanwhile")
     version = owned.add_version(
         user_id, KIND, record, write_model=head.save if promote else None, promote=promote
     )
+    if log.count_turns(user_id) == 0:  # forgotten between the check and the write
+        owned.delete_user(user_id)
+        return AdaptationResult(user_id, KIND, "skipped", "the user was forgotten meanwhile")
     verdict = "beat" if promote else "did not beat"
     reason = (
         f"held-out accuracy {with_candidate:.2f} {verdict} the serving {serving:.2f} "

@@ -72,7 +72,7 @@ class ModelRouter:
             for m, (n, total) in counts.items()
             if m in self.models
         }
-        order = {m: i for i, m in enumerate([*stated, *sorted(self.models)])}
+        order = {m: i for i, m in enumerate(dict.fromkeys([*stated, *sorted(self.models)]))}
 
         def rank(model: str) -> tuple[float, int]:
             return (-ratings[model][1], order.get(model, len(order)))

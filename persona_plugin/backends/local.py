@@ -217,7 +217,7 @@ class LocalBackend(BaseBackend):
             if self._model is None:
                 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-                path = self._model_dir or ensure_local_model(self._cache_dir)
+                path = self.model_path
                 started = time.monotonic()
                 self._tokenizer = AutoTokenizer.from_pretrained(path)
                 model = AutoModelForCausalLM.from_pretrained(path)
@@ -255,6 +255,34 @@ class LocalBackend(BaseBackend):
             self.load()
             with self._serving(mixture) as served:
                 yield served
+
+    @property
+    def model_path(self) -> Path:
+        """The base model's checkpoint folder (the SmolLM2 conversion, built on first use,
+        unless ``model_dir`` was given): what an adapter for this backend is trained on."""
+        return self._model_dir or ensure_local_model(self._cache_dir)
+
+    def unload(self, adapter_id: str) -> bool:
+        """Drop a loaded adapter and the merges made with it (a rejected candidate, a
+        superseded version of a user's own); whether it was loaded."""
+        with self._lock:
+            if adapter_id not in self._loaded:
+                return False
+            name = _peft_name(adapter_id)
+            merges = [m for m in self._merged if any(a == adapter_id for a, _ in m)]
+            self._loaded.discard(adapter_id)
+            if not self._loaded:
+                # the last adapter: peft cannot serve with none left, so take the LoRA
+                # layers out and keep the bare model (the next adapter wraps it again)
+                self._model = self._model.unload()
+                self._merged.clear()
+                return True
+            for mixture in merges:
+                self._model.delete_adapter(self._merged.pop(mixture))
+            self._model.delete_adapter(name)
+            if self._model.active_adapter not in self._model.peft_config:
+                self._model.set_adapter(next(iter(self._model.peft_config)))
+            return True
 
     @property
     def serves_owned_adapters(self) -> bool:
@@ -322,7 +350,7 @@ class LocalBackend(BaseBackend):
                 f"({type(exc).__name__}: {exc}); rebuild or re-copy the adapter folder.",
                 backend=self.name,
             ) from exc
-        if not self._loaded:
+        if not isinstance(self._model, PeftModel):  # the first adapter wraps the model
             self._model = PeftModel.from_pretrained(self._model, path, adapter_name=name)
         else:
             self._model.load_adapter(path, adapter_name=name)

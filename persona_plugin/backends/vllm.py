@@ -227,7 +227,11 @@ class VLLMBackend(HttpBackend):
                 if self._loadable(merged_id):
                     served = Served(merged_id, ((merged_id, 1.0),), "premerged")
                     return served, [(merged_id, merged_id, self._path(merged_id) or "")]
-            if self.merger is not None and self.allow_runtime_loading:
+            if (
+                self.merger is not None
+                and self.allow_runtime_loading
+                and self.runtime_updates is not False
+            ):
                 digest = hashlib.sha256(repr([(a, round(w, 4)) for a, w in mixture]).encode())
                 name = f"merged-{digest.hexdigest()[:12]}"
                 served = Served(name, mixture, SERVED_MERGED)
@@ -283,8 +287,9 @@ class VLLMBackend(HttpBackend):
         except RuntimeUpdatesRefusedError:
             if not any(a.startswith(OWNED_PREFIX) for a, _ in mixture):
                 raise
-            served, loads = self._plan(self._without_own(mixture))
-            self._load(loads, mixture)
+            rest = self._without_own(mixture)
+            served, loads = self._plan(rest)
+            self._load(loads, rest)
         return served
 
     async def _aplan_and_load(self, mixture: Mixture) -> Served:
@@ -294,8 +299,9 @@ class VLLMBackend(HttpBackend):
         except RuntimeUpdatesRefusedError:
             if not any(a.startswith(OWNED_PREFIX) for a, _ in mixture):
                 raise
-            served, loads = self._plan(self._without_own(mixture))
-            await self._aload(loads, mixture)
+            rest = self._without_own(mixture)
+            served, loads = self._plan(rest)
+            await self._aload(loads, rest)
         return served
 
     def _record(self, adapter_id: str, name: str, path: str) -> None:

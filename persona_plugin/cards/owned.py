@@ -51,7 +51,7 @@ def owner_digest(user_id: str) -> str:
 def owned_id(user_id: str, kind: str) -> str:
     """The card id of the user's own artefact of ``kind`` (one id across its versions)."""
     short = {"preference": "prefs", "adapter": "lora"}[kind]
-    return f"{OWNED_PREFIX}{short}-{owner_digest(user_id)[:16]}"
+    return f"{OWNED_PREFIX}{short}-{owner_digest(user_id)}"
 
 
 class OwnedCards:
@@ -133,13 +133,13 @@ class OwnedCards:
         backend resolving an id it was asked to serve (ownership is checked where the
         request is made). None if there is no such version."""
         digest, _, version = card_id.removeprefix(OWNED_PREFIX).partition("-")[2].rpartition("-v")
-        if not digest or not version.isdigit() or not re.fullmatch(r"[0-9a-f]{16}", digest):
+        if not version.isdigit() or not re.fullmatch(r"[0-9a-f]{24}", digest):
             return None
-        for path in self.root.glob(f"{digest}*/{kind}/v{int(version)}.yaml"):
-            card = self._load(path, load)
-            if getattr(card, "id", None) == card_id:
-                return card
-        return None
+        path = self.root / digest / kind / f"v{int(version)}.yaml"
+        if not path.is_file():
+            return None
+        card = self._load(path, load)
+        return card if getattr(card, "id", None) == card_id else None
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -227,6 +227,10 @@ class OwnedCards:
 
     def rollback(self, user_id: str, kind: str, version: int) -> None:
         """Serve ``version`` (a promoted one whose model is still there), or none (0)."""
+        if not self.versions(user_id, kind):
+            raise PersonaNotFoundError(
+                f"user {user_id!r} has no {kind} versions to roll back to (none trained yet)."
+            )
         if version != 0:
             card = next((v for v in self.versions(user_id, kind) if v["version"] == version), None)
             if card is None:

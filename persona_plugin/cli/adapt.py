@@ -93,6 +93,13 @@ def adapt_run(
             "command line", "--kind", f"{kind!r}", "Use preference, adapter or all."
         )
     kinds = ("preference", "adapter") if kind == "all" else (kind,)
+    if min_pairs < 6:
+        raise PersonaValidationError(
+            "command line",
+            "--min-pairs",
+            f"{min_pairs}",
+            "A model needs at least 6 pairs: 4 to train on, 2 held out to judge it by.",
+        )
     if watch:
         if user_id is not None or all_users or dry_run:
             raise PersonaValidationError(
@@ -101,19 +108,16 @@ def adapt_run(
                 "--watch adapts every user with new feedback",
                 "Drop USER, --all and --dry-run.",
             )
-        _watch(interval or settings.adapt_interval_s or 300.0, min_pairs, kinds)
+        every = interval if interval is not None else settings.adapt_interval_s or 300.0
+        _watch(every, min_pairs, kinds)
         return
     if (user_id is None) == (not all_users):
         raise PersonaValidationError(
             "command line", "USER", "name one user or pass --all", "e.g. `persona adapt ana`."
         )
-    if min_pairs < 4:
-        raise PersonaValidationError(
-            "command line", "--min-pairs", f"{min_pairs}", "Training needs at least 4 pairs."
-        )
     store, log, hub = _parts()
-    backend = _backend() if "adapter" in kinds else None
     with store:
+        backend = _backend() if "adapter" in kinds else None
         users = log.users_with_feedback() if all_users else [user_id]
         for user in users:
             for result in _adapt(user, kinds, log, hub, store, backend, min_pairs, dry_run):

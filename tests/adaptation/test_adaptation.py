@@ -152,6 +152,20 @@ def test_every_kind_of_feedback_gives_its_pairs_and_flagged_text_is_left_out(
     assert training_data(log, "bob").pairs == []
 
 
+def test_a_regenerate_through_the_server_pairs_with_the_next_request_asking_the_same(
+    world: World,
+) -> None:
+    # the OpenAI-compatible server makes every request a thread of its own
+    lost = world.say("cy", "Name for a dog?", "Dog.", thread="chatcmpl-1")
+    world.log.record_feedback("cy", lost, "regenerate", reflect=False)
+    world.say("cy", "Name for a dog?", "Try Pepper.", thread="chatcmpl-2")
+    world.say("cy", "And a cat?", "Try Miso.", thread="chatcmpl-3")
+    pairs = training_data(world.log, "cy").pairs
+    assert [(p.source, p.chosen, p.rejected) for p in pairs] == [
+        ("regenerate", "Try Pepper.", "Dog.")
+    ]
+
+
 # -- training, the gate, versions ----------------------------------------------------------
 
 
@@ -208,7 +222,13 @@ def test_too_little_feedback_trains_nothing_and_says_how_much_is_needed(world: W
     world.likes_long("ana", QUESTIONS[:5])
     result = adapt_preference_model("ana", log=world.log, hub=world.hub, store=world.store)
     assert result.status == "skipped" and "5 preference pairs, fewer than 8" in result.reason
+    # a lower threshold still leaves the head its 4 pairs to train on after the held-out 2
+    low = adapt_preference_model("ana", log=world.log, hub=world.hub, min_pairs=5)
+    assert low.status == "skipped" and "leave 3 to train on" in low.reason, low.reason
     assert world.owned.versions("ana", "preference") == []
+    with pytest.raises(PersonaNotFoundError, match="no preference versions"):
+        world.owned.rollback("ana", "preference", 0)
+    assert not world.owned.folder("ana", "preference").exists()  # and no trace made
 
 
 def test_versions_roll_back_and_a_second_promotion_is_judged_against_the_first(

@@ -1,6 +1,6 @@
 """A user's own LoRA adapter: trained on the real local model from the replies the user
 endorsed, gated on their newest ones through the serving backend, then served by the same
-running backend on their next request (tiny runs: 10 examples, 8 steps)."""
+running backend on their next request (tiny runs: 10 examples, 5 steps)."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def test_an_adapter_of_their_own_learns_the_users_sign_off_and_serves_their_next
 
     skipped = adapt_adapter("ana", log=log, backend=backend, store=store)
     assert skipped.status == "skipped" and "10 endorsed replies, fewer than 32" in skipped.reason
-    result = adapt_adapter("ana", log=log, backend=backend, store=store, min_examples=8, steps=8)
+    result = adapt_adapter("ana", log=log, backend=backend, store=store, min_examples=8, steps=5)
     assert result.status == "promoted", result.reason
     figures = result.figures
     assert figures["train_examples"] == 8 and figures["heldout_examples"] == 2

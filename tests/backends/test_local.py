@@ -7,6 +7,7 @@ model cache (``.cache/test``, kept across runs).
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -321,3 +322,19 @@ def test_a_failure_in_the_stream_worker_is_raised(
             chunks.append(chunk)
     assert all(c.result is None for c in chunks)
     assert local.generate(GenerationRequest(messages=HELLO, max_new_tokens=4)).text
+
+
+def test_unload_drops_an_adapter_and_its_merges_and_the_last_leaves_the_bare_model(
+    model_cache: Path, adapter_dirs: dict[str, Path]
+) -> None:
+    # its own backend: unloading changes the model the session's backends share nothing of
+    backend = LocalBackend(adapters=adapter_dirs, cache_dir=model_cache).load()
+    ask = functools.partial(GenerationRequest, messages=HELLO, max_new_tokens=12)
+    base = backend.generate(ask()).text
+    tone = backend.generate(ask(adapters=[("tone", 1.0)])).text
+    assert backend.generate(ask(adapters=[("tone", 0.5), ("facts", 0.5)])).served_by == "merged"
+    assert backend.unload("facts") and not backend.unload("facts")
+    assert backend.generate(ask(adapters=[("tone", 1.0)])).text == tone  # the other still serves
+    assert backend.unload("tone")
+    assert backend.generate(ask()).text == base  # nothing left: the bare model, as before
+    assert backend.generate(ask(adapters=[("tone", 1.0)])).text == tone  # loads again
