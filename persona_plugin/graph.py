@@ -623,7 +623,8 @@ class PersonaGraph:
 
     def _retrievers(self) -> list[Any]:
         """The adapter and preference retrievers of every model this graph serves (they
-        cache results per persona version)."""
+        cache results per persona version), and backends that keep a user's own adapter
+        loaded: each ``forget``s the user."""
         found: dict[int, Any] = {}
         models = [self.chat_model, *self.models.values(), *self._mbr_models.values()]
         while models:
@@ -633,6 +634,9 @@ class PersonaGraph:
             retriever = getattr(model, "retriever", None)
             if retriever is not None and hasattr(retriever, "forget"):
                 found[id(retriever)] = retriever
+            backend = getattr(model, "backend", None)  # holds the user's own adapter loaded
+            if backend is not None and hasattr(backend, "forget"):
+                found[id(backend)] = backend
             base = getattr(model, "base", None)  # MBR over a multi-LoRA model
             if base is not None:
                 models.append(base)

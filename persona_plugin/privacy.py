@@ -90,7 +90,8 @@ def forget_user(
 ) -> Forgotten:
     """Delete every trace of ``user_id`` the project controls; what went.
 
-    ``retrievers`` (LoRA or preference retrievers) drop their cached results for the user.
+    ``retrievers`` (LoRA or preference retrievers, and backends holding the user's own
+    adapter loaded) drop what they keep of the user.
     The interaction log in the store's database goes first (``interactions``: another
     one), with the user's queued reflections: they are not run. ``owned``: where the
     user's own models are (default ``$PERSONA_HOME/owned``), removed with their files.

@@ -52,7 +52,7 @@ from persona_plugin.backends.types import (
     merge_results,
     normalize_mixture,
 )
-from persona_plugin.cards.owned import OWNED_PREFIX
+from persona_plugin.cards.owned import OWNED_PREFIX, owned_id
 from persona_plugin.errors import PersonaConfigError, PersonaError, PersonaValidationError
 
 if TYPE_CHECKING:
@@ -283,6 +283,12 @@ class LocalBackend(BaseBackend):
             if self._model.active_adapter not in self._model.peft_config:
                 self._model.set_adapter(next(iter(self._model.peft_config)))
             return True
+
+    def forget(self, user_id: str) -> int:
+        """Unload every version of ``user_id``'s own adapter (forgetting the user); how many."""
+        mine = f"{owned_id(user_id, 'adapter')}-v"
+        with self._lock:
+            return sum(self.unload(a) for a in [a for a in self._loaded if a.startswith(mine)])
 
     @property
     def serves_owned_adapters(self) -> bool:
