@@ -6,7 +6,8 @@ graph (load -> recall -> assemble -> generate -> reflect -> save):
 :func:`build_persona_graph`, :func:`make_checkpointer`. Long-term memory:
 :class:`LongTermMemory`. Reflection: :class:`Reflector`. Multi-LoRA and MBR chat models:
 :class:`MultiLoraChatModel`, :class:`MBRChatModel`. The OpenAI-compatible server:
-:func:`create_app`. Privacy: :func:`forget_user`, :func:`export_user`. Settings:
+:func:`create_app`. Privacy: :func:`forget_user`, :func:`export_user`. A cold start from a
+chat export: :func:`read_history`, :func:`import_history`. Settings:
 :class:`Settings`. Errors: :class:`PersonaError` and its subclasses. The subpackages
 (``memory``, ``lora``, ``preferences``, ``backends``, ``chat_models``, ``reflection``,
 ``server``) list their own factories.
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
         build_persona_graph_from_settings,
         make_checkpointer,
     )
+    from persona_plugin.history import import_history, read_history
     from persona_plugin.interactions import InteractionLog, record_reply_feedback
     from persona_plugin.memory.long_term import LongTermMemory
     from persona_plugin.reflection.reflector import Reflector
@@ -52,6 +54,8 @@ _LAZY = {
     "build_persona_graph": "persona_plugin.graph",
     "build_persona_graph_from_settings": "persona_plugin.graph",
     "make_checkpointer": "persona_plugin.graph",
+    "import_history": "persona_plugin.history",
+    "read_history": "persona_plugin.history",
     "InteractionLog": "persona_plugin.interactions",
     "record_reply_feedback": "persona_plugin.interactions",
     "LongTermMemory": "persona_plugin.memory.long_term",
@@ -99,10 +103,12 @@ __all__ = [
     "estimate_tokens",
     "export_user",
     "forget_user",
+    "import_history",
     "json_schema",
     "load",
     "loads",
     "make_checkpointer",
+    "read_history",
     "record_reply_feedback",
     "with_persona",
 ]

@@ -208,11 +208,14 @@ class InteractionLog:
         details: Mapping[str, Any] | None = None,
         reflection: str | None = None,
         reflected_version: int | None = None,
+        connection: sa.Connection | None = None,
     ) -> str:
         """Log one turn; returns its id. The same (user, turn id) logged again is kept once:
         a retried request must not count twice. ``reflection``: :data:`PENDING` queues the
         turn for the background worker, :data:`BATCHED` for reflection every n turns,
-        :data:`DONE` records that it was reflected inline (as ``reflected_version``)."""
+        :data:`DONE` records that it was reflected inline (as ``reflected_version``).
+        ``connection``: the caller's transaction to write in (a history import logs a
+        turn with the persona version it produced)."""
         validate_user_id(user_id)
         user_text, cut_user = _cut(user_text, self.max_text_chars)
         reply_text, cut_reply = _cut(reply_text, self.max_text_chars)
@@ -233,7 +236,7 @@ class InteractionLog:
             "reflection": reflection,
             "reflected_version": reflected_version,
         }
-        with self.engine.begin() as conn:
+        with writing(self.engine, connection) as conn:
             conn.execute(_insert_new(self.engine.dialect.name, row))
         self._purge_now_and_then()
         return turn_id

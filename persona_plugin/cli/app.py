@@ -484,6 +484,52 @@ def worker(
     )
 
 
+@app.command("import")
+def import_(
+    user_id: UserArg,
+    file: Annotated[Path, typer.Argument(help="the chat history: JSON, JSONL or a ChatGPT export")],
+    batch: Annotated[int, typer.Option(help="turns per reflection call")] = 1,
+) -> None:
+    """Bootstrap USER's persona and memory from a chat history (a chat export), turn by
+    turn, through the guard, memory and reflection; no chat model answers. Re-running
+    skips the turns already imported."""
+    from persona_plugin.chat_models.registry import resolve_chat_model
+    from persona_plugin.cli.progress import progress_bar
+    from persona_plugin.history import import_history, read_history
+    from persona_plugin.memory.long_term import LongTermMemory
+    from persona_plugin.reflection.reflector import reflector_for
+
+    settings = state.settings()
+    if settings.chat_model == "echo":
+        raise PersonaConfigError(
+            "the echo model cannot reflect: set PERSONA_CHAT_MODEL (e.g. 'local' or "
+            "'openai:gpt-4o-mini') for the import's reflection."
+        )
+    messages = read_history(file)  # a bad file is refused before anything is opened
+    model = resolve_chat_model(settings.chat_model, settings)
+    with state.store() as store:
+        reflector = reflector_for(model, limits=store.limits)
+        with progress_bar(err, "reading the history", "importing {}") as report:
+            result = import_history(
+                user_id,
+                messages,
+                store=store,
+                reflector=reflector,
+                memory=LongTermMemory.from_settings(settings),
+                interactions=True if settings.log else None,
+                batch=batch,
+                progress=lambda done, total: report(f"turn {done}", done, total),
+            )
+    out.print(
+        f"imported {result.imported} of {result.turns} turns into '{user_id}' "
+        f"({result.skipped_done} done before, {result.withheld} withheld by the guard, "
+        f"{result.failed} failed, {len(result.versions)} new versions)",
+        markup=False,
+    )
+    if result.failed:
+        raise PersonaError(f"{result.failed} turns were not reflected on; run the import again")
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=False)

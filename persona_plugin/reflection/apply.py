@@ -74,9 +74,10 @@ def reflect_and_save(
     memory_link: Any = None,
     connection: Any = None,
     also: WriteHook | None = None,
+    source: str = "reflection",
 ) -> ReflectionOutcome:
     """Reflect on ``turns`` (and the feedback on them) and save the result as one new
-    persona version.
+    persona version (its source: ``"<source> turn <last turn id>"``).
 
     The reflection call sees the persona as it is now; the operations are re-applied
     inside :meth:`PersonaStore.update`, so a concurrent save costs a retry, not a lost
@@ -165,9 +166,10 @@ def reflect_and_save(
             for cited, texts in by_evidence.items():
                 memory.add_facts(user_id, texts, kind="fact", source_turn_ids=list(cited))
 
-    source = f"reflection turn {last}"
+    source = f"{source} turn {last}"
     if feedback_ids:
-        source = f"{source} (feedback {', '.join(feedback_ids)})"[:200]
+        source = f"{source} (feedback {', '.join(feedback_ids)})"
+    source = source[:200]
     record: VersionRecord = store.update(
         user_id,
         update,
