@@ -327,9 +327,9 @@ def test_a_failure_in_the_stream_worker_is_raised(
 def test_unload_drops_an_adapter_and_its_merges_and_the_last_leaves_the_bare_model(
     model_cache: Path, adapter_dirs: dict[str, Path]
 ) -> None:
-    # its own backend: unloading changes the model the session's backends share nothing of
+    # a backend of its own: unloading changes its model, which the shared ones must not see
     backend = LocalBackend(adapters=adapter_dirs, cache_dir=model_cache).load()
-    ask = functools.partial(GenerationRequest, messages=HELLO, max_new_tokens=12)
+    ask = functools.partial(GenerationRequest, messages=HELLO, max_new_tokens=6)
     base = backend.generate(ask()).text
     tone = backend.generate(ask(adapters=[("tone", 1.0)])).text
     assert backend.generate(ask(adapters=[("tone", 0.5), ("facts", 0.5)])).served_by == "merged"
