@@ -331,8 +331,9 @@ class LocalBackend(BaseBackend):
         for adapter_id in [card.id] if card is not None else [a for a, _ in mixture]:
             self._adapter_path(adapter_id)
 
-    def _load_adapter(self, adapter_id: str) -> str:
-        """Load ``adapter_id`` once; its peft name."""
+    def _load_adapter(self, adapter_id: str, keep: frozenset[str] = frozenset()) -> str:
+        """Load ``adapter_id`` once; its peft name. Loading a version of a user's own
+        adapter unloads their older ones (not those ``keep`` names: in use by the batch)."""
         name = _peft_name(adapter_id)
         if adapter_id in self._loaded:
             return name
@@ -362,7 +363,19 @@ class LocalBackend(BaseBackend):
             self._model.load_adapter(path, adapter_name=name)
         self._model.eval()
         self._loaded.add(adapter_id)
+        self._evict_older_versions(adapter_id, keep)
         return name
+
+    def _evict_older_versions(self, adapter_id: str, keep: frozenset[str]) -> None:
+        """A user's own adapter is served by its newest version: the others loaded before
+        only cost memory (one per user and promotion otherwise)."""
+        if not adapter_id.startswith(OWNED_PREFIX) or "-v" not in adapter_id:
+            return
+        versions = adapter_id.rpartition("-v")[0] + "-v"
+        for other in [a for a in self._loaded if a.startswith(versions) and a != adapter_id]:
+            merges = [n for m, n in self._merged.items() if any(a == other for a, _ in m)]
+            if _peft_name(other) not in keep and not keep.intersection(merges):
+                self.unload(other)
 
     def _merged_name(self, mixture: Mixture, keep: frozenset[str] = frozenset()) -> str:
         """The merged adapter for ``mixture`` (made once, cached); ``keep``: names in use by
@@ -370,7 +383,7 @@ class LocalBackend(BaseBackend):
         if mixture in self._merged:
             self._merged.move_to_end(mixture)
             return self._merged[mixture]
-        names = [self._load_adapter(adapter_id) for adapter_id, _ in mixture]
+        names = [self._load_adapter(adapter_id, keep) for adapter_id, _ in mixture]
         weights = [w for _, w in mixture]
         configs = [self._model.peft_config[n] for n in names]
         same_rank = len({c.r for c in configs}) == 1
@@ -396,10 +409,11 @@ class LocalBackend(BaseBackend):
             return _Route(None, SERVED_BASE, (), {})
         if len(mixture) == 1:
             adapter_id = mixture[0][0]
-            return _Route(self._load_adapter(adapter_id), SERVED_ADAPTER, ((adapter_id, 1.0),), {})
+            name = self._load_adapter(adapter_id, keep)
+            return _Route(name, SERVED_ADAPTER, ((adapter_id, 1.0),), {})
         card = self._premerged_card(mixture)
         if card is not None:
-            name = self._load_adapter(card.id)
+            name = self._load_adapter(card.id, keep)
             return _Route(name, SERVED_PREMERGED, ((card.id, 1.0),), {"premerged_adapter": card.id})
         name = self._merged_name(mixture, keep)
         return _Route(name, SERVED_MERGED, mixture, {"merged_adapter": name})
