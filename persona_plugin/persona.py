@@ -444,6 +444,14 @@ def check_limits(data: object, *, source: str, limits: PersonaLimits = DEFAULT_L
         raise too_big(size)
 
 
+def user_of(persona: object) -> str | None:
+    """The user a persona is for (``meta.user_id``, else ``identity.user_id``); None for
+    anything else (a persona given as text, none at all) or a persona naming nobody."""
+    if isinstance(persona, Persona):
+        return persona.meta.user_id or persona.identity.user_id or None
+    return None
+
+
 def _hint_for(error_type: str, loc: tuple[Any, ...]) -> str:
     if error_type == "extra_forbidden" and len(loc) == 1:
         return (

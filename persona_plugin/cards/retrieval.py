@@ -28,7 +28,7 @@ from typing import Any, Literal
 import numpy as np
 
 from persona_plugin.errors import PersonaConfigError
-from persona_plugin.persona import Persona
+from persona_plugin.persona import Persona, user_of
 
 PersonaTextMode = Literal["compact", "assembled"]
 
@@ -260,13 +260,12 @@ class CardRetriever:
 
     def _persona_key(self, persona: Persona | str | None) -> tuple[Hashable, str | None]:
         """A cache key, and the text when it had to be computed for the key."""
-        if isinstance(persona, Persona):
-            user_id = persona.meta.user_id or persona.identity.user_id
-            if user_id and persona.meta.version > 0:
-                # the save time too: a user deleted and created again starts at version 1
-                # afresh, and must not be served the old version 1's results
-                key = ("version", user_id, persona.meta.version, persona.meta.updated_at)
-                return key, None
+        user_id = user_of(persona)
+        if isinstance(persona, Persona) and user_id and persona.meta.version > 0:
+            # the save time too: a user deleted and created again starts at version 1
+            # afresh, and must not be served the old version 1's results
+            key = ("version", user_id, persona.meta.version, persona.meta.updated_at)
+            return key, None
         text = self.persona_text(persona)
         return ("text", hashlib.sha256(text.encode()).hexdigest()), text
 

@@ -34,7 +34,7 @@ from pydantic import ConfigDict, Field
 
 from persona_plugin.chat_models.persona_aware import LiftsConfigurable, coerce_persona
 from persona_plugin.errors import PersonaConfigError
-from persona_plugin.persona import Persona
+from persona_plugin.persona import Persona, user_of
 from persona_plugin.preferences.hub import PreferenceHub
 from persona_plugin.preferences.mbr import MBRResult, MBRSelector
 from persona_plugin.preferences.retrieval import (
@@ -225,7 +225,7 @@ class MBRChatModel(LiftsConfigurable, BaseChatModel):
         texts = [
             _text(g.message.content if hasattr(g, "message") else g.content) for g in generations
         ]
-        result = self.selector.select(prompt, texts, mixture, user_id=_user_of(persona))
+        result = self.selector.select(prompt, texts, mixture, user_id=user_of(persona))
         return self._finish(generations, result, plan["info"])
 
     async def _agenerate(
@@ -250,16 +250,9 @@ class MBRChatModel(LiftsConfigurable, BaseChatModel):
             _text(g.message.content if hasattr(g, "message") else g.content) for g in generations
         ]
         result = await asyncio.to_thread(
-            functools.partial(self.selector.select, user_id=_user_of(persona)),
+            functools.partial(self.selector.select, user_id=user_of(persona)),
             prompt,
             texts,
             mixture,
         )
         return self._finish(generations, result, plan["info"])
-
-
-def _user_of(persona: Any) -> str | None:
-    """Whose request it is: the persona's user (their own model may be in the mixture)."""
-    if isinstance(persona, Persona):
-        return persona.meta.user_id or persona.identity.user_id or None
-    return None

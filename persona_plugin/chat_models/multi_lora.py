@@ -53,7 +53,7 @@ from persona_plugin.backends.types import (
 from persona_plugin.cards.owned import OWNED_PREFIX, owned_id
 from persona_plugin.chat_models.persona_aware import LiftsConfigurable, coerce_persona, content_text
 from persona_plugin.errors import PersonaConfigError
-from persona_plugin.persona import Persona
+from persona_plugin.persona import user_of
 
 #: keys of ``config["configurable"]`` this model reads
 log = logging.getLogger(__name__)
@@ -362,9 +362,7 @@ def _check_owned(mixture: Mixture, persona: Any) -> None:
     own = [a for a, _ in mixture if a.startswith(OWNED_PREFIX)]
     if not own:
         return
-    user_id = None
-    if isinstance(persona, Persona):
-        user_id = persona.meta.user_id or persona.identity.user_id
+    user_id = user_of(persona)
     mine = {owned_id(user_id, "adapter")} if user_id else set()
     theirs = [a for a in own if a.rpartition("-v")[0] not in mine]
     if theirs:

@@ -47,7 +47,7 @@ from persona_plugin.cards.retrieval import (
 )
 from persona_plugin.errors import PersonaConfigError
 from persona_plugin.lora.hub import ADAPTER_KINDS, AdapterCard, LoraHub
-from persona_plugin.persona import Persona
+from persona_plugin.persona import Persona, user_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,10 +134,8 @@ class LoraRetriever(CardRetriever):
         self, persona: Persona | str | None, kinds: frozenset[str] | None, exclude: frozenset[str]
     ) -> list[RetrievedAdapter]:
         """The persona's user's own adapter serving now (slow adaptation), if any."""
-        if not isinstance(persona, Persona) or not isinstance(self.hub, LoraHub):
-            return []
-        user_id = persona.meta.user_id or persona.identity.user_id
-        if not user_id or self.own_weight == 0:
+        user_id = user_of(persona)
+        if not user_id or not isinstance(self.hub, LoraHub) or self.own_weight == 0:
             return []
         return [
             RetrievedAdapter(c.id, 1.0, 1.0, c.kind)

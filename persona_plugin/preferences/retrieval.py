@@ -33,7 +33,7 @@ from persona_plugin.cards.retrieval import (
     preference_lines,
 )
 from persona_plugin.errors import PersonaConfigError, PersonaValidationError
-from persona_plugin.persona import Persona
+from persona_plugin.persona import Persona, user_of
 from persona_plugin.preferences.cards import PREFERENCE_KINDS, PreferenceCard
 from persona_plugin.preferences.hub import PreferenceHub
 
@@ -179,10 +179,8 @@ class PreferenceRetriever(CardRetriever):
         allowed: frozenset[str] | None,
     ) -> list[PreferenceCard]:
         """The persona's user's own model serving now (slow adaptation), if any."""
-        if not isinstance(persona, Persona) or not isinstance(self.hub, PreferenceHub):
-            return []
-        user_id = persona.meta.user_id or persona.identity.user_id
-        if not user_id or self.own_weight == 0:
+        user_id = user_of(persona)
+        if not user_id or not isinstance(self.hub, PreferenceHub) or self.own_weight == 0:
             return []
         return [
             c
