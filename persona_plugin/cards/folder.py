@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from persona_plugin._cache import write_atomically
 from persona_plugin._yaml import load_yaml
+from persona_plugin.cards.owned import OwnedCards
 from persona_plugin.errors import (
     PersonaNotFoundError,
     PersonaValidationError,
@@ -143,18 +144,36 @@ class CardHub(Generic[CardT]):
 
     noun: ClassVar[str] = "card"
     add_command: ClassVar[str] = ""
+    #: the kind of the users' own cards this hub serves (``OwnedCards`` kinds)
+    owned_kind: ClassVar[str] = ""
 
     def __init__(
         self,
         directory: Path | None,
         bundled_dirs: Sequence[Path],
         load: Callable[[Path], CardT],
+        *,
+        owned: OwnedCards | None = None,
         **folder_wording: str,
     ) -> None:
         self.directory = directory
         self.bundled_dirs = tuple(bundled_dirs)
+        self._load = load
         self._folders = [CardFolder(d, load, **folder_wording) for d in self.directories]
         self._lock = threading.RLock()
+        self._owned = owned
+
+    @property
+    def owned(self) -> OwnedCards:
+        """Where users' own cards are (default ``$PERSONA_HOME/owned``)."""
+        if self._owned is None:
+            self._owned = OwnedCards.from_settings()
+        return self._owned
+
+    def owned_cards(self, user_id: str) -> list[CardT]:
+        """The card of ``user_id``'s own serving now (slow adaptation), if any: theirs
+        alone, never in :meth:`cards`."""
+        return self.owned.serving_cards(user_id, self.owned_kind, self._load)
 
     @property
     def directories(self) -> tuple[Path, ...]:

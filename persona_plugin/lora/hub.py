@@ -288,6 +288,7 @@ class LoraHub(CardHub[AdapterCard]):
 
     noun = "adapter"
     add_command = "persona lora add FILE"
+    owned_kind = "adapter"
 
     def __init__(
         self,
@@ -297,21 +298,11 @@ class LoraHub(CardHub[AdapterCard]):
         owned: OwnedCards | None = None,
     ) -> None:
         super().__init__(
-            Path(directory).expanduser(), [Path(d).expanduser() for d in bundled], load_card
+            Path(directory).expanduser(),
+            [Path(d).expanduser() for d in bundled],
+            load_card,
+            owned=owned,
         )
-        self._owned = owned
-
-    @property
-    def owned(self) -> OwnedCards:
-        """Where users' own adapters are (default ``$PERSONA_HOME/owned``)."""
-        if self._owned is None:
-            self._owned = OwnedCards.from_settings()
-        return self._owned
-
-    def owned_cards(self, user_id: str) -> list[AdapterCard]:
-        """The adapter of ``user_id``'s own serving now (slow adaptation), if any: theirs
-        alone, never in :meth:`cards`."""
-        return self.owned.serving_cards(user_id, "adapter", load_card)
 
     def owned_card(self, adapter_id: str) -> AdapterCard | None:
         """The card of an own adapter's versioned id, for a backend asked to serve it."""

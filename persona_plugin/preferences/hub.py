@@ -68,6 +68,7 @@ class PreferenceHub(CardHub[PreferenceCard]):
 
     noun = "preference model"
     add_command = "persona prefs add FILE"
+    owned_kind = "preference"
 
     def __init__(
         self,
@@ -83,6 +84,7 @@ class PreferenceHub(CardHub[PreferenceCard]):
             Path(directory).expanduser() if directory is not None else None,
             [BUNDLED_DIR] if bundled else [],
             load_card,
+            owned=owned,
             hub="the preference hub",
             setting="prefs_dir",
             noun="preference",
@@ -94,19 +96,6 @@ class PreferenceHub(CardHub[PreferenceCard]):
         self.judge = judge
         self.device = device
         self._scorers: dict[str, PreferenceScorer] = {}
-        self._owned = owned
-
-    @property
-    def owned(self) -> OwnedCards:
-        """Where users' own models are (default ``$PERSONA_HOME/owned``)."""
-        if self._owned is None:
-            self._owned = OwnedCards.from_settings()
-        return self._owned
-
-    def owned_cards(self, user_id: str) -> list[PreferenceCard]:
-        """The model of ``user_id``'s own serving now (slow adaptation), if any: theirs
-        alone, never in :meth:`cards`."""
-        return self.owned.serving_cards(user_id, "preference", load_card)
 
     def owned_card(self, user_id: str, model_id: str) -> PreferenceCard:
         """``user_id``'s own model ``model_id``; another user's is not found."""
