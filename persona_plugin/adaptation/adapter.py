@@ -34,10 +34,10 @@ from persona_plugin.adaptation.data import (
     training_data,
 )
 from persona_plugin.adaptation.preference import AdaptationResult
-from persona_plugin.cards.owned import OWNED_PREFIX, OwnedCards, owned_id
-from persona_plugin.cards.retrieval import OWN_WEIGHT
+from persona_plugin.cards.owned import OwnedCards, owned_id
+from persona_plugin.cards.retrieval import mix_in_own
 from persona_plugin.errors import PersonaConfigError
-from persona_plugin.lora.retrieval import LoraRetriever
+from persona_plugin.lora.retrieval import LoraMixture, LoraRetriever, RetrievedAdapter
 from persona_plugin.lora.training import TrainingExample, reply_loss, train_lora
 
 #: a user needs this many endorsed replies before an adapter of their own is trained
@@ -203,16 +203,14 @@ class _Gate:
         self.serving_ids: list[str] = []
 
     def _mixture(self, prompt: str, candidate: str | None) -> list[tuple[str, float]]:
-        pairs = self.retriever.retrieve(
-            self.persona, prompt, allowed=self.backend.adapter_ids
-        ).pairs()
-        if candidate is None:
-            self.serving_ids = sorted(set(self.serving_ids) | {a for a, _ in pairs})
-            return pairs
-        shared = [(a, w) for a, w in pairs if not a.startswith(OWNED_PREFIX)]
-        total = sum(w for _, w in shared)
-        own = OWN_WEIGHT if shared else 1.0
-        return [(candidate, own)] + [(a, w / total * (1 - own)) for a, w in shared]
+        served = self.backend.adapter_ids
+        if candidate is not None:  # in the own adapter's place, as retrieval would serve it
+            shared = self.retriever.retrieve(self.persona, prompt, allowed=served, owned=False)
+            mine = [RetrievedAdapter(candidate, 1.0, 1.0, "preference")]
+            return LoraMixture(mix_in_own(shared.adapters, mine, self.retriever.own_weight)).pairs()
+        pairs = self.retriever.retrieve(self.persona, prompt, allowed=served).pairs()
+        self.serving_ids = sorted(set(self.serving_ids) | {a for a, _ in pairs})
+        return pairs
 
     def loss(self, held: list[tuple[str, TrainingExample]], candidate: str | None) -> float:
         total = 0.0

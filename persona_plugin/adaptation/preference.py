@@ -37,11 +37,16 @@ from persona_plugin.adaptation.data import (
     split,
     training_data,
 )
-from persona_plugin.cards.owned import OWNED_PREFIX, OwnedCards, owned_id
+from persona_plugin.cards.owned import OwnedCards, owned_id
+from persona_plugin.cards.retrieval import mix_in_own
 from persona_plugin.preferences.cards import parse_card
 from persona_plugin.preferences.hub import PreferenceHub
 from persona_plugin.preferences.mbr import MBRSelector
-from persona_plugin.preferences.retrieval import PreferenceRetriever
+from persona_plugin.preferences.retrieval import (
+    PreferenceMixture,
+    PreferenceRetriever,
+    RetrievedPreference,
+)
 from persona_plugin.preferences.scorers import EmbeddingHeadScorer, PreferenceScorer
 from persona_plugin.preferences.training import train_head
 
@@ -203,14 +208,13 @@ class _Gate:
         self.serving_ids: list[str] = []
 
     def _mixture(self, prompt: str, candidate: PreferenceScorer | None) -> list[tuple]:
+        if candidate is not None:  # in the own model's place, as retrieval would serve it
+            shared = self.retriever.retrieve(self.persona, prompt, owned=False).models
+            mine = [RetrievedPreference("candidate", 1.0, 1.0, "other")]
+            return PreferenceMixture(mix_in_own(shared, mine, self.retriever.own_weight)).pairs()
         pairs = self.retriever.retrieve(self.persona, prompt).pairs()
-        if candidate is None:
-            self.serving_ids = sorted(set(self.serving_ids) | {m for m, _ in pairs})
-            return pairs
-        shared = [(m, w) for m, w in pairs if not m.startswith(OWNED_PREFIX)]
-        total = sum(abs(w) for _, w in shared)
-        own = self.retriever.own_weight if shared else 1.0
-        return [("candidate", own)] + [(m, w / total * (1 - own)) for m, w in shared]
+        self.serving_ids = sorted(set(self.serving_ids) | {m for m, _ in pairs})
+        return pairs
 
     def accuracy(self, held: list[LoggedPair], candidate: PreferenceScorer | None) -> float:
         selector = MBRSelector(self.hub)

@@ -197,9 +197,12 @@ class PreferenceRetriever(CardRetriever):
         temperature: float | None = None,
         kinds: Collection[str] | None = None,
         allowed: Collection[str] | None = None,
+        owned: bool = True,
     ) -> PreferenceMixture:
         """The ``top_k`` preference models for ``persona`` (a persona or its text) and
-        ``input``, with signed weights. Empty: no cards, or nothing to retrieve with."""
+        ``input``, with signed weights; the persona's user's own model, if one serves
+        them, at ``own_weight`` unless ``owned=False``. Empty: no cards, or nothing to
+        retrieve with."""
         k = self.top_k if top_k is None else check_top_k(top_k)
         temp = self.temperature if temperature is None else check_temperature(temperature)
         kind_set = self.kinds if kinds is None else _check_preference_kinds(kinds)
@@ -213,11 +216,12 @@ class PreferenceRetriever(CardRetriever):
             (k, temp, kind_set, allowed_set, hashes),
             lambda query: self._score(cards, query, k, temp),
         )
-        own = [
-            RetrievedPreference(c.id, 1.0, 1.0, c.kind)
-            for c in self._owned(persona, kind_set, allowed_set)
-        ]
-        models = mix_in_own(models, own, self.own_weight)
+        if owned:
+            own = [
+                RetrievedPreference(c.id, 1.0, 1.0, c.kind)
+                for c in self._owned(persona, kind_set, allowed_set)
+            ]
+            models = mix_in_own(models, own, self.own_weight)
         return PreferenceMixture(models, cached=cached)
 
     def _score(
