@@ -73,21 +73,22 @@ class ModelRouter:
             if m in self.models
         }
         order = {m: i for i, m in enumerate(dict.fromkeys([*stated, *sorted(self.models)]))}
-
-        def rank(model: str) -> tuple[float, int]:
-            return (-ratings[model][1], order.get(model, len(order)))
-
-        unmeasured = [m for m in self.models if ratings.get(m, [0])[0] < self.min_ratings]
-        turns = self.log.count_turns(user_id) if self.log is not None else 0
-        if unmeasured and self.explore_every and turns and (turns + 1) % self.explore_every == 0:
-            least = min(unmeasured, key=lambda m: (ratings.get(m, [0])[0], order.get(m, 0)))
-            return Route(least, "explore", ratings)
         measured = [m for m in self.models if ratings.get(m, [0])[0] >= self.min_ratings]
+        unmeasured = [m for m in self.models if m not in measured]
+        # the model to explore: the one with the fewest ratings (then the stated order)
+        least = min(unmeasured, key=lambda m: (ratings.get(m, [0])[0], order[m]), default=None)
+        turns = self.log.count_turns(user_id) if self.log is not None else 0
+        if (
+            least is not None
+            and self.explore_every
+            and turns
+            and (turns + 1) % self.explore_every == 0
+        ):
+            return Route(least, "explore", ratings)
         if measured:
-            best = min(measured, key=rank)
-            if ratings[best][1] <= 0 and unmeasured:
+            best = min(measured, key=lambda m: (-ratings[m][1], order[m]))
+            if ratings[best][1] <= 0 and least is not None:
                 # the best the user has measured is rated poorly: try the others first
-                least = min(unmeasured, key=lambda m: (ratings.get(m, [0])[0], order.get(m, 0)))
                 return Route(least, "explore", ratings)
             return Route(best, "measured", ratings)
         if stated:
