@@ -6,12 +6,15 @@ duplicate keys; :class:`SafeDumper` writes strings PyYAML would otherwise fold.
 :func:`validate_document` turns a pydantic ``ValidationError`` into the one
 :class:`~persona_plugin.errors.PersonaValidationError` wording of the project (the field
 path, what is wrong with the value shown, every problem listed, and a hint), so a persona
-and a card speak alike.
+and a card speak alike. :func:`read_text` and :func:`load_json_lines` read the files a
+user gives (pairs, chat histories) with the same errors.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
@@ -222,3 +225,30 @@ def load_yaml(text: str, *, source: str) -> Any:
             f"malformed YAML: a value does not fit its tag or cannot be a key ({exc!r})",
             "Remove the !!tag, or write the value as plain text.",
         ) from None
+
+
+def read_text(path: Path, *, what: str, hint: str) -> str:
+    """A UTF-8 file's text (a byte-order mark dropped); an unreadable file is a
+    :class:`PersonaValidationError` naming it and ``what`` it was to be."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PersonaValidationError(
+            str(path), "", f"cannot read the {what} ({exc})", hint
+        ) from None
+
+
+def load_json_lines(text: str, *, source: str, hint: str) -> list[Any]:
+    """JSON Lines as a list of values (blank lines skipped); a line that is not JSON is a
+    :class:`PersonaValidationError` naming it."""
+    items = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            items.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise PersonaValidationError(
+                source, f"line {n}", f"not JSON ({exc.msg})", hint
+            ) from None
+    return items

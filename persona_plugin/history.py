@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from persona_plugin._yaml import load_json_lines, read_text
 from persona_plugin.errors import PersonaValidationError
 from persona_plugin.guard import WITHHELD, instruction_reason
 from persona_plugin.interactions import (
@@ -101,25 +102,11 @@ class ImportReport:
 def read_history(path: str | Path, *, max_message_chars: int = MAX_MESSAGE_CHARS) -> list[dict]:
     """The ``{role, content}`` messages of a history file (see the module for formats)."""
     file = Path(path)
-    try:
-        text = file.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PersonaValidationError(
-            str(file), "", f"cannot read the history ({exc})", "Give a UTF-8 JSON file."
-        ) from None
+    text = read_text(file, what="history", hint="Give a UTF-8 JSON file.")
     try:
         data: Any = json.loads(text)
     except json.JSONDecodeError:
-        data = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                data.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise PersonaValidationError(
-                    str(file), f"line {n}", f"not JSON ({exc.msg})", _HINT
-                ) from None
+        data = load_json_lines(text, source=str(file), hint=_HINT)
     return parse_history(data, source=str(file), max_message_chars=max_message_chars)
 
 

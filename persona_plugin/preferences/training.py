@@ -14,7 +14,6 @@ demo models (:mod:`persona_plugin.lab.training.preferences`). Pairs files are JS
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -25,7 +24,7 @@ from typing import Any, Literal
 import numpy as np
 import yaml
 
-from persona_plugin._yaml import StrictSafeLoader, yaml_error
+from persona_plugin._yaml import StrictSafeLoader, load_json_lines, read_text, yaml_error
 from persona_plugin.errors import PersonaValidationError
 from persona_plugin.preferences.cards import PreferenceCard, parse_card
 from persona_plugin.preferences.scorers import (
@@ -92,22 +91,9 @@ _PAIR_HINT = 'Each pair is {"prompt": "...", "chosen": "...", "rejected": "..."}
 def load_pairs(path: str | os.PathLike[str]) -> list[PreferencePair]:
     """Read a JSONL or YAML pairs file."""
     file = Path(path)
-    try:
-        text = file.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PersonaValidationError(
-            str(file), "", f"cannot read the pairs file ({exc})", "Check the path."
-        ) from None
+    text = read_text(file, what="pairs file", hint="Check the path.")
     if file.suffix == ".jsonl":
-        items = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    items.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise PersonaValidationError(
-                        str(file), f"line {n}", f"not JSON ({exc.msg})", _PAIR_HINT
-                    ) from None
+        items = load_json_lines(text, source=str(file), hint=_PAIR_HINT)
     else:
         try:
             items = yaml.load(text, Loader=StrictSafeLoader)
