@@ -57,18 +57,27 @@ def fsync(path: Path) -> None:
             os.close(fd)
 
 
-def write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str, *, exclusive: bool = False) -> bool:
+    """Write ``path`` whole (a reader never sees half of it), as UTF-8; whether it was
+    written. ``exclusive``: only if it does not exist yet (two writers of one new file: one
+    wins, the other is told), else it is replaced."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache may be shared
-        os.replace(tmp, path)
-    except BaseException:
+        if not exclusive:
+            os.replace(tmp, path)
+            return True
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        return True
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _remove_leftovers(cache: Path, name: str) -> None:

@@ -25,7 +25,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import threading
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -170,7 +169,7 @@ class OwnedCards:
             if write_model is not None:
                 data["location"] = f"./{model_name}"  # beside the card
             text = dump_yaml(data)
-            if self._create(folder / f"v{version}.yaml", text):
+            if write_atomically(folder / f"v{version}.yaml", text, exclusive=True):
                 break
             version += 1  # another process took this number meanwhile
         try:
@@ -182,24 +181,6 @@ class OwnedCards:
         if promote:
             self._point(user_id, kind, version, "promoted")
         return version
-
-    @staticmethod
-    def _create(target: Path, text: str) -> bool:
-        """Write ``target`` whole, only if it does not exist yet."""
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            try:
-                os.link(tmp, target)
-            except FileExistsError:
-                return False
-            return True
-        finally:
-            Path(tmp).unlink(missing_ok=True)
 
     def update_training(
         self, user_id: str, kind: str, version: int, training: Mapping[str, Any], *, promote: bool

@@ -350,3 +350,15 @@ def test_a_promoted_model_serves_the_users_next_turn_through_a_running_graph(
     weights = reply.response_metadata["mbr"]["weights"]
     assert weights[owned_id("cleo", "preference")] == pytest.approx(OWN_WEIGHT, abs=1e-3)
     graph.close()
+
+
+def test_a_version_number_is_taken_once_even_by_two_writers(tmp_path: Path) -> None:
+    from persona_plugin._cache import write_atomically
+
+    card = tmp_path / "v1.yaml"
+    assert write_atomically(card, "first: 1\n", exclusive=True)
+    assert not write_atomically(card, "second: 2\n", exclusive=True)  # the other writer
+    assert card.read_text() == "first: 1\n"
+    assert write_atomically(card, "replaced: 3\n")  # not exclusive: replaced whole
+    assert card.read_text() == "replaced: 3\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v1.yaml"]  # no temp file left
