@@ -3,7 +3,8 @@
 The public face. Documents and their store: :class:`Persona` (:func:`load`, :func:`loads`),
 :class:`PersonaStore`. Any chat model with a persona: :func:`with_persona`. The persona
 graph (load -> recall -> assemble -> generate -> reflect -> save):
-:func:`build_persona_graph`, :func:`make_checkpointer`. Long-term memory:
+:func:`build_persona_graph`, :func:`make_checkpointer`. A LangChain v1 agent with a
+persona: :class:`PersonaMiddleware`. Long-term memory:
 :class:`LongTermMemory`. Reflection: :class:`Reflector`. Multi-LoRA and MBR chat models:
 :class:`MultiLoraChatModel`, :class:`MBRChatModel`. The OpenAI-compatible server:
 :func:`create_app`. Privacy: :func:`forget_user`, :func:`export_user`. A cold start from a
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from persona_plugin.history import import_history, read_history
     from persona_plugin.interactions import InteractionLog, record_reply_feedback
     from persona_plugin.memory.long_term import LongTermMemory
+    from persona_plugin.middleware import PersonaMiddleware
     from persona_plugin.reflection.reflector import Reflector
     from persona_plugin.server.app import create_app
 
@@ -57,6 +59,7 @@ _LAZY = {
     "import_history": "persona_plugin.history",
     "read_history": "persona_plugin.history",
     "InteractionLog": "persona_plugin.interactions",
+    "PersonaMiddleware": "persona_plugin.middleware",
     "record_reply_feedback": "persona_plugin.interactions",
     "LongTermMemory": "persona_plugin.memory.long_term",
     "Reflector": "persona_plugin.reflection.reflector",
@@ -88,6 +91,7 @@ __all__ = [
     "PersonaError",
     "PersonaGraph",
     "PersonaLimits",
+    "PersonaMiddleware",
     "PersonaNotFoundError",
     "PersonaStore",
     "PersonaValidationError",

@@ -60,7 +60,7 @@ from persona_plugin.chat import merge_system_message
 from persona_plugin.chat_models.persona_aware import takes_persona
 from persona_plugin.config import Settings
 from persona_plugin.errors import PersonaConfigError, PersonaNotFoundError, PersonaValidationError
-from persona_plugin.guard import WITHHELD, instruction_reason
+from persona_plugin.guard import guarded_turn
 from persona_plugin.interactions import BATCHED, DONE, PENDING, FeedbackEvent, InteractionLog
 from persona_plugin.memory.knowledge_base import KnowledgeBaseSearch
 from persona_plugin.persona import Persona, validate_user_id
@@ -96,14 +96,6 @@ class PersonaState(TypedDict, total=False):
 
 def _configurable(config: RunnableConfig | None) -> dict[str, Any]:
     return dict((config or {}).get("configurable") or {})
-
-
-def _guarded_turn(user_text: str, reply_text: str) -> tuple[str, str]:
-    """The turn as memory and the log keep it: a message the guard reads as instructions is
-    withheld, and so is the reply to it (it may echo it or comply)."""
-    said = WITHHELD if instruction_reason(user_text) else user_text
-    withheld = said == WITHHELD or instruction_reason(reply_text)
-    return said, WITHHELD if withheld else reply_text
 
 
 def _turn_text(memory_text: str) -> str:
@@ -484,7 +476,7 @@ class PersonaGraph:
             log.info("turn %s of %s had an empty reply; not remembered", turn_id, user_id)
         # recalled turns reach later prompts, so the guard reads them as it reads the
         # persona: instructions are withheld, not remembered (nor logged); read once for both
-        user_text, reply_text = _guarded_turn(user_msg.text, reply.text) if replied else ("", "")
+        user_text, reply_text = guarded_turn(user_msg.text, reply.text) if replied else ("", "")
         if self.memory is not None and replied:
             now = datetime.now(UTC)
             self.memory.remember(

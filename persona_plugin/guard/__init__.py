@@ -101,6 +101,14 @@ def find_instruction(value: Any) -> str | None:
     return None
 
 
+def guarded_turn(user_text: str, reply_text: str) -> tuple[str, str]:
+    """A turn as memory and the interaction log keep it: a message the guard reads as
+    instructions is withheld, and so is the reply to it (it may echo it or comply)."""
+    said = WITHHELD if instruction_reason(user_text) else user_text
+    withheld = said == WITHHELD or instruction_reason(reply_text)
+    return said, WITHHELD if withheld else reply_text
+
+
 def withhold(value: Any, *, known_keys: Collection[str] = ()) -> tuple[Any, list[str]]:
     """``value`` with every instruction-like string replaced by :data:`WITHHELD` (a mapping
     entry whose key is one is left out), and the paths of what was withheld. Keys in
