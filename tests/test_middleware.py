@@ -13,6 +13,7 @@ from langchain.agents import create_agent
 from langchain_core.messages import AIMessage, SystemMessage
 from langchain_core.tools import tool
 from langgraph.checkpoint.memory import InMemorySaver
+from pydantic import Field
 
 from persona_plugin import Persona, PersonaConfigError, PersonaStore
 from persona_plugin.embeddings import MiniLMEmbeddingFunction
@@ -244,7 +245,7 @@ class PersonaTakingModel(ScriptedChatModel):
     """Chooses what serves a call from ``persona=``, as the multi-LoRA model does."""
 
     takes_persona: bool = True
-    personas: list[Any] = []
+    personas: list[Any] = Field(default_factory=list)
 
     def _generate(self, messages: Any, stop: Any = None, run_manager: Any = None, **kw: Any):
         self.personas.append(kw.get("persona"))
@@ -253,7 +254,7 @@ class PersonaTakingModel(ScriptedChatModel):
 
 def test_a_model_that_takes_the_persona_gets_the_users(store: PersonaStore) -> None:
     alice(store)
-    model = PersonaTakingModel(default="ok", personas=[])
+    model = PersonaTakingModel(default="ok")
     agent = create_agent(model, [], middleware=[PersonaMiddleware(store, reflection="off")])
     agent.invoke({"messages": [("user", "hi")]}, {"configurable": {"user_id": "alice"}})
     (given,) = model.personas
