@@ -63,7 +63,8 @@ class PersonaConflictError(PersonaError):
         )
 
 
-class PersonaConfigError(PersonaError):
-    """Settings or a call's configuration are missing or wrong."""
+class PersonaConfigError(PersonaError, ValueError):
+    """Settings or a call's configuration are missing or wrong (a ValueError too: hosts
+    such as LangGraph Platform show a ValueError's message to the client)."""
 
     exit_code = 2

@@ -53,6 +53,7 @@ from langchain_core.messages import (
 )
 from langchain_core.runnables import RunnableBinding, RunnableConfig
 from langgraph.graph import END, START, StateGraph, add_messages
+from langgraph.runtime import get_runtime
 from typing_extensions import TypedDict  # pydantic reads only this one on Python < 3.12
 
 from persona_plugin.adaptation.routing import ModelRouter, Route
@@ -94,8 +95,48 @@ class PersonaState(TypedDict, total=False):
     reflection: dict[str, Any] | None
 
 
+class PersonaInput(TypedDict):
+    """What a client sends: the new user message (the thread's earlier ones are in the
+    checkpoint). Who the user is comes from the context or the config, never the input."""
+
+    messages: Annotated[list[AnyMessage], add_messages]
+
+
+class PersonaOutput(TypedDict, total=False):
+    """What a client gets back: the messages, the turn id (feedback names it) and what
+    reflection did. The persona, recalled memories and system prompt stay inside."""
+
+    messages: Annotated[list[AnyMessage], add_messages]
+    turn_id: str
+    reflection: dict[str, Any] | None
+
+
+class PersonaContext(TypedDict, total=False):
+    """The per-run options (``context=`` in LangGraph 1.x and on the Platform, or the same
+    keys in ``config["configurable"]``, which wins)."""
+
+    user_id: str
+    thread_id: str
+    turn_id: str
+    reflection: ReflectionMode
+    mbr_n: int
+    model: str
+
+
 def _configurable(config: RunnableConfig | None) -> dict[str, Any]:
-    return dict((config or {}).get("configurable") or {})
+    """A run's options: the runtime context's (``context=``), then the config's
+    ``configurable`` keys over them."""
+    options: dict[str, Any] = {}
+    try:
+        context = get_runtime().context
+    except RuntimeError:  # called outside a graph run
+        context = None
+    if isinstance(context, Mapping):
+        options.update((k, v) for k, v in context.items() if v is not None)
+    elif context is not None:
+        options.update((k, v) for k, v in vars(context).items() if v is not None)
+    options.update((config or {}).get("configurable") or {})
+    return options
 
 
 def _turn_text(memory_text: str) -> str:
@@ -234,8 +275,9 @@ class PersonaGraph:
         user_id = configurable.get("user_id") or state.get("user_id")
         if not user_id:
             raise PersonaConfigError(
-                "config['configurable']['user_id'] is missing: pass config={'configurable': "
-                "{'user_id': '<user id>', 'thread_id': '<conversation id>'}}."
+                "config['configurable']['user_id'] is missing: pass context={'user_id': "
+                "'<user id>'} or config={'configurable': {'user_id': '<user id>', "
+                "'thread_id': '<conversation id>'}}."
             )
         validate_user_id(user_id, source="config['configurable']['user_id']")
         self._last_user_message(state)  # refuses empty and oversized input up front
@@ -660,7 +702,12 @@ def build_persona_graph(
     """
     nodes = PersonaGraph(chat_model, store=store, memory=memory, **options)
     nodes.has_checkpointer = checkpointer is not None
-    builder = StateGraph(PersonaState)
+    builder = StateGraph(
+        PersonaState,
+        context_schema=PersonaContext,
+        input_schema=PersonaInput,
+        output_schema=PersonaOutput,
+    )
     order = ["load_persona", "recall", "assemble", "generate", "reflect", "save"]
     for name in order:
         builder.add_node(name, getattr(nodes, name))

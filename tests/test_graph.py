@@ -482,11 +482,18 @@ def test_state_is_typed_and_carries_the_turn(store: PersonaStore) -> None:
         "reflect",
         "save",
     ]
-    state = say(graph, "hello", config("ana", "t1"))
-    assert state["user_id"] == "ana" and state["turn_id"] == "t1"
+    # a client gets the messages, the turn id and what reflection did, nothing internal
+    out = say(graph, "hello", config("ana", "t1"))
+    assert set(out) == {"messages", "turn_id", "reflection"}
+    assert out["turn_id"] == "t1"
+    assert [type(m) for m in out["messages"]] == [HumanMessage, AIMessage]
+    # the nodes' own state has the rest
+    state = graph.invoke(
+        {"messages": [("user", "hello")]}, config("ana", "t2"), output_keys=list(hints)
+    )
+    assert state["user_id"] == "ana" and state["turn_id"] == "t2"
     assert state["persona"]["identity"]["user_id"] == "ana"
     assert "<user_profile>" in state["system_prompt"]
-    assert [type(m) for m in state["messages"]] == [HumanMessage, AIMessage]
     # without a turn id in the config, each turn gets a fresh one
     first = say(graph, "a", config("ana"))["turn_id"]
     second = say(graph, "b", config("ana"))["turn_id"]
@@ -557,7 +564,11 @@ def test_knowledge_base_results_reach_the_system_message(
     )
     replies = ScriptedChatModel(default=echo_reply)
     graph = build_persona_graph(replies, store=store, reflection="off")
-    state = say(graph, "How do I reset my router?", config("ana", "t1"))
+    state = graph.invoke(
+        {"messages": [("user", "How do I reset my router?")]},
+        config("ana", "t1"),
+        output_keys=["context"],
+    )
     (system,) = replies.system_texts()
     assert "## Retrieved: Knowledge base kb" in system
     assert "hold the reset button for ten seconds" in system

@@ -32,7 +32,7 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
 from pydantic import ConfigDict, Field
 
-from persona_plugin.chat_models.persona_aware import LiftsConfigurable, coerce_persona
+from persona_plugin.chat_models.persona_aware import NOSTREAM, LiftsConfigurable, coerce_persona
 from persona_plugin.errors import PersonaConfigError
 from persona_plugin.persona import Persona, user_of
 from persona_plugin.preferences.hub import PreferenceHub
@@ -217,11 +217,15 @@ class MBRChatModel(LiftsConfigurable, BaseChatModel):
             out = self.base.generate(
                 [messages],
                 stop=stop,
+                tags=[NOSTREAM],
                 **self._base_kwargs(persona, n, plan["rest"]),
             )
             generations = list(out.generations[0])
         else:
-            generations = self.base.batch([messages] * n, stop=stop, **plan["rest"])
+            # the candidates are not the reply: only the chosen one streams to a client
+            generations = self.base.batch(
+                [messages] * n, {"tags": [NOSTREAM]}, stop=stop, **plan["rest"]
+            )
         texts = [
             _text(g.message.content if hasattr(g, "message") else g.content) for g in generations
         ]
@@ -241,11 +245,14 @@ class MBRChatModel(LiftsConfigurable, BaseChatModel):
             out = await self.base.agenerate(
                 [messages],
                 stop=stop,
+                tags=[NOSTREAM],
                 **self._base_kwargs(persona, n, plan["rest"]),
             )
             generations = list(out.generations[0])
         else:
-            generations = await self.base.abatch([messages] * n, stop=stop, **plan["rest"])
+            generations = await self.base.abatch(
+                [messages] * n, {"tags": [NOSTREAM]}, stop=stop, **plan["rest"]
+            )
         texts = [
             _text(g.message.content if hasattr(g, "message") else g.content) for g in generations
         ]

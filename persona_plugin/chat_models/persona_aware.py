@@ -19,6 +19,11 @@ from langchain_core.runnables import RunnableBinding, RunnableConfig
 from persona_plugin.errors import PersonaConfigError
 from persona_plugin.persona import Persona
 
+#: the tag (LangGraph's ``TAG_NOSTREAM``) on a model call made inside a graph node that is
+#: not the reply: a reflection, MBR's candidates. ``stream_mode="messages"`` skips it, so
+#: clients stream only the answer.
+NOSTREAM = "nostream"
+
 
 def takes_persona(model: Any) -> bool:
     """Whether ``model`` chooses what serves a call from a ``persona=`` argument (its

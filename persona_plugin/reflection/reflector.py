@@ -31,6 +31,7 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 from pydantic import ValidationError
 
+from persona_plugin.chat_models.persona_aware import NOSTREAM
 from persona_plugin.persona import DEFAULT_LIMITS, Persona, PersonaLimits
 from persona_plugin.reflection.optimizer import (
     WRITABLE_ROOTS,
@@ -159,13 +160,14 @@ class Reflector:
                     runnable = self.chat_model.with_structured_output(
                         ReflectionOutput, include_raw=True
                     )
-                    answer = runnable.invoke(messages)
+                    answer = runnable.invoke(messages, {"tags": [NOSTREAM]})
                     add_usage(result.token_usage, answer.get("raw"))
                     if answer.get("parsed") is not None:
                         result.output = answer["parsed"]
                         return result
                     raise ValueError(str(answer.get("parsing_error") or "no structured answer"))
-                reply = self.chat_model.invoke(messages)
+                # inside a graph, the reflection is not the reply: it must not stream
+                reply = self.chat_model.invoke(messages, {"tags": [NOSTREAM]})
                 add_usage(result.token_usage, reply)
                 text = reply.content if isinstance(reply.content, str) else str(reply.content)
                 result.output = parse_reflection_json(text)
