@@ -269,7 +269,7 @@ def test_remember_and_facts_keep_provenance(memory: LongTermMemory) -> None:
     assert len(turn_ids) == 2 and len(fact_ids) == 1 and len(reflection_ids) == 1
     assert memory.count("alice") == 4
 
-    items = {item.id: item for item in memory.get("alice")}
+    items = {item.id: item for item in memory.items("alice")}
     first, second = items[turn_ids[0]], items[turn_ids[1]]
     assert first.model_dump(exclude={"id", "score", "scores"}) == {
         "user_id": "alice",
@@ -301,11 +301,11 @@ def test_remember_and_facts_keep_provenance(memory: LongTermMemory) -> None:
         assert item.model_dump(exclude={"score", "scores"}) == stored.model_dump(
             exclude={"score", "scores"}
         )
-    assert [i.kind for i in memory.get("alice", kinds=["fact", "reflection"])] == [
+    assert [i.kind for i in memory.items("alice", kinds=["fact", "reflection"])] == [
         "fact",
         "reflection",
     ]
-    assert memory.get("alice") == sorted(memory.get("alice"), key=lambda i: (i.timestamp, i.id))
+    assert memory.items("alice") == sorted(memory.items("alice"), key=lambda i: (i.timestamp, i.id))
 
 
 def test_ids_are_deterministic_and_reingest_overwrites(memory: LongTermMemory) -> None:
@@ -321,7 +321,7 @@ def test_ids_are_deterministic_and_reingest_overwrites(memory: LongTermMemory) -
     # an edited turn keeps its id: the text is replaced, not duplicated
     memory.remember("bo", [{"turn_id": "t0", "speaker": "Ann", "text": "We moved to Porto."}])
     assert memory.count("bo") == 4
-    assert _by_turn(memory.get("bo"))["t0"].text == "Ann: We moved to Porto."
+    assert _by_turn(memory.items("bo"))["t0"].text == "Ann: We moved to Porto."
 
 
 # -- recall ---------------------------------------------------------------------------------
@@ -368,7 +368,7 @@ def test_lexical_only_match_is_found_thanks_to_bm25(memory: LongTermMemory) -> N
         for j, p in enumerate(places)
     ]
     memory.remember("dana", turns)
-    ids = {turn: item.id for turn, item in _by_turn(memory.get("dana")).items()}
+    ids = {turn: item.id for turn, item in _by_turn(memory.items("dana")).items()}
 
     vector_misses = bm25_only = 0
     for j in range(len(places)):
@@ -542,7 +542,7 @@ def test_isolation_1000_users_every_result_checked(backend: Backend) -> None:
             assert item.user_id == user and item.id in own[user], (user, item)
         texts = {item.text for item in items}
         assert f"Me: My {pets[i % 7]} is called Pip{i}, code {i:04d}." in texts
-        assert {item.id for item in memory.get(user)} == own[user]
+        assert {item.id for item in memory.items(user)} == own[user]
     recall_s = time.monotonic() - started
     print(f"\nisolation ({backend.mode}): ingest {ingest_s:.1f} s, recall+get {recall_s:.1f} s")
 
@@ -564,7 +564,7 @@ def test_user_id_in_filters_and_invalid_user_ids_are_refused(memory: LongTermMem
         lambda u: memory.remember(u, _turns("hello")),
         lambda u: memory.add_facts(u, ["a fact"]),
         lambda u: memory.recall(u, "secret"),
-        lambda u: memory.get(u),
+        lambda u: memory.items(u),
         lambda u: memory.count(u),
         lambda u: memory.delete_user(u),
     ]
@@ -617,7 +617,7 @@ def test_delete_user_removes_every_item_from_chroma_storage(backend: Backend) ->
     assert _user_rows(backend.sqlite_file, gone) == 8
 
     assert memory.delete_user(gone) == 8
-    assert memory.count(gone) == 0 and memory.get(gone) == []
+    assert memory.count(gone) == 0 and memory.items(gone) == []
     assert memory.recall(gone, marker) == []
     assert memory.delete_user(gone) == 0  # idempotent
 
@@ -634,7 +634,7 @@ def test_delete_user_removes_every_item_from_chroma_storage(backend: Backend) ->
     # every table, Chroma's write-ahead log too (see the next test)
     assert _rows_mentioning(db, [marker, gone], skip=("embeddings_queue",)) == []
     assert _rows_mentioning(db, [other_marker], skip=("embeddings_queue",))
-    assert [i.id for i in memory.get(kept)] == kept_ids
+    assert [i.id for i in memory.items(kept)] == kept_ids
 
 
 # Deleting items inside a shared collection left their text in Chroma's write-ahead log
@@ -880,7 +880,7 @@ def test_ingest_killed_midway_leaves_memory_usable_and_rerun_does_not_duplicate(
     for start in range(0, len(turns), batch):  # the whole ingest again
         memory.remember("sam", turns[start : start + batch])
     assert memory.count("sam") == distinct
-    items = memory.get("sam")
+    items = memory.items("sam")
     assert len({i.id for i in items}) == distinct
     assert sorted(t for i in items for t in i.source_turn_ids) == sorted(
         {t["turn_id"] for t in turns}
