@@ -249,3 +249,31 @@ def test_delete_user_removes_the_history_too(embedded: LongTermMemory) -> None:
     embedded.delete_user("ana")
     assert history not in {c.name for c in embedded.client.list_collections()}
     assert embedded.history(user_id="ana") == [] and embedded.user_ids() == []
+
+
+def test_every_new_path_bound_to_one_user_sees_that_user_alone(memory: LongTermMemory) -> None:
+    """On both backends (embedded and a ``chroma run`` server): search, the retriever, the
+    tools and a bound store namespace never return another user's data."""
+    import json
+
+    from persona_plugin.memory.store import MemoryStore
+    from persona_plugin.memory.tools import create_search_memory_tool
+
+    secrets = {"ana": "Ana's locker code is 4417", "bob": "Bob's locker code is 9902"}
+    for user, text in secrets.items():
+        memory.add(text, user_id=user)
+        memory.add([{"role": "user", "content": f"my locker is at the gym ({user})"}], user_id=user)
+        item = memory.add(f"{user} temp note", user_id=user)["results"][0]["id"]
+        memory.update(item, f"{user} note, updated", user_id=user)
+    query = "what is the locker code"
+    for user, other in (("ana", "bob"), ("bob", "ana")):
+        texts = [r["memory"] for r in memory.search(query, user_id=user, limit=10)["results"]]
+        texts += [d.page_content for d in memory.as_retriever(user_id=user, k=10).invoke(query)]
+        tool = create_search_memory_tool(memory, user_id=user)
+        texts += [f["memory"] for f in json.loads(tool.invoke({"query": query, "limit": 10}))]
+        store = MemoryStore(memory, user_id=user)
+        texts += [i.value["content"] for i in store.search(("memories",), query=query, limit=10)]
+        texts += [i.value["content"] for i in store.search(("memories", user))]
+        texts += [e["new_memory"] or "" for e in memory.history(user_id=user)]
+        assert secrets[user] in texts
+        assert not [t for t in texts if secrets[other] in t or f"({other})" in t or other in t]
