@@ -84,9 +84,10 @@ RRF_K = 60  # the usual reciprocal-rank-fusion constant (Cormack et al. 2009)
 _UPSERT_BATCH = 512
 #: what :meth:`LongTermMemory.search` scores (and ``min_score`` thresholds) mean
 SCORE = (
-    "cosine similarity of the query's and the item's embeddings, in [-1, 1]; with the "
-    "default all-MiniLM-L6-v2, a paraphrase of the item scores about 0.6 and above, the "
-    "same topic 0.3-0.6, unrelated text below 0.2"
+    "cosine similarity of the query's and the item's embeddings, in [-1, 1]. With the "
+    "default all-MiniLM-L6-v2, on LoCoMo's dev questions (benchmarks/bench_memory_scores.py) "
+    "a question's evidence turn scores median 0.47, other turns median 0.27: min_score 0.3 "
+    "keeps 90% of evidence and 42% of the rest, 0.4 keeps 70% and 17%"
 )
 _OPERATORS = {"$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin"}
 _SCALARS = (str, int, float, bool)
