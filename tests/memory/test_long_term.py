@@ -121,6 +121,10 @@ def test_remember_and_facts_keep_provenance(memory: LongTermMemory) -> None:
         "timestamp": "2024-03-02T10:15:00+00:00",
         "speaker": "Alice",
         "session": "1",
+        # written by the graph's path, not the mem0 API: the item's time stands in
+        "metadata": {},
+        "created_at": "2024-03-02T10:15:00+00:00",
+        "updated_at": "2024-03-02T10:15:00+00:00",
     }
     assert second.timestamp == "2024-03-02T10:16:00+00:00"  # converted to UTC
     assert (second.speaker, second.source_turn_ids) == ("Bob", ["D1:2"])
