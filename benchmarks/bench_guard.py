@@ -152,7 +152,7 @@ def end_to_end(items: list[dict], root: Path, tag: str) -> list[dict[str, bool]]
                 )
             prompt = replies.system_texts()[-1]
             persona = store.get(user)
-            stored = {i.text for i in memory.get(user)}
+            stored = {i.text for i in memory.items(user)}
             # a knowledge-base tool returning the text takes the other path into the prompt
             assembled = PromptAssembler().assemble(
                 Persona.new(user), context={"knowledge_base docs": [text]}

@@ -66,7 +66,7 @@ def main() -> None:
         for change in store.diff("ana", 1, version):
             if not change.path.startswith("memory."):  # skip the bookkeeping (recent turns)
                 print(f"  {change.describe()}")
-        facts = memory.get("ana", kinds=["fact"])
+        facts = memory.items("ana", kinds=["fact"])
         print("long-term memories:", ", ".join(sorted(item.text for item in facts)))
         graph.close()
 

@@ -1,15 +1,15 @@
 """Forgetting a user, and exporting what is kept about them: one path for every entry point.
 
 :func:`forget_user` removes every trace the project controls: the persona's versions, the
-user's long-term memory, the checkpoints of every thread the user ran (found by the
-``user_id`` LangGraph copies from the config into each checkpoint's metadata), the
-retrieval caches that remember their persona, and the interaction log with the
-reflection work queued in it. The log goes first: on PostgreSQL its delete waits for a
-worker that is reflecting the user to commit, and anywhere a reflection that finishes
-after it finds its work gone and writes nothing (see
-:mod:`persona_plugin.reflection.worker`), so a late reflection cannot bring the user back.
-:func:`export_user` returns all of it. The server's DELETE and export, ``persona delete``
-and ``persona export``, the bots' ``forget`` and :meth:`PersonaGraph.forget
+user's long-term memory (with its items' change history), the checkpoints of every thread
+the user ran (found by the ``user_id`` LangGraph copies from the config into each
+checkpoint's metadata), the retrieval caches that remember their persona, and the
+interaction log with the reflection work queued in it. The log goes first: on PostgreSQL
+its delete waits for a worker that is reflecting the user to commit, and anywhere a
+reflection that finishes after it finds its work gone and writes nothing (see
+:mod:`persona_plugin.reflection.worker`), so a late reflection cannot bring the user
+back. :func:`export_user` returns all of it. The server's DELETE and export, ``persona
+delete`` and ``persona export``, the bots' ``forget`` and :meth:`PersonaGraph.forget
 <persona_plugin.graph.PersonaGraph.forget>` all call these.
 
 Deleted text must not stay readable on disk. What the project writes to SQLite is
@@ -153,13 +153,15 @@ def export_user(
     owned: Any = None,
 ) -> dict[str, Any]:
     """Everything kept about ``user_id``, as JSON-ready data: every persona version with
-    its record, every long-term memory item, the messages of every thread, the
-    interaction log (turns and feedback), and the versions of the user's own models.
+    its record, every long-term memory item and the history of their changes, the messages
+    of every thread, the interaction log (turns and feedback), and the versions of the
+    user's own models.
 
     Raises :class:`~persona_plugin.errors.PersonaNotFoundError` when nothing is kept.
     """
     validate_user_id(user_id)
-    items = memory.get(user_id) if memory is not None else []
+    items = memory.items(user_id) if memory is not None else []
+    changes = memory.history(user_id=user_id) if memory is not None else []
     logged = _log_of(store, interactions).export_user(user_id)
     adapted = _owned_of(owned).export_user(user_id)
     threads = {}
@@ -175,10 +177,11 @@ def export_user(
     try:
         data = store.export(user_id)
     except PersonaNotFoundError:
-        if not items and not threads and not logged["turns"] and not adapted:
+        if not items and not changes and not threads and not logged["turns"] and not adapted:
             raise
         data = {"user_id": user_id, "exported_at": utc_now(), "versions": []}
     data["memory"] = [item.model_dump(mode="json") for item in items]
+    data["memory_history"] = changes
     data["threads"] = threads
     data["interactions"] = logged
     data["owned"] = adapted

@@ -127,3 +127,17 @@ def test_local_multi_lora_graph_example_shows_each_personas_adapters():
     answers = [line.split(": ", 1) for line in lines[1::2]]
     assert [user for user, _ in answers] == ["bo", "cleo"]
     assert all(text.strip() for _, text in answers) and answers[0][1] != answers[1][1]
+
+
+def test_memory_ecosystem_example_shows_each_view_of_one_memory(capsys):
+    # in-process: the example's imports resolve to this checkout, as the suite's do
+    load_example("memory_ecosystem").main()
+    assert capsys.readouterr().out.splitlines() == [
+        "search: Ana is vegetarian (fact)",
+        "history: [('ADD', 'Ana is vegetarian'), ('UPDATE', 'Ana is vegan')]",
+        "retriever: user: I just moved to Porto.",
+        "remember: ['created', 'memory']",
+        "search_memory: Ana's cat is called Miso",
+        "store: trip Ana plans a trip to Kyoto in May",
+        "namespaces: [('memories', 'ana'), ('memories', 'bob')]",
+    ]

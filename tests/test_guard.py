@@ -267,7 +267,7 @@ def test_no_injection_reaches_the_persona_or_memory(
         assert not [s for s in strings_in(document) if instruction_reason(s)]
     assert store.get(user).personality.interests == ["chess"]
     # nor the long-term memory
-    items = memory.get(user)
+    items = memory.items(user)
     assert [i.text for i in items] == ["plays chess on Sundays"]
     assert items[0].source_turn_ids == ["t1"]
 
@@ -301,7 +301,7 @@ def test_benign_facts_are_all_accepted(backend: tuple[PersonaStore, LongTermMemo
     persona = store.get(user)
     stored = [*persona.personality.interests, *persona.extensions["facts"].values()]
     assert sorted(stored) == sorted(BENIGN)
-    assert sorted(i.text for i in memory.get(user)) == sorted(BENIGN)
+    assert sorted(i.text for i in memory.items(user)) == sorted(BENIGN)
     # the history records no refusals at all
     for record in store.history(user):
         assert record.details["reflection"]["refused"] == []
@@ -326,7 +326,7 @@ def test_injected_user_message_is_withheld_from_persona_and_memory(
     )
     persona = store.get("mallory")
     assert persona.memory.short_term == []  # recent turns are in the thread, not the persona
-    texts = sorted(i.text for i in memory.get("mallory"))
+    texts = sorted(i.text for i in memory.items("mallory"))
     # the reply to a withheld message is withheld with it (it may echo or obey it)
     assert texts == [f"assistant: {WITHHELD}", f"user: {WITHHELD}"]
     assert attack not in json.dumps(store.get("mallory").to_dict())
@@ -469,7 +469,7 @@ def test_a_reply_to_a_withheld_message_is_withheld_too(
         {"messages": [("user", attack)]},
         {"configurable": {"user_id": "echo", "thread_id": "x", "turn_id": "t1"}},
     )
-    assert sorted(i.text for i in memory.get("echo")) == [
+    assert sorted(i.text for i in memory.items("echo")) == [
         f"assistant: {WITHHELD}",
         f"user: {WITHHELD}",
     ]

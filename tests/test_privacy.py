@@ -34,6 +34,7 @@ from persona_plugin import (
 from persona_plugin.chat_models import EchoChatModel
 from persona_plugin.embeddings import MiniLMEmbeddingFunction
 from persona_plugin.lora import LoraRetriever, parse_card
+from persona_plugin.memory import MemoryStore
 from persona_plugin.persona import Persona
 from persona_plugin.reflection import Reflector
 from tests.fakes import ScriptedReflection
@@ -101,6 +102,10 @@ def write_everywhere(parts: Parts) -> None:
     parts.memory.remember(
         "ana", [{"turn_id": "m1", "speaker": "user", "text": f"note: {SECRET} again"}]
     )
+    # the mem0 API and the LangGraph store: after the update the secret is in the history
+    (noted,) = parts.memory.add(f"Ana's locker code is {SECRET}", user_id="ana")["results"]
+    parts.memory.update(noted["id"], "Ana's locker is empty", user_id="ana")
+    MemoryStore(parts.memory).put(("memories", "ana"), "k", {"content": f"{SECRET} stored"})
     parts.turn("bob", f"I love {OTHER}", "bob-1")
 
 
@@ -188,6 +193,7 @@ def test_export_holds_everything_that_forget_removes(parts: Parts) -> None:
     data = parts.graph.export("ana")
     assert [v["version"] for v in data["versions"]][:1] == [1]
     assert any(SECRET in item["text"] for item in data["memory"])
+    assert any(SECRET in (e["old_memory"] or "") for e in data["memory_history"])
     assert set(data["threads"]) >= {"ana-1", "ana-2"}
     assert any(SECRET in m["content"] for m in data["threads"]["ana-2"])
     assert all(OTHER not in str(value) for value in data.values())

@@ -12,10 +12,37 @@ Recall is hybrid: a vector query in Chroma and BM25 over the user's items, fused
 reciprocal rank (RRF), with optional time filters and recency decay, and near-duplicate
 removal. Ids are deterministic (user, kind, turn id or text), so ingesting the same turns
 again overwrites rather than duplicates: an ingest cut short is simply re-run.
+
+Beside the graph's own calls (:meth:`~LongTermMemory.remember`,
+:meth:`~LongTermMemory.add_facts`, :meth:`~LongTermMemory.recall`) the class speaks mem0's
+shape, so a mem0 or LangMem user finds what they know:
+
+- ``add(messages | text, user_id=, metadata=)`` -> ``{"results": [{"id", "memory",
+  "event"}]}`` (event ``ADD``, ``UPDATE`` or ``NONE``). Messages are LangChain messages or
+  ``{role, content}`` dicts, remembered as turns (a message the guard reads as
+  instructions is kept as :data:`~persona_plugin.guard.WITHHELD`, as the graph keeps it);
+  a text is one fact, refused if the guard reads it as instructions (as reflection
+  refuses such facts).
+- ``search(query, user_id=, limit=, filters=, min_score=)`` -> ``{"results": [record]}``,
+  best first. A record is ``{"id", "memory", "user_id", "kind", "metadata",
+  "source_turn_ids", "created_at", "updated_at", "score"}``. **The score is the cosine
+  similarity** of the query's and the item's embeddings (all-MiniLM-L6-v2 by default),
+  so a threshold means the same on every query and every user: see :data:`SCORE`.
+- ``get(memory_id, user_id=)`` -> a record or ``None``; ``get_all(user_id=, filters=)``;
+  ``update(memory_id, data, user_id=)``; ``delete(memory_id, user_id=)``;
+  ``history(memory_id, user_id=)`` -> the item's events (:mod:`persona_plugin.memory.history`);
+  each has an async twin (``aadd``, ``asearch``, ...), run in a worker thread, since
+  Chroma's clients are synchronous.
+- ``as_retriever(user_id=)``: a LangChain ``BaseRetriever``
+  (:mod:`persona_plugin.memory.retriever`).
+
+``user_id`` is a keyword everywhere in this API: an item id alone never reaches another
+user's collection.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import hashlib
@@ -27,18 +54,25 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import numpy as np
 from pydantic import BaseModel, Field
 
 from persona_plugin.config import Settings
 from persona_plugin.embeddings.minilm import as_embedding_function
-from persona_plugin.errors import PersonaConfigError, PersonaValidationError
+from persona_plugin.errors import PersonaConfigError, PersonaNotFoundError, PersonaValidationError
+from persona_plugin.guard import WITHHELD, instruction_reason
 from persona_plugin.memory.chroma import http_client
 from persona_plugin.memory.disk import INDEX_FILES_LOCK, purge_deleted, scrub_all, vector_folder
+from persona_plugin.memory.history import META_PREFIX, SUFFIX, MemoryHistory, event, user_metadata
 from persona_plugin.memory.lexical import BM25Index, tokenize
+from persona_plugin.memory.messages import as_turns
+from persona_plugin.memory.values import text_path, with_text
 from persona_plugin.persona import LongTermMemoryLink, Persona, Turn, validate_user_id
+
+if TYPE_CHECKING:
+    from persona_plugin.memory.retriever import MemoryRetriever
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -48,6 +82,15 @@ SUPERSEDED = "superseded"
 DEFAULT_COLLECTION = "persona_memory"
 RRF_K = 60  # the usual reciprocal-rank-fusion constant (Cormack et al. 2009)
 _UPSERT_BATCH = 512
+#: what :meth:`LongTermMemory.search` scores (and ``min_score`` thresholds) mean
+SCORE = (
+    "cosine similarity of the query's and the item's embeddings, in [-1, 1]. With the "
+    "default all-MiniLM-L6-v2, on LoCoMo's dev questions (benchmarks/bench_memory_scores.py) "
+    "a question's evidence turn scores median 0.47, other turns median 0.27: min_score 0.3 "
+    "keeps 90% of evidence and 42% of the rest, 0.4 keeps 70% and 17%"
+)
+_OPERATORS = {"$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin"}
+_SCALARS = (str, int, float, bool)
 
 
 class DialogueTurn(BaseModel):
@@ -73,6 +116,25 @@ class MemoryItem(BaseModel):
     session: str | None = None
     score: float = 0.0
     scores: dict[str, float] = Field(default_factory=dict, description="vector, lexical, fused")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="the caller's, from add")
+    created_at: str | None = None
+    updated_at: str | None = None
+
+    def as_record(self, score: float | None = None) -> dict[str, Any]:
+        """The item in mem0's shape (``memory`` is the text), with ``score`` if given."""
+        record: dict[str, Any] = {
+            "id": self.id,
+            "memory": self.text,
+            "user_id": self.user_id,
+            "kind": self.kind,
+            "metadata": dict(self.metadata),
+            "source_turn_ids": list(self.source_turn_ids),
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
+        if score is not None:
+            record["score"] = score
+        return record
 
 
 def _parse_time(value: datetime | str | None, what: str) -> datetime | None:
@@ -109,16 +171,18 @@ def _fresh_collection(method: Callable[..., T]) -> Callable[..., T]:
     process (a second server worker, an admin script) may have deleted the user."""
 
     @functools.wraps(method)
-    def wrapper(self: LongTermMemory, user_id: str, *args: Any, **kwargs: Any) -> T:
+    def wrapper(self: LongTermMemory, *args: Any, **kwargs: Any) -> T:
         try:
-            return method(self, user_id, *args, **kwargs)
+            return method(self, *args, **kwargs)
         except Exception as exc:
             if not _is_not_found(exc):
                 raise
+            # the user is the first argument, or the keyword of the mem0-shaped methods
+            user_id = kwargs["user_id"] if "user_id" in kwargs else args[0]
             with self._lock:
                 self._collections.pop(user_id, None)
                 self._lexical.pop(user_id, None)
-            return method(self, user_id, *args, **kwargs)
+            return method(self, *args, **kwargs)
 
     return wrapper
 
@@ -174,6 +238,9 @@ class LongTermMemory:
         # the vector-index folders scrubbed of what Chroma wrote unzeroed (memory.disk)
         self._scrubbed: set[str] = set()
         self._index_folders: dict[str, str] = {}
+        self.changes = MemoryHistory(
+            self.client, scrub=self._scrub_index if self.embedded else None
+        )
 
     @property
     def embedded(self) -> bool:
@@ -267,6 +334,11 @@ class LongTermMemory:
         the memory as it was.
         """
         validate_user_id(user_id)
+        return self._write(user_id, self._turn_records(user_id, turns))
+
+    def _turn_records(
+        self, user_id: str, turns: Iterable[DialogueTurn | Mapping[str, Any]]
+    ) -> list[dict[str, Any]]:
         checked = [self._validate_turn(raw, index) for index, raw in enumerate(turns)]
         records = []
         for index, turn in enumerate(checked):
@@ -293,7 +365,7 @@ class LongTermMemory:
                 if checked[j].session == turn.session
             ]
             records.append(record)
-        return self._write(user_id, records)
+        return records
 
     def add_facts(
         self,
@@ -491,6 +563,15 @@ class LongTermMemory:
             self._lexical[user_id] = (time.monotonic(), index)
         return index
 
+    @staticmethod
+    def _check_query(query: object) -> None:
+        if not isinstance(query, str) or not query.strip():
+            raise PersonaValidationError("memory", "query", "query is empty", "Pass some text.")
+        if _bad_unicode(query):
+            raise PersonaValidationError(
+                "memory", "query", "query is not valid Unicode", "Decode it as UTF-8."
+            )
+
     @_fresh_collection
     def recall(
         self,
@@ -513,12 +594,7 @@ class LongTermMemory:
         Jaccard similarity (1.0 turns it off and keeps every item).
         """
         validate_user_id(user_id)
-        if not isinstance(query, str) or not query.strip():
-            raise PersonaValidationError("memory", "query", "query is empty", "Pass some text.")
-        if _bad_unicode(query):
-            raise PersonaValidationError(
-                "memory", "query", "query is not valid Unicode", "Decode it as UTF-8."
-            )
+        self._check_query(query)
         if k <= 0:
             return []
         filters: dict[str, Any] = {}
@@ -612,22 +688,419 @@ class LongTermMemory:
         return items
 
     @_fresh_collection
-    def get(self, user_id: str, *, kinds: Sequence[str] | None = None) -> list[MemoryItem]:
+    def items(self, user_id: str, *, kinds: Sequence[str] | None = None) -> list[MemoryItem]:
         """Every item of the user (optionally of some kinds), oldest first."""
         validate_user_id(user_id)
         filters = {"kind": {"$in": list(kinds)}} if kinds else None
+        return self._listed(user_id, self._where(user_id, filters))
+
+    def _listed(self, user_id: str, where: dict | None) -> list[MemoryItem]:
         collection = self.collection_for(user_id, create=False)
         if collection is None:
             return []
-        got = collection.get(
-            where=self._where(user_id, filters), include=["documents", "metadatas"]
-        )
+        got = collection.get(where=where, include=["documents", "metadatas"])
         items = [
             _to_item(i, d, m, 0.0, {})
             for i, d, m in zip(got["ids"], got["documents"], got["metadatas"], strict=True)
             if m.get("user_id") == user_id
         ]
         return sorted(items, key=lambda item: (item.timestamp or "", item.id))
+
+    @overload
+    def get(self, memory_id: str, *, user_id: str) -> dict[str, Any] | None: ...
+
+    @overload
+    def get(self, user_id: str, *, kinds: Sequence[str] | None = None) -> list[MemoryItem]: ...
+
+    def get(
+        self,
+        memory_id: str,
+        *,
+        user_id: str | None = None,
+        kinds: Sequence[str] | None = None,
+    ) -> dict[str, Any] | list[MemoryItem] | None:
+        """One item, as a mem0 record, or ``None``: ``get(memory_id, user_id=...)``.
+
+        Without ``user_id=``, ``get(user_id)`` and ``get(user_id, kinds=...)`` are the
+        older spelling of :meth:`items` and still list the user's items.
+        """
+        if user_id is None:
+            return self.items(memory_id, kinds=kinds)
+        if kinds is not None:
+            raise TypeError("get(memory_id, user_id=) takes no kinds=: use items(user_id, kinds=)")
+        stored = self._stored(memory_id, user_id=user_id)
+        if stored is None:
+            return None
+        return _to_item(memory_id, stored["document"], stored["metadata"], 0.0, {}).as_record()
+
+    def get_all(
+        self, *, user_id: str, filters: Mapping[str, Any] | None = None, limit: int = 100
+    ) -> dict[str, list[dict[str, Any]]]:
+        """The user's items as mem0 records (``{"results": [...]}``), oldest first."""
+        validate_user_id(user_id)
+        where = _filters_where(filters)
+        items = self._fresh_listed(user_id=user_id, where=where)
+        return {"results": [item.as_record() for item in items[: max(0, limit)]]}
+
+    @_fresh_collection
+    def _fresh_listed(self, *, user_id: str, where: dict | None) -> list[MemoryItem]:
+        return self._listed(user_id, where)
+
+    @_fresh_collection
+    def _stored(self, memory_id: str, *, user_id: str) -> dict[str, Any] | None:
+        """The stored ``document`` and ``metadata`` of one of the user's items, or ``None``."""
+        validate_user_id(user_id)
+        if not isinstance(memory_id, str) or not memory_id or _bad_unicode(memory_id):
+            raise PersonaValidationError(
+                "memory", "memory_id", f"{memory_id!r} is not an item id", "Pass an id from add."
+            )
+        collection = self.collection_for(user_id, create=False)
+        if collection is None:
+            return None
+        got = collection.get(ids=[memory_id], include=["documents", "metadatas"])
+        if not got["ids"]:
+            return None
+        meta = got["metadatas"][0]
+        if meta.get("user_id") != user_id:  # never hand out what the collection should not hold
+            raise RuntimeError(f"memory isolation violated for item {memory_id}")
+        return {"document": got["documents"][0], "metadata": meta}
+
+    def _missing(self, memory_id: str, user_id: str) -> PersonaNotFoundError:
+        return PersonaNotFoundError(
+            f"no memory item {memory_id!r} for user {user_id!r}: get_all(user_id=...) lists "
+            "the user's items and their ids"
+        )
+
+    def add(
+        self,
+        messages: str | Sequence[Any] | Mapping[str, Any],
+        *,
+        user_id: str,
+        metadata: Mapping[str, Any] | None = None,
+        source_turn_ids: Sequence[str] = (),
+        actor: str = "add",
+    ) -> dict[str, list[dict[str, Any]]]:
+        """Remember ``messages`` (mem0's ``add``): ``{"results": [{"id", "memory", "event"}]}``.
+
+        A text is one fact (kind ``fact``; adding the same text again is event ``NONE``);
+        it is refused if the guard reads it as instructions to the assistant. Messages
+        (LangChain messages, ``{role, content}`` dicts, or turns) are remembered as turns,
+        each of the user's or the assistant's; one the guard reads as instructions is kept
+        as :data:`~persona_plugin.guard.WITHHELD`. ``metadata`` (flat: text, numbers,
+        booleans) is stored with each item and is what ``search(filters=)`` matches.
+        """
+        validate_user_id(user_id)
+        extra = _metadata_fields(metadata)
+        now = datetime.now(UTC)
+        if isinstance(messages, str):
+            text = self._guarded_fact(messages, "messages")
+            records = [
+                self._record(
+                    user_id,
+                    kind="fact",
+                    key=" ".join(text.lower().split()),
+                    text=text,
+                    embed_text=text,
+                    source_turn_ids=list(source_turn_ids),
+                    when=now,
+                )
+            ]
+        else:
+            if isinstance(messages, Mapping) or hasattr(messages, "content"):
+                messages = [messages]  # one message
+            turns = as_turns(list(messages), timestamp=now.isoformat())
+            for turn in turns:
+                if isinstance(turn.get("text"), str) and instruction_reason(turn["text"]):
+                    turn["text"] = WITHHELD  # as the graph keeps such a turn
+            records = self._turn_records(user_id, turns)
+        for record in records:
+            record["metadata"].update(extra)
+        return {"results": self._write_tracked(user_id, records, actor=actor)}
+
+    def _guarded_fact(self, text: object, where: str) -> str:
+        checked = self._check_text(text, where)
+        reason = instruction_reason(checked)
+        if reason:
+            raise PersonaValidationError(
+                "memory",
+                where,
+                f"the text reads as an instruction to the assistant (guard: {reason})",
+                "Remember what the user said or is; instructions are never remembered.",
+            )
+        return checked
+
+    def _write_tracked(
+        self, user_id: str, records: list[dict[str, Any]], *, actor: str, replace: bool = False
+    ) -> list[dict[str, Any]]:
+        """Write ``records`` as :meth:`_write` does, keeping each item's ``created_at``,
+        setting ``updated_at``, and logging an event for each change; the mem0 results.
+        ``replace``: the caller's metadata keys the records lack are removed."""
+        if not records:
+            return []
+        now = datetime.now(UTC).isoformat()
+        collection = self.collection_for(user_id, create=False)
+        ids = list(dict.fromkeys(r["id"] for r in records))
+        old: dict[str, dict[str, Any]] = {}
+        if collection is not None:
+            got = collection.get(ids=ids, include=["documents", "metadatas"])
+            for item_id, doc, meta in zip(
+                got["ids"], got["documents"], got["metadatas"], strict=True
+            ):
+                old[item_id] = {"document": doc, "metadata": meta}
+        last = {r["id"]: r for r in records}
+        results, events = [], []
+        for item_id, record in last.items():
+            meta = record["metadata"]
+            before = old.get(item_id)
+            if before is None:
+                change = "ADD"
+                meta.setdefault("created_at", now)
+                meta["updated_at"] = meta["created_at"]
+            else:
+                was = before["metadata"]
+                meta["created_at"] = was.get("created_at") or was.get("timestamp") or now
+                if replace:
+                    for key in was:
+                        if key.startswith(META_PREFIX) and key not in meta:
+                            meta[key] = None  # Chroma removes a key set to None
+                same = before["document"] == record["document"] and user_metadata(
+                    was
+                ) == user_metadata({k: v for k, v in meta.items() if v is not None})
+                change = "NONE" if same else "UPDATE"
+                meta["updated_at"] = was.get("updated_at") or meta["created_at"]
+                if not same:
+                    meta["updated_at"] = now
+            new = {"document": record["document"], "metadata": meta}
+            results.append({"id": item_id, "memory": record["document"], "event": change})
+            if change != "NONE":
+                events.append(event(change, item_id, old=before, new=new, actor=actor))
+        for record in records:  # a record given twice: both carry the times set above
+            record["metadata"] = last[record["id"]]["metadata"]
+        self._write(user_id, records)
+        if any(e["event"] == "UPDATE" for e in events):
+            with self._lock:  # BM25 is append-only: an item's new text needs a rebuild
+                self._lexical.pop(user_id, None)
+        self.changes.record(self._history_name(user_id), user_id, events)
+        return results
+
+    def update(
+        self,
+        memory_id: str,
+        data: str,
+        *,
+        user_id: str,
+        metadata: Mapping[str, Any] | None = None,
+        actor: str = "update",
+    ) -> dict[str, Any]:
+        """Change one item's text (and merge ``metadata`` into its own); its kind, source
+        turns and creation time stay, and the history gains the previous value. Returns
+        ``{"id", "memory", "event"}``. The new text passes the guard as :meth:`add`'s."""
+        stored = self._stored(memory_id, user_id=user_id)
+        if stored is None:
+            raise self._missing(memory_id, user_id)
+        text = self._guarded_fact(data, "data")
+        meta = dict(stored["metadata"])
+        meta.update(_metadata_fields(metadata))
+        embed_text = text
+        if meta.get("kind") == "turn" and "ts" in meta:
+            when = datetime.fromtimestamp(float(meta["ts"]), UTC)
+            embed_text = f"[{when.day} {when:%B %Y}] {text}"  # as remember() embeds turns
+        if "store_value" in meta:  # a LangGraph store item: its value's text changes too
+            path = json.loads(meta.get("store_path") or "null")
+            value = with_text(json.loads(meta["store_value"]), path, text)
+            meta["store_value"] = json.dumps(value, ensure_ascii=False)
+            meta["store_path"] = json.dumps(text_path(value))
+        record = {"id": memory_id, "document": text, "embed_text": embed_text, "metadata": meta}
+        return self._write_tracked(user_id, [record], actor=actor)[0]
+
+    @_fresh_collection
+    def delete(self, memory_id: str, *, user_id: str, actor: str = "delete") -> dict[str, Any]:
+        """Remove one item; the history keeps its last value and provenance (kind, source
+        turns, writer) in a ``DELETE`` event. Returns ``{"id", "memory", "event"}``.
+        :meth:`delete_user` (``forget_user``) removes the history too."""
+        stored = self._stored(memory_id, user_id=user_id)
+        if stored is None:
+            raise self._missing(memory_id, user_id)
+        collection = self.collection_for(user_id, create=False)
+        with INDEX_FILES_LOCK if self.embedded else contextlib.nullcontext():
+            collection.delete(ids=[memory_id])
+        with self._lock:
+            self._lexical.pop(user_id, None)
+        change = event("DELETE", memory_id, old=stored, new=None, actor=actor)
+        self.changes.record(self._history_name(user_id), user_id, [change])
+        return {"id": memory_id, "memory": stored["document"], "event": "DELETE"}
+
+    def history(self, memory_id: str | None = None, *, user_id: str) -> list[dict[str, Any]]:
+        """The changes of one item (or of all the user's items), oldest first: ``{"id",
+        "memory_id", "event", "old_memory", "new_memory", "kind", "source_turn_ids",
+        "metadata", "actor", "created_at", "is_deleted", "user_id"}`` each."""
+        validate_user_id(user_id)
+        return self.changes.events(self._history_name(user_id), user_id, memory_id)
+
+    def _history_name(self, user_id: str) -> str:
+        return self.collection_name_for(user_id) + SUFFIX
+
+    @_fresh_collection
+    def search(
+        self,
+        query: str,
+        *,
+        user_id: str,
+        limit: int = 5,
+        filters: Mapping[str, Any] | None = None,
+        min_score: float | None = None,
+    ) -> dict[str, list[dict[str, Any]]]:
+        """The user's items most similar to ``query`` (mem0's ``search``), best first.
+
+        ``score`` is the cosine similarity of the query's and the item's embeddings
+        (:data:`SCORE`), so ``min_score`` is a threshold that means the same everywhere.
+        The candidates are those the hybrid recall looks at (the vector index's nearest
+        and BM25's best, so a rare exact word is not missed), ranked by that similarity.
+        ``filters`` match the ``metadata`` given to :meth:`add` (``{"topic": "food"}``,
+        ``{"year": {"$gte": 2024}}``, ``$and``/``$or`` lists); ``kind`` names the item
+        kind (``turn``, ``fact``, ``store``, ...).
+        """
+        validate_user_id(user_id)
+        self._check_query(query)
+        if min_score is not None and not -1.0 <= float(min_score) <= 1.0:
+            raise PersonaValidationError(
+                "memory", "min_score", f"{min_score!r} is not a cosine similarity", "Use -1..1."
+            )
+        where = _filters_where(filters)
+        collection = self.collection_for(user_id, create=False)
+        if collection is None or limit <= 0:
+            return {"results": []}
+        wanted = np.asarray(self.embedding_function([query]), dtype=np.float32)[0]
+        wanted /= max(float(np.linalg.norm(wanted)), 1e-12)
+        depth = max(2 * limit, 10)
+        hits = collection.query(
+            query_embeddings=[wanted],
+            n_results=depth,
+            where=where,
+            include=["documents", "metadatas", "distances"],
+        )
+        found: dict[str, tuple[str, Mapping[str, Any], float]] = {}
+        for item_id, doc, meta, dist in zip(
+            hits["ids"][0],
+            hits["documents"][0],
+            hits["metadatas"][0],
+            hits["distances"][0],
+            strict=True,
+        ):
+            found[item_id] = (doc, meta, 1.0 - float(dist))  # cosine space: 1 - similarity
+        allowed = None if where is None else set(collection.get(where=where, include=[])["ids"])
+        lexical = self._lexical_index(user_id).search(query, depth, allowed=allowed)
+        missing = [item_id for item_id, _ in lexical if item_id not in found]
+        if missing:
+            got = collection.get(ids=missing, include=["documents", "metadatas", "embeddings"])
+            for item_id, doc, meta, vector in zip(
+                got["ids"], got["documents"], got["metadatas"], got["embeddings"], strict=True
+            ):
+                vector = np.asarray(vector, dtype=np.float32)
+                similarity = float(vector @ wanted) / max(float(np.linalg.norm(vector)), 1e-12)
+                found[item_id] = (doc, meta, similarity)
+        asked_kind = _names_kind(filters)
+        ranked = sorted(found.items(), key=lambda pair: (-pair[1][2], pair[0]))
+        results = []
+        for item_id, (doc, meta, similarity) in ranked:
+            if meta.get("user_id") != user_id:  # the collection failed: never hand it out
+                raise RuntimeError(f"memory isolation violated for item {item_id}")
+            if meta.get("kind") == SUPERSEDED and not asked_kind:
+                continue
+            if min_score is not None and similarity < min_score:
+                break  # ranked by similarity: the rest score lower still
+            item = _to_item(item_id, doc, meta, similarity, {"vector": similarity})
+            results.append(item.as_record(score=similarity))
+            if len(results) == limit:
+                break
+        return {"results": results}
+
+    def as_retriever(
+        self,
+        *,
+        user_id: str,
+        k: int = 4,
+        min_score: float | None = None,
+        filters: Mapping[str, Any] | None = None,
+    ) -> MemoryRetriever:
+        """A LangChain ``BaseRetriever`` over the memory of ``user_id`` alone."""
+        from persona_plugin.memory.retriever import MemoryRetriever
+
+        return MemoryRetriever(
+            memory=self,
+            user_id=user_id,
+            k=k,
+            min_score=min_score,
+            filters=dict(filters) if filters else None,
+        )
+
+    def user_ids(self) -> list[str]:
+        """The users with a memory collection under this memory's prefix, sorted."""
+        users = []
+        for collection in self.client.list_collections():
+            meta = getattr(collection, "metadata", None) or {}
+            user_id = meta.get("user_id")
+            name = getattr(collection, "name", collection)
+            if isinstance(user_id, str) and name == self.collection_name_for(user_id):
+                users.append(user_id)
+        return sorted(users)
+
+    # -- async twins: Chroma's clients are synchronous, so each runs in a worker thread ----
+
+    async def aadd(
+        self,
+        messages: str | Sequence[Any] | Mapping[str, Any],
+        *,
+        user_id: str,
+        metadata: Mapping[str, Any] | None = None,
+        source_turn_ids: Sequence[str] = (),
+    ) -> dict[str, list[dict[str, Any]]]:
+        return await asyncio.to_thread(
+            self.add,
+            messages,
+            user_id=user_id,
+            metadata=metadata,
+            source_turn_ids=source_turn_ids,
+        )
+
+    async def asearch(
+        self,
+        query: str,
+        *,
+        user_id: str,
+        limit: int = 5,
+        filters: Mapping[str, Any] | None = None,
+        min_score: float | None = None,
+    ) -> dict[str, list[dict[str, Any]]]:
+        return await asyncio.to_thread(
+            self.search, query, user_id=user_id, limit=limit, filters=filters, min_score=min_score
+        )
+
+    async def aget(self, memory_id: str, *, user_id: str) -> dict[str, Any] | None:
+        return await asyncio.to_thread(self.get, memory_id, user_id=user_id)
+
+    async def aget_all(
+        self, *, user_id: str, filters: Mapping[str, Any] | None = None, limit: int = 100
+    ) -> dict[str, list[dict[str, Any]]]:
+        return await asyncio.to_thread(self.get_all, user_id=user_id, filters=filters, limit=limit)
+
+    async def aupdate(
+        self,
+        memory_id: str,
+        data: str,
+        *,
+        user_id: str,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        return await asyncio.to_thread(
+            self.update, memory_id, data, user_id=user_id, metadata=metadata
+        )
+
+    async def adelete(self, memory_id: str, *, user_id: str) -> dict[str, Any]:
+        return await asyncio.to_thread(self.delete, memory_id, user_id=user_id)
+
+    async def ahistory(self, memory_id: str | None = None, *, user_id: str) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self.history, memory_id, user_id=user_id)
 
     @_fresh_collection
     def supersede(self, user_id: str, turn_ids: Iterable[str], *, note: str) -> int:
@@ -655,7 +1128,7 @@ class LongTermMemory:
         return 0 if collection is None else collection.count()
 
     def delete_user(self, user_id: str) -> int:
-        """Remove every item of the user; returns how many went."""
+        """Remove every item of the user, and their items' history; how many items went."""
         # a fresh look, not the cached handle: another process may have deleted the
         # collection and the user come back, so that a new one has the same name
         with self._lock:
@@ -664,15 +1137,18 @@ class LongTermMemory:
         collection = self.collection_for(user_id, create=False)
         with self._lock:
             self._collections.pop(user_id, None)
-        if collection is None:
+        removed = 0
+        if collection is not None:
+            try:
+                removed = collection.count()
+                self.client.delete_collection(self.collection_name_for(user_id))
+            except Exception as exc:
+                if not _is_not_found(exc):  # deleted meanwhile by another process: gone anyway
+                    raise
+                removed = 0
+        history = self.changes.forget(self._history_name(user_id))
+        if collection is None and not history:
             return 0
-        try:
-            removed = collection.count()
-            self.client.delete_collection(self.collection_name_for(user_id))
-        except Exception as exc:
-            if not _is_not_found(exc):  # deleted meanwhile by another process: gone anyway
-                raise
-            removed = 0
         if self.embedded:
             purge_deleted(self.path, scrubbed=self._scrubbed)  # type: ignore[arg-type]
         return removed
@@ -698,7 +1174,88 @@ def _to_item(
         session=meta.get("session"),
         score=score,
         scores=scores,
+        metadata=user_metadata(meta),
+        created_at=meta.get("created_at") or meta.get("timestamp"),
+        updated_at=meta.get("updated_at") or meta.get("created_at") or meta.get("timestamp"),
     )
+
+
+def _metadata_fields(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The caller's ``metadata`` as Chroma metadata (keys prefixed, flat values only)."""
+    fields: dict[str, Any] = {}
+    for key, value in (metadata or {}).items():
+        where = f"metadata.{key}"
+        if not isinstance(key, str) or not key or key.startswith("$") or _bad_unicode(key):
+            raise PersonaValidationError(
+                "memory", where, f"{key!r} is not a metadata key", "Use non-empty text keys."
+            )
+        if value is None:
+            continue
+        if not isinstance(value, _SCALARS):
+            raise PersonaValidationError(
+                "memory",
+                where,
+                f"a {type(value).__name__} is not a flat metadata value",
+                "Use text, numbers or booleans (Chroma stores nothing nested).",
+            )
+        if isinstance(value, str) and (_bad_unicode(value) or instruction_reason(value)):
+            raise PersonaValidationError(
+                "memory",
+                where,
+                "the value is not valid Unicode or reads as instructions to the assistant",
+                "Metadata describes the item; it reaches the model as data too.",
+            )
+        fields[META_PREFIX + key] = value
+    return fields
+
+
+def _filter_clause(key: str, value: Any) -> dict[str, Any]:
+    if key in ("$and", "$or"):
+        if not isinstance(value, list) or not all(isinstance(v, Mapping) for v in value):
+            raise PersonaValidationError(
+                "memory", f"filters.{key}", "not a list of filters", "Pass [{...}, {...}]."
+            )
+        clauses = [_filters_where(v) for v in value]
+        clauses = [c for c in clauses if c]
+        return clauses[0] if len(clauses) == 1 else {key: clauses}
+    if key == "user_id":
+        raise PersonaValidationError(
+            "memory", "filters.user_id", "user_id cannot be a filter", "Pass user_id=."
+        )
+    field = "kind" if key == "kind" else META_PREFIX + key
+    if isinstance(value, Mapping):
+        unknown = set(value) - _OPERATORS
+        if unknown or not value:
+            raise PersonaValidationError(
+                "memory",
+                f"filters.{key}",
+                f"{sorted(unknown) or 'no'} operator",
+                f"Use a value or one of {sorted(_OPERATORS)}.",
+            )
+        parts = [{field: {op: operand}} for op, operand in value.items()]
+        return parts[0] if len(parts) == 1 else {"$and": parts}
+    if isinstance(value, _SCALARS):
+        return {field: value}
+    raise PersonaValidationError(
+        "memory", f"filters.{key}", f"a {type(value).__name__} cannot be matched", "Use a value."
+    )
+
+
+def _filters_where(filters: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """mem0/LangGraph-style ``filters`` as a Chroma ``where`` (``None``: no filter)."""
+    clauses = [_filter_clause(key, value) for key, value in (filters or {}).items()]
+    if not clauses:
+        return None
+    return clauses[0] if len(clauses) == 1 else {"$and": clauses}
+
+
+def _names_kind(filters: Any) -> bool:
+    """Whether ``filters`` say which kinds (then superseded items may be asked for)."""
+    if isinstance(filters, Mapping):
+        return "kind" in filters or any(_names_kind(v) for v in filters.values())
+    if isinstance(filters, list):
+        return any(_names_kind(v) for v in filters)
+    return False
 
 
 def update_short_term(persona: Persona, turns: Sequence[Turn], window: int) -> Persona:

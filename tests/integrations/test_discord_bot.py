@@ -117,7 +117,7 @@ def test_a_dm_is_answered_and_the_persona_learns_in_the_background(parts) -> Non
     assert uid(ALICE) == f"discord:{ALICE}"
     assert graph.background.drain(timeout=30)
     assert store.get(uid(ALICE)).personality.interests == ["sailing"]
-    texts = [item.text for item in memory.get(uid(ALICE))]
+    texts = [item.text for item in memory.items(uid(ALICE))]
     assert "user: Hi! I love sailing." in texts and "The user loves sailing." in texts
 
 
@@ -127,7 +127,7 @@ def test_a_mention_in_a_server_is_answered_without_the_mention(parts) -> None:
     old_style = message(ALICE, f"and something short <@!{BOT}>", mentions=(BOT,))
     assert run(handle_message(graph, first, BOT)) == "Scripted reply number 1."
     assert run(handle_message(graph, old_style, BOT)) == "Scripted reply number 2."
-    said = sorted(item.text for item in memory.get(uid(ALICE)) if item.speaker == "user")
+    said = sorted(item.text for item in memory.items(uid(ALICE)) if item.speaker == "user")
     assert said == ["user: and something short", "user: what should I read next?"]
 
 
@@ -228,7 +228,7 @@ def test_two_discord_users_never_see_each_others_persona(parts) -> None:
     bob_sees = handle_persona_command(store, memory, BOB, "show").text
     assert "sailing" in alice_sees and "chess" not in alice_sees and str(BOB) not in alice_sees
     assert "chess" in bob_sees and "sailing" not in bob_sees and str(ALICE) not in bob_sees
-    assert all("chess" not in item.text for item in memory.get(uid(ALICE)))
+    assert all("chess" not in item.text for item in memory.items(uid(ALICE)))
     handle_persona_command(store, memory, ALICE, "forget", graph=graph)
     assert store.get(uid(BOB)).personality.interests == ["chess"]
     assert memory.count(uid(BOB)) > 0

@@ -298,7 +298,7 @@ def test_a_dm_is_answered_and_the_persona_learns_in_the_background(app, parts, s
     assert graph.background.drain(timeout=30)
     persona = store.get(uid(ALICE))
     assert persona.personality.interests == ["sailing"]
-    texts = [item.text for item in memory.get(uid(ALICE))]
+    texts = [item.text for item in memory.items(uid(ALICE))]
     assert "user: Hi! I love sailing & the sea." in texts  # unescaped for the model
     assert "The user loves sailing." in texts
     assert uid(ALICE) == f"slack:{TEAM}:{ALICE}"
@@ -315,7 +315,7 @@ def test_a_mention_is_answered_in_its_thread_without_the_mention(app, parts, sla
     assert (two["channel"], two["thread_ts"]) == ("C0GENERAL", "1699999999.000200")
     assert "Scripted reply number 1." in one["text"]
     assert "Scripted reply number 2." in two["text"]
-    said = [item.text for item in memory.get(uid(ALICE)) if item.speaker == "user"]
+    said = [item.text for item in memory.items(uid(ALICE)) if item.speaker == "user"]
     assert sorted(said) == ["user: and something short", "user: what should I read next?"]
 
 
@@ -392,7 +392,7 @@ def test_two_slack_users_never_see_each_others_persona(app, parts, slack) -> Non
     alice_sees, bob_sees = command(app, slack, ALICE, ""), command(app, slack, BOB, "")
     assert "sailing" in alice_sees and "chess" not in alice_sees and BOB not in alice_sees
     assert "chess" in bob_sees and "sailing" not in bob_sees and ALICE not in bob_sees
-    assert all("chess" not in item.text for item in memory.get(uid(ALICE)))
+    assert all("chess" not in item.text for item in memory.items(uid(ALICE)))
     command(app, slack, ALICE, "forget")
     assert store.get(uid(BOB)).personality.interests == ["chess"]
     assert memory.count(uid(BOB)) > 0

@@ -8,192 +8,34 @@ once per session and shared.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import shutil
 import signal
-import socket
 import sqlite3
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 import zlib
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import chromadb
 import numpy as np
 import pytest
 from chromadb.api.types import Documents, EmbeddingFunction, Embeddings
 
 from persona_plugin.config import Settings
-from persona_plugin.embeddings.minilm import as_embedding_function
 from persona_plugin.errors import PersonaConfigError, PersonaValidationError
 from persona_plugin.lab.eval.locomo import evaluate, load_conversation
 from persona_plugin.memory.lexical import tokenize
 from persona_plugin.memory.long_term import LongTermMemory, MemoryItem, update_short_term
 from persona_plugin.persona import LongTermMemoryLink, Persona, Turn
+from tests.memory.conftest import Backend, free_port
 from tests.paths import REPO
 
 ROOT = REPO
-
-# -- fixtures -----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def embedding_function() -> Any:
-    """The default (offline MiniLM) embedding function, loaded once for every test."""
-    ef = as_embedding_function(None)
-    ef(["warm up"])
-    return ef
-
-
-@pytest.fixture(scope="session")
-def scratch_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Where the Chroma stores live: RAM (/dev/shm) where there is one.
-
-    Chroma fsyncs every write; on a tmpfs that costs nothing, which keeps the 1,000-user
-    test and the server fast. Elsewhere the pytest temporary directory is used.
-    """
-    shm = Path("/dev/shm")
-    if shm.is_dir() and os.access(shm, os.W_OK):
-        root = Path(tempfile.mkdtemp(prefix="persona-test-", dir=shm))
-        try:
-            yield root
-        finally:
-            shutil.rmtree(root, ignore_errors=True)
-    else:
-        yield tmp_path_factory.mktemp("chroma")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class ChromaServer:
-    url: str
-    host: str
-    port: int
-    path: Path
-
-
-@pytest.fixture(scope="session")
-def chroma_server(scratch_root: Path) -> Iterator[ChromaServer]:
-    """One ``chroma run`` subprocess for the session, on a free port; killed at the end."""
-    exe = shutil.which("chroma") or str(Path(sys.executable).with_name("chroma"))
-    if not Path(exe).exists():
-        pytest.fail("the `chroma` CLI is not installed (pip install chromadb)")
-    path = scratch_root / "server"
-    path.mkdir()
-    log = scratch_root / "server.log"
-    port = _free_port()
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [exe, "run", "--path", str(path), "--host", "127.0.0.1", "--port", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"chroma run exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
-            try:
-                chromadb.HttpClient(host="127.0.0.1", port=port).heartbeat()
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"chroma run did not answer in 60 s:\n{log.read_text()[-2000:]}")
-                time.sleep(0.1)
-        yield ChromaServer(f"http://127.0.0.1:{port}", "127.0.0.1", port, path)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-@dataclass
-class Backend:
-    """Opens memories on one Chroma backend (embedded directory or server URL)."""
-
-    mode: str
-    embedding_function: Any
-    path: Path | None = None
-    server: ChromaServer | None = None
-    collection: str = field(default_factory=lambda: f"test-{uuid.uuid4().hex[:16]}")
-    opened: list[LongTermMemory] = field(default_factory=list)
-
-    @property
-    def url(self) -> str | None:
-        return self.server.url if self.server else None
-
-    @property
-    def sqlite_file(self) -> Path:
-        """The chroma.sqlite3 holding this backend's data (the server's own, in server mode)."""
-        base = self.server.path if self.server else self.path
-        assert base is not None
-        return base / "chroma.sqlite3"
-
-    def open(self, collection: str | None = None, embedding_function: Any = None) -> LongTermMemory:
-        memory = LongTermMemory(
-            self.path,
-            url=self.url,
-            collection=collection or self.collection,
-            embedding_function=embedding_function or self.embedding_function,
-        )
-        self.opened.append(memory)
-        return memory
-
-    def raw_client(self) -> Any:
-        if self.server:
-            return chromadb.HttpClient(host=self.server.host, port=self.server.port)
-        return chromadb.PersistentClient(path=str(self.path))
-
-    def cleanup(self) -> None:
-        if self.server:  # the server outlives the test: drop what it created
-            prefixes = {f"{m.collection_name}-" for m in self.opened}
-            client = self.raw_client()
-            for collection in client.list_collections():
-                name = getattr(collection, "name", collection)
-                if any(name.startswith(prefix) for prefix in prefixes):
-                    with contextlib.suppress(Exception):
-                        client.delete_collection(name)
-
-
-@pytest.fixture(params=["embedded", "server"])
-def backend(
-    request: pytest.FixtureRequest, scratch_root: Path, embedding_function: Any
-) -> Iterator[Backend]:
-    if request.param == "server":
-        server = request.getfixturevalue("chroma_server")
-        backend = Backend("server", embedding_function, server=server)
-    else:
-        path = scratch_root / f"embedded-{uuid.uuid4().hex[:12]}"
-        backend = Backend("embedded", embedding_function, path=path)
-    try:
-        yield backend
-    finally:
-        backend.cleanup()
-        if backend.path:
-            shutil.rmtree(backend.path, ignore_errors=True)
-
-
-@pytest.fixture
-def memory(backend: Backend) -> LongTermMemory:
-    return backend.open()
 
 
 class HashEmbeddingFunction(EmbeddingFunction[Documents]):
@@ -269,7 +111,7 @@ def test_remember_and_facts_keep_provenance(memory: LongTermMemory) -> None:
     assert len(turn_ids) == 2 and len(fact_ids) == 1 and len(reflection_ids) == 1
     assert memory.count("alice") == 4
 
-    items = {item.id: item for item in memory.get("alice")}
+    items = {item.id: item for item in memory.items("alice")}
     first, second = items[turn_ids[0]], items[turn_ids[1]]
     assert first.model_dump(exclude={"id", "score", "scores"}) == {
         "user_id": "alice",
@@ -279,6 +121,10 @@ def test_remember_and_facts_keep_provenance(memory: LongTermMemory) -> None:
         "timestamp": "2024-03-02T10:15:00+00:00",
         "speaker": "Alice",
         "session": "1",
+        # written by the graph's path, not the mem0 API: the item's time stands in
+        "metadata": {},
+        "created_at": "2024-03-02T10:15:00+00:00",
+        "updated_at": "2024-03-02T10:15:00+00:00",
     }
     assert second.timestamp == "2024-03-02T10:16:00+00:00"  # converted to UTC
     assert (second.speaker, second.source_turn_ids) == ("Bob", ["D1:2"])
@@ -301,11 +147,11 @@ def test_remember_and_facts_keep_provenance(memory: LongTermMemory) -> None:
         assert item.model_dump(exclude={"score", "scores"}) == stored.model_dump(
             exclude={"score", "scores"}
         )
-    assert [i.kind for i in memory.get("alice", kinds=["fact", "reflection"])] == [
+    assert [i.kind for i in memory.items("alice", kinds=["fact", "reflection"])] == [
         "fact",
         "reflection",
     ]
-    assert memory.get("alice") == sorted(memory.get("alice"), key=lambda i: (i.timestamp, i.id))
+    assert memory.items("alice") == sorted(memory.items("alice"), key=lambda i: (i.timestamp, i.id))
 
 
 def test_ids_are_deterministic_and_reingest_overwrites(memory: LongTermMemory) -> None:
@@ -321,7 +167,7 @@ def test_ids_are_deterministic_and_reingest_overwrites(memory: LongTermMemory) -
     # an edited turn keeps its id: the text is replaced, not duplicated
     memory.remember("bo", [{"turn_id": "t0", "speaker": "Ann", "text": "We moved to Porto."}])
     assert memory.count("bo") == 4
-    assert _by_turn(memory.get("bo"))["t0"].text == "Ann: We moved to Porto."
+    assert _by_turn(memory.items("bo"))["t0"].text == "Ann: We moved to Porto."
 
 
 # -- recall ---------------------------------------------------------------------------------
@@ -368,7 +214,7 @@ def test_lexical_only_match_is_found_thanks_to_bm25(memory: LongTermMemory) -> N
         for j, p in enumerate(places)
     ]
     memory.remember("dana", turns)
-    ids = {turn: item.id for turn, item in _by_turn(memory.get("dana")).items()}
+    ids = {turn: item.id for turn, item in _by_turn(memory.items("dana")).items()}
 
     vector_misses = bm25_only = 0
     for j in range(len(places)):
@@ -542,7 +388,7 @@ def test_isolation_1000_users_every_result_checked(backend: Backend) -> None:
             assert item.user_id == user and item.id in own[user], (user, item)
         texts = {item.text for item in items}
         assert f"Me: My {pets[i % 7]} is called Pip{i}, code {i:04d}." in texts
-        assert {item.id for item in memory.get(user)} == own[user]
+        assert {item.id for item in memory.items(user)} == own[user]
     recall_s = time.monotonic() - started
     print(f"\nisolation ({backend.mode}): ingest {ingest_s:.1f} s, recall+get {recall_s:.1f} s")
 
@@ -564,7 +410,7 @@ def test_user_id_in_filters_and_invalid_user_ids_are_refused(memory: LongTermMem
         lambda u: memory.remember(u, _turns("hello")),
         lambda u: memory.add_facts(u, ["a fact"]),
         lambda u: memory.recall(u, "secret"),
-        lambda u: memory.get(u),
+        lambda u: memory.items(u),
         lambda u: memory.count(u),
         lambda u: memory.delete_user(u),
     ]
@@ -617,7 +463,7 @@ def test_delete_user_removes_every_item_from_chroma_storage(backend: Backend) ->
     assert _user_rows(backend.sqlite_file, gone) == 8
 
     assert memory.delete_user(gone) == 8
-    assert memory.count(gone) == 0 and memory.get(gone) == []
+    assert memory.count(gone) == 0 and memory.items(gone) == []
     assert memory.recall(gone, marker) == []
     assert memory.delete_user(gone) == 0  # idempotent
 
@@ -634,7 +480,7 @@ def test_delete_user_removes_every_item_from_chroma_storage(backend: Backend) ->
     # every table, Chroma's write-ahead log too (see the next test)
     assert _rows_mentioning(db, [marker, gone], skip=("embeddings_queue",)) == []
     assert _rows_mentioning(db, [other_marker], skip=("embeddings_queue",))
-    assert [i.id for i in memory.get(kept)] == kept_ids
+    assert [i.id for i in memory.items(kept)] == kept_ids
 
 
 # Deleting items inside a shared collection left their text in Chroma's write-ahead log
@@ -785,7 +631,7 @@ def test_text_cap_is_configurable(tmp_path: Path) -> None:
 
 
 def test_unreachable_server_is_a_config_error_naming_the_url() -> None:
-    url = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     started = time.monotonic()
     with pytest.raises(PersonaConfigError) as err:
         LongTermMemory(url=url, embedding_function=HashEmbeddingFunction())
@@ -880,7 +726,7 @@ def test_ingest_killed_midway_leaves_memory_usable_and_rerun_does_not_duplicate(
     for start in range(0, len(turns), batch):  # the whole ingest again
         memory.remember("sam", turns[start : start + batch])
     assert memory.count("sam") == distinct
-    items = memory.get("sam")
+    items = memory.items("sam")
     assert len({i.id for i in items}) == distinct
     assert sorted(t for i in items for t in i.source_turn_ids) == sorted(
         {t["turn_id"] for t in turns}

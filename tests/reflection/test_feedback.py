@@ -126,7 +126,7 @@ def test_an_edit_that_fixes_a_fact_becomes_a_memory_with_its_provenance(
         graph.background.drain(timeout=30)
     finally:
         graph.close(timeout=30)
-    (fact,) = memory.get("ana", kinds=["fact"])
+    (fact,) = memory.items("ana", kinds=["fact"])
     assert fact.text == "Ana lives in Porto."
     assert fact.source_turn_ids == [f"fb{event.id}", "t1"]
     # the fact is in the version's record too, so a rollback can withdraw it

@@ -339,7 +339,7 @@ def test_reflection_is_symbolic_learning_saved_as_a_version(
     ]
 
     # facts worth remembering went to long-term memory with provenance
-    facts = {i.text: i for i in memory.get("ana", kinds=["fact"])}
+    facts = {i.text: i for i in memory.items("ana", kinds=["fact"])}
     assert set(facts) == {"moved from Berlin to Lisbon last month", "became vegetarian"}
     assert facts["became vegetarian"].source_turn_ids == ["t2"]
     assert facts["moved from Berlin to Lisbon last month"].source_turn_ids == ["t1"]
@@ -430,7 +430,7 @@ def test_reflection_graph_runs_one_reflection(store: PersonaStore, memory: LongT
     assert outcome["memories"] == ["likes bullet points"]
     assert store.get("ana").preference.style == ["bullet points"]
     assert store.get("ana").memory.long_term is not None
-    assert memory.get("ana")[0].source_turn_ids == ["t5"]
+    assert memory.items("ana")[0].source_turn_ids == ["t5"]
 
 
 def test_reflection_graph_refuses_incomplete_input(store: PersonaStore) -> None:
