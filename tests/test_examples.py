@@ -127,3 +127,24 @@ def test_local_multi_lora_graph_example_shows_each_personas_adapters():
     answers = [line.split(": ", 1) for line in lines[1::2]]
     assert [user for user, _ in answers] == ["bo", "cleo"]
     assert all(text.strip() for _, text in answers) and answers[0][1] != answers[1][1]
+
+
+def test_mcp_client_example_uses_the_persona_through_persona_mcp():
+    # PYTHONPATH: the server the example launches runs this tree's code
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    lines = subprocess.run(
+        [sys.executable, str(EXAMPLES / "mcp_client.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        env=env,
+    ).stdout.splitlines()
+    assert lines[0].startswith("tools: add_memory, get_persona_block, get_persona_sections")
+    assert lines[1:4] == [
+        'persona block v1: - Location: "Lisbon"',
+        "turn logged and rated +1",
+        'edit saved as version 2: ~ demographics.location: "Lisbon" -> "Porto"',
+    ]
+    assert lines[4].startswith("refused: operations[0] (append preference.style): guard: ")
+    assert lines[5:] == ["memory: Ana plays the cello"]
