@@ -540,3 +540,33 @@ def test_a_user_without_a_persona_reads_an_empty_one_and_an_edit_creates_it(
     record = parts.store.get_version("newcomer")
     assert record.source == "mcp" and record.persona.identity.name == "Nia"
     assert record.persona.memory.long_term is not None  # linked to the memory it uses
+
+
+def test_http_session_opened_with_one_token_is_refused_to_another(url: str) -> None:
+    """A session id is no way into another grant: the SDK answers a request on a session
+    with a token other than the one that opened it as if the session did not exist."""
+    accept = {"Accept": "application/json, text/event-stream"}
+    opening = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-06-18",
+            "capabilities": {},
+            "clientInfo": {"name": "test", "version": "0"},
+        },
+    }
+    opened = httpx.post(
+        url, json=opening, headers={**accept, "Authorization": f"Bearer {TOK_ALICE}"}
+    )
+    assert opened.status_code == 200, opened.text
+    session = opened.headers["mcp-session-id"]
+    call = {
+        "jsonrpc": "2.0",
+        "id": 2,
+        "method": "tools/call",
+        "params": {"name": "get_persona_sections", "arguments": {"user": "bob"}},
+    }
+    headers = {**accept, "mcp-session-id": session, "Authorization": f"Bearer {TOK_BOTH}"}
+    hijack = httpx.post(url, json=call, headers=headers)
+    assert hijack.status_code == 404 and "Oslo" not in hijack.text
