@@ -449,7 +449,6 @@ class PersonaTools:
                 }
             }
 
-        before = self.store.current_version(user_id)
         try:
             record = self.store.update(
                 user_id,
@@ -471,15 +470,17 @@ class PersonaTools:
                 + "; ".join(lines)
                 + ". Fix or drop those operations and propose again."
             ) from None
+        # this proposal's own version, or (it changed nothing) the current one
+        changed = (record.details.get("mcp") or {}).get("proposal") == proposal
         return {
             "user_id": user_id,
             "version": record.version,
-            "changed": record.version != before,
+            "changed": changed,
             "applied": [
                 {"op": a.operation.op, "path": a.operation.path, "effect": a.effect}
                 for a in outcome["applied"]
             ],
-            "change": [c.describe() for c in record.change] if record.version != before else [],
+            "change": [c.describe() for c in record.change] if changed else [],
         }
 
 
@@ -514,7 +515,8 @@ def create_mcp_server(
                 'request. Set PERSONA_SERVER_TOKENS, e.g. {"<token>": {"users": ["alice"]}}.'
             )
         # the SDK's bearer middleware with our verifier; no OAuth discovery is advertised
-        # (no resource_server_url): the tokens are handed out, not obtained by a flow
+        # (no resource_server_url): the tokens are handed out, not obtained by a flow, so
+        # the issuer AuthSettings requires is never published
         auth = {
             "token_verifier": _GrantVerifier(grants),
             "auth": AuthSettings(issuer_url="http://127.0.0.1", resource_server_url=None),
