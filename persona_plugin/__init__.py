@@ -7,8 +7,9 @@ graph (load -> recall -> assemble -> generate -> reflect -> save):
 persona: :class:`PersonaMiddleware`. Long-term memory:
 :class:`LongTermMemory`. Reflection: :class:`Reflector`. Multi-LoRA and MBR chat models:
 :class:`MultiLoraChatModel`, :class:`MBRChatModel`. The OpenAI-compatible server:
-:func:`create_app`. Privacy: :func:`forget_user`, :func:`export_user`. A cold start from a
-chat export: :func:`read_history`, :func:`import_history`. Settings:
+:func:`create_app`; the MCP server: :func:`create_mcp_server`. Privacy:
+:func:`forget_user`, :func:`export_user`. A cold start from a chat export:
+:func:`read_history`, :func:`import_history`. Settings:
 :class:`Settings`. Errors: :class:`PersonaError` and its subclasses. The subpackages
 (``memory``, ``lora``, ``preferences``, ``backends``, ``chat_models``, ``reflection``,
 ``server``) list their own factories.
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     from persona_plugin.middleware import PersonaMiddleware
     from persona_plugin.reflection.reflector import Reflector
     from persona_plugin.server.app import create_app
+    from persona_plugin.server.mcp import create_mcp_server
 
 # imported on first use: the graph, memory, models and server pull in LangGraph, Chroma,
 # numpy and FastAPI, which `import persona_plugin` (and every `persona` command) need not pay
@@ -64,6 +66,7 @@ _LAZY = {
     "LongTermMemory": "persona_plugin.memory.long_term",
     "Reflector": "persona_plugin.reflection.reflector",
     "create_app": "persona_plugin.server.app",
+    "create_mcp_server": "persona_plugin.server.mcp",
 }
 
 
@@ -103,6 +106,7 @@ __all__ = [
     "build_persona_graph",
     "build_persona_graph_from_settings",
     "create_app",
+    "create_mcp_server",
     "diff_documents",
     "estimate_tokens",
     "export_user",

@@ -141,3 +141,24 @@ def test_memory_ecosystem_example_shows_each_view_of_one_memory(capsys):
         "store: trip Ana plans a trip to Kyoto in May",
         "namespaces: [('memories', 'ana'), ('memories', 'bob')]",
     ]
+
+
+def test_mcp_client_example_uses_the_persona_through_persona_mcp():
+    # PYTHONPATH: the server the example launches runs this tree's code
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    lines = subprocess.run(
+        [sys.executable, str(EXAMPLES / "mcp_client.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        env=env,
+    ).stdout.splitlines()
+    assert lines[0].startswith("tools: add_memory, get_persona_block, get_persona_sections")
+    assert lines[1:4] == [
+        'persona block v1: - Location: "Lisbon"',
+        "turn logged and rated +1",
+        'edit saved as version 2: ~ demographics.location: "Lisbon" -> "Porto"',
+    ]
+    assert lines[4].startswith("refused: operations[0] (append preference.style): guard: ")
+    assert lines[5:] == ["memory: Ana plays the cello"]

@@ -431,6 +431,37 @@ def serve(
     uvicorn.run(create_app_from_settings(state.settings()), host=host, port=port)
 
 
+@app.command("mcp")
+def mcp_(
+    user: Annotated[
+        str | None,
+        typer.Option(
+            "--user",
+            envvar="PERSONA_MCP_USER",
+            help="stdio: the one user this server acts for (the local user of the client "
+            "that launches it)",
+        ),
+    ] = None,
+    transport: Annotated[
+        str, typer.Option(help="stdio (launched by a local client) or http (streamable HTTP)")
+    ] = "stdio",
+    host: Annotated[str, typer.Option(help="http: address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="http: port to listen on", min=1, max=65535)] = 8001,
+) -> None:
+    """Run the MCP server: USER's persona and memory as tools for MCP clients.
+
+    Over stdio (what desktop chat apps and IDE assistants launch) it acts for --user
+    only. Over streamable HTTP (http://HOST:PORT/mcp) it takes the bearer tokens of
+    `persona serve` (PERSONA_SERVER_TOKENS), each acting on the users its grant holds.
+    """
+    from persona_plugin.server.mcp import serve_mcp
+
+    if transport not in ("stdio", "http"):
+        raise typer.BadParameter(f"{transport!r} is not stdio or http", param_hint="--transport")
+    # stdout is the stdio transport's: nothing else may be printed there
+    serve_mcp(state.settings(), transport=transport, user=user, host=host, port=port)  # type: ignore[arg-type]
+
+
 @app.command()
 def worker(
     until_idle: Annotated[
