@@ -2,7 +2,8 @@
 
 Configured from PERSONA_* settings: store, memory, chat model (PERSONA_CHAT_MODEL),
 reflection mode. The platform supplies the checkpointer; invoke with
-``config={"configurable": {"user_id": ..., "thread_id": ...}}``.
+``context={"user_id": ...}`` (or ``config={"configurable": {"user_id": ...}}``);
+see graphs/README.md for the input, output and context schemas.
 """
 
 from persona_plugin import build_persona_graph_from_settings
