@@ -15,7 +15,9 @@ and reflection updates the persona in the background after the reply has gone.
 * **Auth**: bearer tokens, each granted a list of users and/or a tenant (a tenant token
   acts on user ids ``<tenant>:...``). Unknown or missing token: 401; a user the token
   does not own: 403. The persona routes (``/v1/personas/{user_id}``, ``/history``,
-  ``/export``, ``DELETE``) sit behind the same auth.
+  ``/export``, ``DELETE``, and the writes: ``PUT``, ``PATCH``, ``/rollback`` with
+  ``If-Match`` compare-and-set, :mod:`~persona_plugin.server.persona_writes`) sit behind
+  the same auth.
 * **Errors**: OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, never
   a traceback.
 
@@ -35,7 +37,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
 import anyio
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from langchain_core.runnables import RunnableConfig
@@ -60,6 +62,7 @@ from persona_plugin.server.errors import (
     _model_not_found,
     _validation_error,
 )
+from persona_plugin.server.persona_writes import add_persona_write_routes
 from persona_plugin.server.protocol import (
     _CREATED,
     PARAMS_KEY,
@@ -411,12 +414,14 @@ def create_app(
     # -- persona routes -------------------------------------------------------------------
 
     @app.get("/v1/personas/{user_id}")
-    def get_persona(user_id: str, grant: Authenticated) -> dict[str, Any]:
+    def get_persona(user_id: str, grant: Authenticated, response: Response) -> dict[str, Any]:
         authorize(grant, user_id, "user_id")
         try:
             persona = nodes.store.get(user_id)
         except PersonaNotFoundError as exc:
             raise _from_persona_error(exc) from None
+        # the version to send back in If-Match with a change (persona_writes)
+        response.headers["ETag"] = f'"{persona.meta.version}"'
         return {
             "object": "persona",
             "user_id": user_id,
@@ -452,6 +457,8 @@ def create_app(
         except PersonaNotFoundError as exc:
             raise _from_persona_error(exc) from None
         return json.loads(json.dumps(data, default=str))
+
+    add_persona_write_routes(app, graph=graph, authorize=authorize, max_body_bytes=max_body_bytes)
 
     @app.delete("/v1/personas/{user_id}")
     def delete_persona(user_id: str, grant: Authenticated) -> dict[str, Any]:
