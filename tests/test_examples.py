@@ -162,3 +162,22 @@ def test_mcp_client_example_uses_the_persona_through_persona_mcp():
     ]
     assert lines[4].startswith("refused: operations[0] (append preference.style): guard: ")
     assert lines[5:] == ["memory: Ana plays the cello"]
+
+
+def test_agent_middleware_example_answers_with_a_tool_and_learns():
+    lines = run_example("agent_middleware.py").stdout.splitlines()
+    assert lines == [
+        "reply: Sunny in Porto: a good day to cycle in.",
+        "tool steps: 1",
+        "served by persona version 1",
+        "learned: ['cycling'] as version 2",
+    ]
+
+
+def test_agent_with_persona_model_example_has_the_persona_at_every_step():
+    lines = run_example("agent_with_persona_model.py").stdout.splitlines()
+    assert lines == [
+        "reply: Rain in Porto: take the bus.",
+        "step 1: persona in prompt: True",
+        "step 2: persona in prompt: True",
+    ]
