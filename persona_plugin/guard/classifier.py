@@ -57,7 +57,12 @@ class InstructionClassifier:
             if self._embedder is None:
                 from persona_plugin.embeddings.minilm import MiniLMEmbeddingFunction
 
-                self._embedder = MiniLMEmbeddingFunction()
+                # the shipped file (int8 weights, float32 arithmetic), not the fast
+                # variant: the fast one's int8 x int8 products (MatMulIntegerToFloat) come
+                # out differently on CPUs with and without VNNI (u8s8 saturates on AVX2),
+                # which moved this classifier's probabilities across its thresholds from one
+                # machine to the next. The same verdict everywhere matters more here than 2x.
+                self._embedder = MiniLMEmbeddingFunction(variant="shipped")
         return self._embedder
 
     def features(self, texts: list[str]) -> np.ndarray:

@@ -201,12 +201,19 @@ def concept_flags(text: str) -> list[float]:
     return flags
 
 
+#: a line that speaks as another party of the chat ("System: ...", "assistant: ...")
+_ROLE_LINE = re.compile(r"\s*#{0,4}\s*(system|assistant|developer)\s*(:|\]|#)", re.IGNORECASE)
+
+
 def windows(text: str) -> list[str]:
     """``text`` in windows of whole sentences of at most :data:`WINDOW_WORDS` words, one
-    starting at each sentence (a short text is one window)."""
+    starting at each sentence (a short text is one window), and each later line that
+    speaks as another party ("System: ...") on its own: an echoed or pasted turn hides
+    behind a harmless first line in a short text as well as in a long one."""
     clean = normalise(text).strip()
+    posing = [line.strip() for line in clean.splitlines()[1:] if _ROLE_LINE.match(line)]
     if len(clean.split()) <= WINDOW_WORDS:
-        return [clean]
+        return list(dict.fromkeys([clean, *posing]))
     sentences = [s for s in _SENTENCE.split(clean) if s.strip()]
     out: list[str] = []
     for start in range(len(sentences)):
@@ -219,4 +226,4 @@ def windows(text: str) -> list[str]:
         # a single overlong sentence is cut into pieces the embedding can read whole
         for cut in range(0, len(words), WINDOW_WORDS):
             out.append(" ".join(words[cut : cut + WINDOW_WORDS]))
-    return list(dict.fromkeys(out))
+    return list(dict.fromkeys([*out, *posing]))

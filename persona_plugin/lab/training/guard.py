@@ -94,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=GUARD_FILE)
     parser.add_argument("--examples", type=Path, default=EXAMPLES_DIR)
     parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--max-benign-refused", type=float, default=0.01)
+    # 0.02: on the shipped embedding, the cross-validated figures were 0.756 of instructions
+    # caught at 0.01 of benign refused, 0.836 at 0.02 and 0.877 at 0.03 (the issue allows
+    # 0.03 on the independent set; the remaining margin is left to the patterns)
+    parser.add_argument("--max-benign-refused", type=float, default=0.02)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
