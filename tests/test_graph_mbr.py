@@ -78,6 +78,20 @@ def test_mbr_stage_follows_each_users_preferences(store: PersonaStore, hub: Pref
     assert _ask(graph, "bo").content == LONG
 
 
+def test_messages_mode_streams_the_chosen_reply_alone(
+    store: PersonaStore, hub: PreferenceHub
+) -> None:
+    store.create("bo", _persona("bo", ["concise", "short answers"]))
+    base = CyclingChatModel(replies=[MEDIUM, LONG, SHORT])
+    graph = build_persona_graph(base, store=store, reflection="off", mbr_n=3, preference_hub=hub)
+    config = {"configurable": {"user_id": "bo", "thread_id": "bo-t"}}
+    question = {"messages": [HumanMessage("How do I keep my accounts safe?")]}
+    streamed = [m for m, _ in graph.stream(question, config, stream_mode="messages")]
+    # the candidates are not streamed; the chosen one is, as one chunk once chosen
+    assert [(type(m).__name__, m.text) for m in streamed] == [("AIMessageChunk", SHORT)]
+    assert streamed[0].chunk_position == "last" and base.calls == 3
+
+
 def test_mbr_is_off_by_default_and_configurable_per_call(
     store: PersonaStore, hub: PreferenceHub
 ) -> None:

@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models.base import LangSmithParams
 from langchain_core.language_models.chat_models import BaseChatModel
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
-from langchain_core.outputs import ChatGeneration, ChatResult
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
+from langchain_core.messages.ai import add_usage
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from pydantic import ConfigDict, Field
 
 from persona_plugin.chat_models.persona_aware import NOSTREAM, LiftsConfigurable, coerce_persona
@@ -86,7 +88,9 @@ class MBRChatModel(LiftsConfigurable, BaseChatModel):
     :class:`MultiLoraChatModel` draws them in one request (``n``, sampled at
     ``temperature``, the persona passed on for its own LoRA retrieval); any other chat model
     is called ``n`` times (``use_n=True`` passes ``n`` instead, e.g. to ``ChatOpenAI``).
-    The reply is the chosen candidate's message with ``response_metadata["mbr"]``.
+    The reply is the chosen candidate's message with ``response_metadata["mbr"]``; its
+    usage is every candidate's, summed (what the call cost). A stream yields it as one
+    chunk once chosen: the candidates themselves never stream.
 
     The hub's scorers are loaded when the model is built, so a broken card fails there,
     not on the first request.
@@ -108,6 +112,7 @@ class MBRChatModel(LiftsConfigurable, BaseChatModel):
     temperature: float = Field(0.8, description="sampling temperature for a multi-LoRA base")
     seed: int | None = None
     use_n: bool | None = Field(None, description="ask base for n at once (None: auto)")
+    stop: list[str] | None = Field(None, description="stop strings passed to base on every call")
     selector: Any = Field(None, exclude=True)
 
     def __init__(self, **data: Any) -> None:
@@ -137,6 +142,33 @@ class MBRChatModel(LiftsConfigurable, BaseChatModel):
     @property
     def _identifying_params(self) -> dict[str, Any]:
         return {"base": getattr(self.base, "_llm_type", type(self.base).__name__), "n": self.n}
+
+    def _base_ls_params(self) -> dict[str, Any]:
+        ls_params = getattr(self.base, "_get_ls_params", None)
+        return dict(ls_params()) if callable(ls_params) else {}
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        """What a trace records: base's provider and model, whose n calls the reply's usage
+        sums, so a cost computed from them is what the call cost."""
+        base = self._base_ls_params()
+        params = LangSmithParams(
+            ls_provider=base.get("ls_provider") or "persona",
+            ls_model_name=kwargs.get("model") or self._model_name(base),
+            ls_model_type="chat",
+        )
+        for key in ("ls_temperature", "ls_max_tokens"):
+            if base.get(key) is not None:
+                params[key] = base[key]  # type: ignore[literal-required]
+        if stop or self.stop:
+            params["ls_stop"] = list(stop or self.stop or ())
+        return params
+
+    def _model_name(self, base_ls_params: Mapping[str, Any] | None = None) -> str:
+        base = self._base_ls_params() if base_ls_params is None else base_ls_params
+        return str(base.get("ls_model_name") or getattr(self.base, "_llm_type", "mbr"))
+
+    def _stops(self, stop: list[str] | None) -> list[str] | None:
+        return [*(self.stop or ()), *(stop or ())] or None
 
     # -- one request ------------------------------------------------------------------------
 
@@ -192,17 +224,37 @@ class MBRChatModel(LiftsConfigurable, BaseChatModel):
     def _finish(
         self, generations: list[Any], result: MBRResult, info: dict[str, Any]
     ) -> ChatResult:
-        chosen = generations[result.chosen]
-        message = chosen.message if hasattr(chosen, "message") else chosen
+        messages = [g.message if hasattr(g, "message") else g for g in generations]
+        message = messages[result.chosen]
         metadata = dict(getattr(message, "response_metadata", {}) or {})
+        metadata.setdefault("model_name", self._model_name())
         metadata["mbr"] = {**info, **result.to_metadata()}
+        # the call cost every candidate: a multi-LoRA base reports the request's usage on
+        # its first candidate alone, any other base one usage per call
+        usage = None
+        for candidate in messages:
+            usage = add_usage(usage, getattr(candidate, "usage_metadata", None))
         reply = AIMessage(
             content=message.content,
             response_metadata=metadata,
-            usage_metadata=getattr(message, "usage_metadata", None),
+            usage_metadata=usage if usage and usage["total_tokens"] else None,
             id=getattr(message, "id", None),
         )
         return ChatResult(generations=[ChatGeneration(message=reply)])
+
+    @staticmethod
+    def _one_chunk(result: ChatResult) -> ChatGenerationChunk:
+        # the reply is known only once every candidate is scored: it streams as one chunk
+        reply = result.generations[0].message
+        return ChatGenerationChunk(
+            message=AIMessageChunk(
+                content=reply.content,
+                response_metadata=reply.response_metadata,
+                usage_metadata=reply.usage_metadata,  # type: ignore[attr-defined]
+                id=reply.id,
+                chunk_position="last",
+            )
+        )
 
     def _generate(
         self,
@@ -216,7 +268,7 @@ class MBRChatModel(LiftsConfigurable, BaseChatModel):
         if self._multi_lora():
             out = self.base.generate(
                 [messages],
-                stop=stop,
+                stop=self._stops(stop),
                 tags=[NOSTREAM],
                 **self._base_kwargs(persona, n, plan["rest"]),
             )
@@ -224,7 +276,7 @@ class MBRChatModel(LiftsConfigurable, BaseChatModel):
         else:
             # the candidates are not the reply: only the chosen one streams to a client
             generations = self.base.batch(
-                [messages] * n, {"tags": [NOSTREAM]}, stop=stop, **plan["rest"]
+                [messages] * n, {"tags": [NOSTREAM]}, stop=self._stops(stop), **plan["rest"]
             )
         texts = [
             _text(g.message.content if hasattr(g, "message") else g.content) for g in generations
@@ -244,14 +296,14 @@ class MBRChatModel(LiftsConfigurable, BaseChatModel):
         if self._multi_lora():
             out = await self.base.agenerate(
                 [messages],
-                stop=stop,
+                stop=self._stops(stop),
                 tags=[NOSTREAM],
                 **self._base_kwargs(persona, n, plan["rest"]),
             )
             generations = list(out.generations[0])
         else:
             generations = await self.base.abatch(
-                [messages] * n, {"tags": [NOSTREAM]}, stop=stop, **plan["rest"]
+                [messages] * n, {"tags": [NOSTREAM]}, stop=self._stops(stop), **plan["rest"]
             )
         texts = [
             _text(g.message.content if hasattr(g, "message") else g.content) for g in generations
@@ -263,3 +315,21 @@ class MBRChatModel(LiftsConfigurable, BaseChatModel):
             mixture,
         )
         return self._finish(generations, result, plan["info"])
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        yield self._one_chunk(self._generate(messages, stop, run_manager, **kwargs))
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        yield self._one_chunk(await self._agenerate(messages, stop, run_manager, **kwargs))

@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, ClassVar
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models.base import LangSmithParams
 from langchain_core.language_models.chat_models import BaseChatModel
 from langchain_core.messages import (
     AIMessage,
@@ -41,7 +42,7 @@ from langchain_core.messages import (
     ToolMessage,
 )
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from pydantic import ConfigDict, Field
+from pydantic import AliasChoices, ConfigDict, Field
 
 from persona_plugin.backends.types import (
     BackendUnavailableError,
@@ -117,11 +118,13 @@ class MultiLoraChatModel(LiftsConfigurable, BaseChatModel):
     adapters: list[tuple[str, float]] = Field(
         default_factory=list, description="default adapters when none are given or retrieved"
     )
-    max_new_tokens: int = 256
+    # max_tokens too: LangChain's standard name, which the other chat models take at init
+    max_new_tokens: int = Field(256, validation_alias=AliasChoices("max_new_tokens", "max_tokens"))
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
     n: int = 1
+    stop: list[str] | None = Field(None, description="stop strings of every call")
     fallback: Any = Field(None, description="chat model answering when the backend is down")
 
     @property
@@ -137,6 +140,21 @@ class MultiLoraChatModel(LiftsConfigurable, BaseChatModel):
             "top_p": self.top_p,
             "n": self.n,
         }
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        """What a trace records: the backend as the provider, its base model as the model."""
+        params = LangSmithParams(
+            ls_provider=f"persona-{getattr(self.backend, 'name', 'backend')}",
+            ls_model_name=kwargs.get("model") or backend_model_name(self.backend),
+            ls_model_type="chat",
+            ls_max_tokens=_openai_sampling(kwargs).get("max_new_tokens", self.max_new_tokens),
+        )
+        temperature = kwargs.get("temperature", self.temperature)
+        if temperature is not None:
+            params["ls_temperature"] = temperature
+        if stop or self.stop:
+            params["ls_stop"] = list(stop or self.stop or ())
+        return params
 
     # -- building the request ---------------------------------------------------------------
 
@@ -171,6 +189,7 @@ class MultiLoraChatModel(LiftsConfigurable, BaseChatModel):
         if "stop" in kwargs:  # bound with .bind(stop=...), as the persona server does
             bound_stop = kwargs.pop("stop")
             stop = [*(stop or ()), *([bound_stop] if isinstance(bound_stop, str) else bound_stop)]
+        stop = [*(self.stop or ()), *(stop or ())]
         unknown = sorted(
             k
             for k in kwargs
@@ -259,7 +278,7 @@ class MultiLoraChatModel(LiftsConfigurable, BaseChatModel):
         except BackendUnavailableError as exc:
             if self.fallback is None:
                 raise
-            reply = self.fallback.invoke(messages, stop=stop)
+            reply = self.fallback.invoke(messages, stop=list(request.stop) or None)
             return ChatResult(generations=[ChatGeneration(message=self._mark_fallback(reply, exc))])
         return self._chat_result(result, retrieved)
 
@@ -276,7 +295,7 @@ class MultiLoraChatModel(LiftsConfigurable, BaseChatModel):
         except BackendUnavailableError as exc:
             if self.fallback is None:
                 raise
-            reply = await self.fallback.ainvoke(messages, stop=stop)
+            reply = await self.fallback.ainvoke(messages, stop=list(request.stop) or None)
             return ChatResult(generations=[ChatGeneration(message=self._mark_fallback(reply, exc))])
         return self._chat_result(result, retrieved)
 
@@ -314,7 +333,7 @@ class MultiLoraChatModel(LiftsConfigurable, BaseChatModel):
         except BackendUnavailableError as exc:
             if self.fallback is None:
                 raise
-            for piece in self.fallback.stream(messages, stop=stop):
+            for piece in self.fallback.stream(messages, stop=list(request.stop) or None):
                 yield ChatGenerationChunk(message=piece)
             yield ChatGenerationChunk(
                 message=AIMessageChunk(
@@ -346,7 +365,7 @@ class MultiLoraChatModel(LiftsConfigurable, BaseChatModel):
         except BackendUnavailableError as exc:
             if self.fallback is None:
                 raise
-            async for piece in self.fallback.astream(messages, stop=stop):
+            async for piece in self.fallback.astream(messages, stop=list(request.stop) or None):
                 yield ChatGenerationChunk(message=piece)
             yield ChatGenerationChunk(
                 message=AIMessageChunk(
@@ -354,6 +373,17 @@ class MultiLoraChatModel(LiftsConfigurable, BaseChatModel):
                     response_metadata={"fallback": True, "fallback_reason": str(exc)[:200]},
                 )
             )
+
+
+def backend_model_name(backend: Any) -> str:
+    """The base model a backend serves, for traces: its ``model_name`` or ``model``
+    attribute if it has one (read from the instance: LocalBackend's ``model`` property
+    would load the weights), else the backend's name."""
+    own = getattr(backend, "__dict__", {})
+    for attribute in ("model_name", "model"):
+        if isinstance(own.get(attribute), str) and own[attribute]:
+            return own[attribute]
+    return str(getattr(backend, "name", type(backend).__name__))
 
 
 def _check_owned(mixture: Mixture, persona: Any) -> None:
