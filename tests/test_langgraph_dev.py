@@ -161,3 +161,21 @@ def test_a_missing_user_id_reads_as_such(server: str) -> None:
         raise_error=False,
     )
     assert "user_id" in str(out) and "internal error" not in str(out).lower()
+
+
+def test_the_platform_client_example_runs_against_it(server: str) -> None:
+    done = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "langgraph_platform_client.py"), server],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith('reply: You said: "I live in Porto."')
+    assert lines[1:3] == [
+        "turn id given: True",
+        "output keys: ['messages', 'reflection', 'turn_id']",
+    ]
+    assert lines[3].startswith('streamed: [\'You said: "Any plans for the weekend?"')
+    assert "Current persona" not in lines[3]
