@@ -179,3 +179,43 @@ def test_the_platform_client_example_runs_against_it(server: str) -> None:
     ]
     assert lines[3].startswith('streamed: [\'You said: "Any plans for the weekend?"')
     assert "Current persona" not in lines[3]
+
+
+def test_the_platform_store_is_the_graphs_memory(server: str) -> None:
+    from langgraph_sdk import get_sync_client
+
+    client = get_sync_client(url=server)
+    thread = client.threads.create()
+    client.runs.wait(
+        thread["thread_id"],
+        "persona_chat",
+        input={"messages": [{"role": "user", "content": "My cat is called Miso."}]},
+        context={"user_id": "cleo"},
+    )
+    # what the graph remembered of the turn, through the platform's store API
+    found = client.store.search_items(("memories", "cleo"), query="the cat's name", limit=5)
+    assert any("Miso" in str(item["value"]) for item in found["items"])
+    assert client.store.search_items(("memories", "dora"), query="cat")["items"] == []
+
+    # what a client puts there, the graph recalls: the echo model counts the facts its
+    # prompt held; cleo's memory holds her one turn (2 items) and, now, the allergy
+    def facts(user: str, text: str) -> int:
+        out = client.runs.wait(
+            client.threads.create()["thread_id"],
+            "persona_chat",
+            input={"messages": [{"role": "user", "content": text}]},
+            context={"user_id": user, "reflection": "off"},
+        )
+        reply = out["messages"][-1]["content"]
+        return int(reply.split("(echo model; ")[1].split(" facts")[0])
+
+    client.store.put_item(("memories", "cleo"), "allergy", {"text": "Cleo is allergic to nuts"})
+    assert facts("cleo", "Any snack ideas with nuts?") == 3
+    # the same history without the stored item: one fact fewer
+    client.runs.wait(
+        client.threads.create()["thread_id"],
+        "persona_chat",
+        input={"messages": [{"role": "user", "content": "My cat is called Miso."}]},
+        context={"user_id": "dora"},
+    )
+    assert facts("dora", "Any snack ideas with nuts?") == 2
