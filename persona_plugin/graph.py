@@ -40,7 +40,6 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -64,6 +63,7 @@ from persona_plugin.errors import PersonaConfigError, PersonaNotFoundError, Pers
 from persona_plugin.guard import guarded_turn
 from persona_plugin.interactions import BATCHED, DONE, PENDING, FeedbackEvent, InteractionLog
 from persona_plugin.memory.knowledge_base import KnowledgeBaseSearch
+from persona_plugin.memory.long_term import exchange_turns
 from persona_plugin.persona import Persona, validate_user_id
 from persona_plugin.privacy import Forgotten, export_user, forget_user
 from persona_plugin.prompt import PromptAssembler, bound_tool_names, token_counter_for
@@ -520,25 +520,14 @@ class PersonaGraph:
         # persona: instructions are withheld, not remembered (nor logged); read once for both
         user_text, reply_text = guarded_turn(user_msg.text, reply.text) if replied else ("", "")
         if self.memory is not None and replied:
-            now = datetime.now(UTC)
             self.memory.remember(
                 user_id,
-                [
-                    {
-                        "turn_id": f"{turn_id}:user",
-                        "speaker": "user",
-                        "text": user_text,
-                        "timestamp": now,
-                        "session": _configurable(config).get("thread_id"),
-                    },
-                    {
-                        "turn_id": f"{turn_id}:assistant",
-                        "speaker": "assistant",
-                        "text": reply_text or "(a tool call)",
-                        "timestamp": now,
-                        "session": _configurable(config).get("thread_id"),
-                    },
-                ],
+                exchange_turns(
+                    turn_id,
+                    user_text,
+                    reply_text or "(a tool call)",
+                    session=_configurable(config).get("thread_id"),
+                ),
             )
         mode = self._mode(config)
         queue = {"background": PENDING, "every_n_turns": BATCHED}.get(mode)

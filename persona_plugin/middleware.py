@@ -31,7 +31,6 @@ import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import UTC, datetime
 from typing import Annotated, Any, NotRequired
 
 from langchain.agents.middleware import AgentMiddleware, AgentState, ModelRequest, ModelResponse
@@ -46,6 +45,7 @@ from persona_plugin.config import Settings
 from persona_plugin.errors import PersonaConfigError, PersonaNotFoundError, PersonaValidationError
 from persona_plugin.guard import guarded_turn
 from persona_plugin.interactions import DONE, PENDING, InteractionLog
+from persona_plugin.memory.long_term import exchange_turns
 from persona_plugin.persona import Persona, validate_user_id
 from persona_plugin.privacy import Forgotten, forget_user
 from persona_plugin.prompt import PromptAssembler
@@ -320,19 +320,9 @@ class PersonaMiddleware(AgentMiddleware[PersonaAgentState, Any, Any]):
             return {}
         user_text, reply_text = guarded_turn(said.text, reply.text)
         if self.memory is not None:
-            now = datetime.now(UTC)
             self.memory.remember(
                 user_id,
-                [
-                    {
-                        "turn_id": f"{turn_id}:{speaker}",
-                        "speaker": speaker,
-                        "text": text,
-                        "timestamp": now,
-                        "session": turn.get("thread_id"),
-                    }
-                    for speaker, text in (("user", user_text), ("assistant", reply_text))
-                ],
+                exchange_turns(turn_id, user_text, reply_text, session=turn.get("thread_id")),
             )
         outcome = None
         if self.reflection == "inline":

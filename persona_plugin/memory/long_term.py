@@ -187,6 +187,30 @@ def _fresh_collection(method: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
+def exchange_turns(
+    turn_id: str,
+    user_text: str,
+    reply_text: str,
+    *,
+    session: str | None = None,
+    timestamp: datetime | None = None,
+) -> list[dict[str, Any]]:
+    """One chat exchange as the two turns every entry point remembers of a reply,
+    ``<turn_id>:user`` and ``<turn_id>:assistant`` (the texts as the guard let them through),
+    for ``memory.remember(user_id, ...)``."""
+    when = timestamp or datetime.now(UTC)
+    return [
+        {
+            "turn_id": f"{turn_id}:{speaker}",
+            "speaker": speaker,
+            "text": text,
+            "timestamp": when,
+            "session": session,
+        }
+        for speaker, text in (("user", user_text), ("assistant", reply_text))
+    ]
+
+
 class LongTermMemory:
     """Per-user long-term memory over ChromaDB (embedded by default, or a server).
 

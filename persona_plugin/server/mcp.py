@@ -42,7 +42,6 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Iterator, Mapping
-from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from mcp.server.auth.provider import AccessToken
@@ -60,7 +59,7 @@ from persona_plugin.errors import (
     PersonaNotFoundError,
     PersonaValidationError,
 )
-from persona_plugin.guard import WITHHELD, instruction_reason
+from persona_plugin.guard import WITHHELD, guarded_turn, instruction_reason
 from persona_plugin.interactions import (
     PENDING,
     FeedbackKind,
@@ -68,6 +67,7 @@ from persona_plugin.interactions import (
     TurnNotFoundError,
     TurnOwnedElsewhereError,
 )
+from persona_plugin.memory.long_term import exchange_turns
 from persona_plugin.persona import SECTION_NAMES, Persona, validate_user_id
 from persona_plugin.prompt import PromptAssembler
 from persona_plugin.reflection.optimizer import Operation, RefusedOperation, apply_operations
@@ -343,24 +343,12 @@ class PersonaTools:
                 raise ToolError(f"Invalid argument '{name}': it is empty; pass the text.")
         # as the persona graph keeps its turns: what reads as instructions is withheld,
         # and so is the reply to it (it may echo it or comply)
-        said = WITHHELD if instruction_reason(user_message) else user_message
-        answered = WITHHELD if said == WITHHELD or instruction_reason(reply) else reply
+        said, answered = guarded_turn(user_message, reply)
         turn_id = f"mcp-{uuid.uuid4().hex[:24]}"
         if self.memory is not None:
             # validates both before writing either: a refused turn leaves nothing behind
-            now = datetime.now(UTC)
             self.memory.remember(
-                user_id,
-                [
-                    {
-                        "turn_id": f"{turn_id}:{speaker}",
-                        "speaker": speaker,
-                        "text": text,
-                        "timestamp": now,
-                        "session": thread_id,
-                    }
-                    for speaker, text in (("user", said), ("assistant", answered))
-                ],
+                user_id, exchange_turns(turn_id, said, answered, session=thread_id)
             )
         version = self.store.current_version(user_id)
         log_.record_turn(

@@ -10,10 +10,7 @@ real: a SQLite store, Chroma memory with MiniLM, the interaction log, the guard.
 from __future__ import annotations
 
 import os
-import socket
 import sys
-import threading
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +20,6 @@ import anyio
 import httpx
 import httpx2
 import pytest
-import uvicorn
 from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
@@ -38,6 +34,7 @@ from persona_plugin.persona import Persona
 from persona_plugin.server.mcp import SOURCE, create_mcp_server
 from persona_plugin.store import PersonaStore
 from tests.paths import REPO
+from tests.server.test_server import running
 
 TOK_ALICE = "tok-alice-0123456789"  # alice only
 TOK_BOTH = "tok-both-0123456789"  # alice and bob
@@ -197,29 +194,11 @@ def test_persona_mcp_refuses_stdio_without_a_user_and_http_with_one(capsys) -> N
 # -- streamable HTTP: bearer tokens --------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def serving(app: Any) -> Iterator[str]:
     """``app`` served by uvicorn in a thread; yields the MCP endpoint's URL."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{config.port}/mcp"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        assert not thread.is_alive(), "uvicorn did not stop"
+    with running(app) as base:
+        yield f"{base}/mcp"
 
 
 @pytest.fixture
