@@ -3,7 +3,8 @@
 Run: .venv/bin/python examples/openai_server_client.py
 Starts the OpenAI-compatible persona server in-process (uvicorn in a thread, on a free
 127.0.0.1 port, the offline echo model, one bearer token), asks it once plainly and once
-streaming, then shuts it down. Data goes to a temporary directory.
+streaming, patches the persona over HTTP (compare-and-set with If-Match), then shuts it
+down. Data goes to a temporary directory.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import tempfile
 import threading
 import time
 
+import httpx
 import uvicorn
 from openai import OpenAI
 
@@ -56,6 +58,17 @@ def main() -> None:
                 chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices
             )
             print("streamed:", text)
+            # the persona itself, over HTTP: a merge patch, against the version read
+            base, auth = (
+                f"http://127.0.0.1:{port}/v1/personas/alice",
+                {"Authorization": f"Bearer {TOKEN}"},
+            )
+            etag = httpx.get(base, headers=auth).headers["etag"]
+            patch = {"patch": {"demographics": {"location": "Porto"}}, "reason": "moved"}
+            done = httpx.patch(base, json=patch, headers={**auth, "If-Match": etag})
+            print("patched to version", done.json()["version"], "ETag", done.headers["etag"])
+            stale = httpx.patch(base, json=patch, headers={**auth, "If-Match": etag})
+            print("again with the old ETag:", stale.status_code, stale.json()["error"]["code"])
         finally:
             server.should_exit = True
             thread.join(timeout=30)

@@ -78,7 +78,13 @@ def test_persona_graph_example_prints_what_two_turns_taught():
 def test_openai_server_client_example_talks_through_the_openai_client():
     lines = run_example("openai_server_client.py").stdout.splitlines()
     reply = 'You said: "Plan my weekend.". (echo model; 2 facts about you in my prompt)'
-    assert lines == [f"reply: {reply}", f"streamed: {reply}", "server stopped"]
+    assert lines == [
+        f"reply: {reply}",
+        f"streamed: {reply}",
+        'patched to version 2 ETag "2"',
+        "again with the old ETag: 409 version_conflict",
+        "server stopped",
+    ]
 
 
 SLACK_VARS = ("SLACK_BOT_TOKEN", "SLACK_SIGNING_SECRET", "SLACK_APP_TOKEN")
