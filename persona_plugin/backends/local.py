@@ -165,7 +165,10 @@ class LocalBackend(BaseBackend):
     local ``location``; ``adapters``: more ``{id: folder}``. The model loads on first use
     (or :meth:`load`). A mixture that a local pre-merged card (``merge_of``) matches within
     ``merge_tolerance`` is served by that card's adapter; other mixtures are merged, and
-    ``max_merged`` merges are kept, least recently used dropped.
+    ``max_merged`` merges are kept, least recently used dropped. Users' own adapters (slow
+    adaptation) load on their owner's first request: at most ``max_owned`` stay loaded, the
+    least recently served unloaded first (it loads again on its owner's next request), so
+    memory stays bounded however many users have one.
     """
 
     name = "local"
@@ -180,23 +183,29 @@ class LocalBackend(BaseBackend):
         device: str = "cpu",
         max_merged: int = 8,
         merge_tolerance: float = 0.05,
+        max_owned: int = 32,
     ) -> None:
         if not 0 <= merge_tolerance < 1:
             raise PersonaConfigError(f"merge_tolerance must be in [0, 1), not {merge_tolerance!r}.")
         if isinstance(max_merged, bool) or not isinstance(max_merged, int) or max_merged < 1:
             raise PersonaConfigError(f"max_merged must be an integer >= 1, not {max_merged!r}.")
+        if isinstance(max_owned, bool) or not isinstance(max_owned, int) or max_owned < 1:
+            raise PersonaConfigError(f"max_owned must be an integer >= 1, not {max_owned!r}.")
         self._model_dir = Path(model_dir).expanduser() if model_dir is not None else None
         self.lora_hub = lora_hub
         self._paths = {k: Path(v).expanduser() for k, v in (adapters or {}).items()}
         self._cache_dir = cache_dir
         self.device = device
         self.max_merged = max_merged
+        self.max_owned = max_owned
         self.merge_tolerance = merge_tolerance
         self._lock = threading.RLock()
         self._model: Any = None
         self._tokenizer: Any = None
         self._loaded: set[str] = set()
         self._merged: OrderedDict[Mixture, str] = OrderedDict()
+        #: loaded own adapters, least recently served first
+        self._owned_recency: OrderedDict[str, None] = OrderedDict()
         self.model_name = MODEL_NAME if model_dir is None else self._model_dir.name  # type: ignore[union-attr]
 
     # -- loading ----------------------------------------------------------------------
@@ -271,6 +280,7 @@ class LocalBackend(BaseBackend):
             name = _peft_name(adapter_id)
             merges = [m for m in self._merged if any(a == adapter_id for a, _ in m)]
             self._loaded.discard(adapter_id)
+            self._owned_recency.pop(adapter_id, None)
             if not self._loaded:
                 # the last adapter: peft cannot serve with none left, so take the LoRA
                 # layers out and keep the bare model (the next adapter wraps it again)
@@ -289,6 +299,12 @@ class LocalBackend(BaseBackend):
         mine = f"{owned_id(user_id, 'adapter')}-v"
         with self._lock:
             return sum(self.unload(a) for a in [a for a in self._loaded if a.startswith(mine)])
+
+    @property
+    def loaded_adapters(self) -> list[str]:
+        """The ids of the adapters loaded now (what serves without a load), sorted."""
+        with self._lock:
+            return sorted(self._loaded)
 
     @property
     def serves_owned_adapters(self) -> bool:
@@ -336,6 +352,8 @@ class LocalBackend(BaseBackend):
         adapter unloads their older ones (not those ``keep`` names: in use by the batch)."""
         name = _peft_name(adapter_id)
         if adapter_id in self._loaded:
+            if adapter_id in self._owned_recency:
+                self._owned_recency.move_to_end(adapter_id)
             return name
         path = self._adapter_path(adapter_id)
         if not (path / "adapter_config.json").is_file():
@@ -363,8 +381,26 @@ class LocalBackend(BaseBackend):
             self._model.load_adapter(path, adapter_name=name)
         self._model.eval()
         self._loaded.add(adapter_id)
+        if adapter_id.startswith(OWNED_PREFIX):
+            self._owned_recency[adapter_id] = None
         self._evict_older_versions(adapter_id, keep)
+        self._evict_least_recent_owned(keep | {name})
         return name
+
+    def _evict_least_recent_owned(self, keep: frozenset[str]) -> None:
+        """Unload the least recently served own adapters past ``max_owned`` (not those
+        ``keep`` names, nor any in a merge the batch uses)."""
+        for adapter_id in list(self._owned_recency):
+            loaded = [a for a in self._owned_recency if a in self._loaded]
+            if len(loaded) <= self.max_owned:
+                return
+            merges = [n for m, n in self._merged.items() if any(a == adapter_id for a, _ in m)]
+            if (
+                adapter_id in self._loaded
+                and _peft_name(adapter_id) not in keep
+                and not (keep.intersection(merges))
+            ):
+                self.unload(adapter_id)
 
     def _evict_older_versions(self, adapter_id: str, keep: frozenset[str]) -> None:
         """A user's own adapter is served by its newest version: the others loaded before

@@ -107,3 +107,49 @@ def test_an_adapter_of_their_own_learns_the_users_sign_off_and_serves_their_next
 
 def test_training_steps_are_bounded() -> None:
     assert training_steps(8) == 20 and training_steps(26) == 20 and training_steps(400) == 60
+
+
+def test_at_most_max_owned_own_adapters_stay_loaded(backend: LocalBackend) -> None:
+    # four users with an adapter of their own (copies of one tiny trained adapter), served
+    # by a backend that keeps two: the least recently served is unloaded, and loads again
+    # on its owner's next request
+    import shutil
+
+    owned = backend.lora_hub.owned
+    from persona_plugin.lora.hub import BUNDLED_LORA_DIR
+
+    concise = LoraHub(BUNDLED_LORA_DIR).get("concise")
+    users = ["lru-a", "lru-b", "lru-c", "lru-d"]
+    for user in users:
+        owned.add_version(
+            user,
+            "adapter",
+            concise.to_dict() | {"id": owned_id(user, "adapter"), "owner": user},
+            write_model=lambda folder: shutil.copytree(concise.resolved_location, folder),
+            model_suffix="",
+            promote=True,
+            versioned_id=True,
+        )
+    chat = MultiLoraChatModel(
+        backend=backend, retriever=LoraRetriever(backend.lora_hub), max_new_tokens=2
+    )
+    before, backend.max_owned = backend.max_owned, 2
+    try:
+        ids = {u: f"{owned_id(u, 'adapter')}-v1" for u in users}
+
+        def own_loaded() -> list[str]:
+            return [u for u in users if ids[u] in backend.loaded_adapters]
+
+        for user in users[:3]:
+            served = chat.invoke("hi", persona=Persona.new(user), temperature=0.0)
+            assert served.response_metadata["adapters"] == [[ids[user], 1.0]]
+        assert own_loaded() == ["lru-b", "lru-c"]  # a, the least recent, went
+        chat.invoke("hi", persona=Persona.new("lru-b"), temperature=0.0)  # b is recent now
+        served = chat.invoke("hi", persona=Persona.new("lru-a"), temperature=0.0)
+        assert served.response_metadata["adapters"] == [[ids["lru-a"], 1.0]]  # loads again
+        assert own_loaded() == ["lru-a", "lru-b"]
+    finally:
+        backend.max_owned = before
+        for user in users:
+            backend.forget(user)
+            owned.delete_user(user)
