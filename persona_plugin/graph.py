@@ -543,15 +543,10 @@ class PersonaGraph:
                 or (DONE if done.get("version") and not done.get("error") else None),
                 reflected_version=done.get("version") if not queue else None,
             )
-        if not self.store.exists(user_id):
-            # cold start with no reflection yet: the user gets version 1 now
-            persona = self._persona(state).model_copy(deep=True)
-            if self.memory is not None:
-                persona.memory.long_term = self.memory.link()
-            try:
-                self.store.create(user_id, persona, source="first turn", reason=f"turn {turn_id}")
-            except Exception as exc:
-                log.info("persona of %s created concurrently: %s", user_id, exc)
+        # cold start with no reflection yet: the user gets version 1 now
+        self.store.create_first(
+            user_id, self._persona(state), memory=self.memory, reason=f"turn {turn_id}"
+        )
         self._personas.pop((user_id, turn_id), None)
         update: dict[str, Any] = {"persona_exists": True}
         if replied and queue == PENDING:

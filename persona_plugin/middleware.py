@@ -332,15 +332,10 @@ class PersonaMiddleware(AgentMiddleware[PersonaAgentState, Any, Any]):
                     user_id, [ReflectionTurn(turn_id=turn_id, user=said.text, assistant=reply.text)]
                 )
         self._log(turn, user_text, reply_text, reply, outcome)
-        if not self.store.exists(user_id):
-            # no reflection created the persona: the user gets version 1 now, as in the graph
-            persona = self._persona(turn).model_copy(deep=True)
-            if self.memory is not None:
-                persona.memory.long_term = self.memory.link()
-            try:
-                self.store.create(user_id, persona, source="first turn", reason=f"turn {turn_id}")
-            except Exception as exc:
-                log.info("persona of %s created concurrently: %s", user_id, exc)
+        # no reflection created the persona: the user gets version 1 now, as in the graph
+        self.store.create_first(
+            user_id, self._persona(turn), memory=self.memory, reason=f"turn {turn_id}"
+        )
         if self.reflection == "background" and self.background is not None:
             self.background.notify()
         tag = {"turn_id": turn_id, "persona_version": turn["persona_version"]}

@@ -198,6 +198,24 @@ class PersonaStore:
         persona = persona or Persona.new(user_id)
         return self.save(user_id, persona, expected_version=0, source=source, reason=reason)
 
+    def create_first(
+        self, user_id: str, persona: Persona, *, memory: Any = None, reason: str = ""
+    ) -> bool:
+        """Version 1 (source ``first turn``) for a user a chat turn served from a cold start
+        and nothing saved, linked to ``memory`` (its ``link()``) when given; whether this
+        call created it (False: they have one, or another writer made it first)."""
+        if self.exists(user_id):
+            return False
+        persona = persona.model_copy(deep=True)
+        if memory is not None:
+            persona.memory.long_term = memory.link()
+        try:
+            self.create(user_id, persona, source="first turn", reason=reason)
+        except PersonaConflictError:
+            log.info("persona of %s created concurrently", user_id)
+            return False
+        return True
+
     def save(
         self,
         user_id: str,
