@@ -219,10 +219,17 @@ def eval_prefeval(
         table.add_column("system", justify="left")
         for t in THRESHOLDS:
             table.add_column(f"cos >= {t}", justify="right")
-        for column in ("verbatim", "recalled", "calls/item", "gate sends", "s/item"):
+        columns = ("verbatim", "recalled", "memory cut", "calls/item", "gate sends", "s/item")
+        for column in columns:
             table.add_column(column, justify="right")
         table.add_row(
-            "no persona (question only)", *["0.000"] * (len(THRESHOLDS) + 2), "0", "-", "-"
+            "no persona (question only)",
+            *["0.000"] * (len(THRESHOLDS) + 1),
+            "-",
+            "-",
+            "0",
+            "-",
+            "-",
         )
         gate_sends = figures["gate_sends_per_item"]
         table.add_row(
@@ -230,8 +237,13 @@ def eval_prefeval(
             *(f"{figures['retention'][str(t)]:.3f}" for t in THRESHOLDS),
             f"{figures['verbatim']:.3f}",
             f"{figures['preference_recalled']:.3f}",
+            f"{figures['memory_dropped_by_budget']:.3f}",
             f"{figures['reflection_calls_per_item']:g}",
             "-" if gate_sends is None else f"{gate_sends:g}/{figures['user_turns_per_item']:g}",
-            f"{figures['seconds_per_item']:.1f}",
+            f"{figures['median_seconds_per_item']:.1f}",
         )
         out.print(table)
+    out.print(
+        "recalled: the preference turn among the recalled memories, before the budget; "
+        "memory cut: the token budget left the recalled-memory block out; s/item: median"
+    )

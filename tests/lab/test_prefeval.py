@@ -108,6 +108,9 @@ def test_the_cli_reports_retention_and_cost(folder: Path) -> None:
     assert item["reflection_calls"] == 0 and run["all"]["from_persona"] == 0.0
     assert item["turns"] == 11 and 1 <= item["gate_sends"] <= 11
     assert item["prompt_tokens"] <= 1024 and item["seconds"] > 0
+    table = CliRunner().invoke(app, [*args, "--inter-turns", "10"])
+    assert table.exit_code == 0, table.output
+    assert "no persona (question only)" in table.stdout and "1.000" in table.stdout
 
 
 def test_a_preference_that_cannot_reach_the_prompt_is_not_retained(

@@ -339,6 +339,10 @@ def summarise(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "gate_sends_per_item": round(sum(gated) / len(gated), 2) if gated else None,
         "user_turns_per_item": mean("turns"),
         "seconds_per_item": mean("seconds"),
+        # the first item of a run reads every distractor with a cold guard cache
+        "median_seconds_per_item": round(float(np.median([i["seconds"] for i in items])), 2)
+        if items
+        else 0.0,
         "reflection_seconds_per_item": mean("reflection_seconds"),
     }
 
