@@ -216,14 +216,14 @@ def eval_prefeval(
             title=f"PrefEval retention after {n} distractor turns ({figures['items']} items, "
             f"reflector {result['reflector']})"
         )
-        table.add_column("system", justify="left")
+        table.add_column("prompt", justify="left", no_wrap=True)
         for t in THRESHOLDS:
-            table.add_column(f"cos >= {t}", justify="right")
-        columns = ("verbatim", "recalled", "memory cut", "calls/item", "gate sends", "s/item")
+            table.add_column(f"cos≥{t}", justify="right")
+        columns = ("verbatim", "recalled", "mem cut", "calls", "gate sends", "s/item")
         for column in columns:
             table.add_column(column, justify="right")
         table.add_row(
-            "no persona (question only)",
+            "no persona",
             *["0.000"] * (len(THRESHOLDS) + 1),
             "-",
             "-",
@@ -233,7 +233,7 @@ def eval_prefeval(
         )
         gate_sends = figures["gate_sends_per_item"]
         table.add_row(
-            "persona + memory",
+            "persona+memory",
             *(f"{figures['retention'][str(t)]:.3f}" for t in THRESHOLDS),
             f"{figures['verbatim']:.3f}",
             f"{figures['preference_recalled']:.3f}",
@@ -244,6 +244,7 @@ def eval_prefeval(
         )
         out.print(table)
     out.print(
-        "recalled: the preference turn among the recalled memories, before the budget; "
-        "memory cut: the token budget left the recalled-memory block out; s/item: median"
+        "no persona: the question alone reaches the model. recalled: the preference turn is "
+        "among the recalled memories (before the budget); mem cut: the token budget left the "
+        "recalled-memory block out; calls: reflection calls per item; s/item: median"
     )

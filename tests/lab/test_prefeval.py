@@ -110,7 +110,7 @@ def test_the_cli_reports_retention_and_cost(folder: Path) -> None:
     assert item["prompt_tokens"] <= 1024 and item["seconds"] > 0
     table = CliRunner().invoke(app, [*args, "--inter-turns", "10"])
     assert table.exit_code == 0, table.output
-    assert "no persona (question only)" in table.stdout and "1.000" in table.stdout
+    assert "no persona" in table.stdout and "persona+memory" in table.stdout
 
 
 def test_a_preference_that_cannot_reach_the_prompt_is_not_retained(
