@@ -242,9 +242,16 @@ def eval_prefeval(
             "-" if gate_sends is None else f"{gate_sends:g}/{figures['user_turns_per_item']:g}",
             f"{figures['median_seconds_per_item']:.1f}",
         )
+        table.add_row(
+            "(items fit)",
+            *(f"{figures['item_fit_retention'][str(t)]:.3f}" for t in THRESHOLDS),
+            *["" for _ in columns],
+        )
         out.print(table)
     out.print(
         "no persona: the question alone reaches the model. recalled: the preference turn is "
         "among the recalled memories (before the budget); mem cut: the token budget left the "
-        "recalled-memory block out; calls: reflection calls per item; s/item: median"
+        "recalled-memory block out; (items fit): a counterfactual assembly keeping recalled "
+        "memories one by one within the budget (not the product's); calls: reflection calls "
+        "per item; s/item: median"
     )

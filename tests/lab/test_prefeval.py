@@ -14,6 +14,7 @@ from persona_plugin.errors import PersonaValidationError
 from persona_plugin.lab.eval.prefeval import (
     CachedEmbedder,
     evaluate,
+    fit_items,
     load_inter_turns,
     score_prompt,
 )
@@ -104,6 +105,7 @@ def test_the_cli_reports_retention_and_cost(folder: Path) -> None:
     assert item["preference_recalled"] and item["verbatim"]
     assert item["retained"] == {"0.7": True, "0.8": True, "0.9": True}
     assert run["all"]["retention"]["0.8"] == 1.0 and run["all"]["from_memory"] == 1.0
+    assert run["all"]["item_fit_retention"]["0.8"] == 1.0
     # memory only: no reflection call, nothing learned into the persona
     assert item["reflection_calls"] == 0 and run["all"]["from_persona"] == 0.0
     assert item["turns"] == 11 and 1 <= item["gate_sends"] <= 11
@@ -137,3 +139,14 @@ def test_only_what_the_prompt_holds_counts(embedder: CachedEmbedder) -> None:
     text = PromptAssembler().assemble(persona).text
     figures = score_prompt(text, PREFERENCE, persona, [], embedder)
     assert figures["persona_values"] >= 1 and 0 < figures["cosine_persona"] < 0.9
+
+
+def test_the_item_level_counterfactual_keeps_what_fits(embedder: CachedEmbedder) -> None:
+    persona, assembler = Persona.new("u1"), PromptAssembler()
+    recalled = [f"user: {PREFERENCE}", "assistant: " + "a very long pasted page " * 220]
+    whole = assembler.assemble(persona, context={"memory": recalled})
+    assert whole.dropped == ["context.memory"]  # the product: the block goes whole
+    assert not score_prompt(whole.text, PREFERENCE, persona, recalled, embedder)["verbatim"]
+    fitted = fit_items(assembler, persona, {"memory": recalled}, recalled)
+    assert PREFERENCE in fitted.text and "long pasted page" not in fitted.text
+    assert score_prompt(fitted.text, PREFERENCE, persona, recalled, embedder)["verbatim"]

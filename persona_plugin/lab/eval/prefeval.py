@@ -32,6 +32,11 @@ the MCQ options are not used here; nothing is tuned per item. The embedder memoi
 vectors of texts it has embedded before (the same distractor turns recur in every item):
 the fast MiniLM embeds each text independently of its batch, so the vectors are the ones
 the product computes, and only the seconds differ (``cache=False`` measures them).
+
+Beside the product's prompt, each item reports ``item_fit``: the same figures for a
+counterfactual assembly (:func:`fit_items`) that keeps recalled memories one by one while
+they fit the budget, where the product keeps or drops the recalled-memory block whole. It
+is a measurement of what item-level selection would change, not a product path.
 """
 
 from __future__ import annotations
@@ -236,6 +241,20 @@ def score_prompt(
     }
 
 
+def fit_items(
+    assembler: Any, persona: Persona, context: Mapping[str, Sequence[str]], recalled: Sequence[str]
+) -> Any:
+    """A counterfactual assembly (not the product's): recalled memories kept item by item,
+    best first, each only if the block still fits the budget, instead of the whole block
+    kept or dropped. What item-level selection inside the memory block would show."""
+    kept: list[str] = []
+    for memory in recalled:
+        trial = assembler.assemble(persona, context={**context, "memory": [*kept, memory]})
+        if "context.memory" not in trial.dropped:
+            kept.append(memory)
+    return assembler.assemble(persona, context={**context, "memory": kept})
+
+
 def run_item(
     item: Item,
     distractors: Sequence[Mapping[str, str]],
@@ -283,6 +302,10 @@ def run_item(
             recalled = state["context"].get("memory", [])
             assembled = graph.assembler.assemble(persona, context=state["context"])
             figures = score_prompt(prompt, item.preference, persona, recalled, embedder)
+            fitted = fit_items(graph.assembler, persona, state["context"], recalled)
+            figures["item_fit"] = score_prompt(
+                fitted.text, item.preference, persona, recalled, embedder
+            )
         finally:
             store.close()
     user_turns = [m["content"] for m in history if m["role"] == "user"]
@@ -333,6 +356,11 @@ def summarise(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "memory_dropped_by_budget": round(
             sum("context.memory" in i["dropped"] for i in items) / n, 4
         ),
+        # the counterfactual of fit_items: recalled memories kept one by one within the budget
+        "item_fit_retention": {
+            str(t): round(sum(i["item_fit"]["retained"][str(t)] for i in items) / n, 4)
+            for t in THRESHOLDS
+        },
         "mean_cosine": mean("cosine"),
         "prompt_tokens": mean("prompt_tokens"),
         "reflection_calls_per_item": mean("reflection_calls"),
