@@ -365,6 +365,10 @@ def summarise(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "prompt_tokens": mean("prompt_tokens"),
         "reflection_calls_per_item": mean("reflection_calls"),
         "gate_sends_per_item": round(sum(gated) / len(gated), 2) if gated else None,
+        # a preference turn the gate skips cannot reach the persona through reflection
+        "gate_sends_preference": round(
+            sum(bool(i.get("gate_sends_preference")) for i in items) / n, 4
+        ),
         "user_turns_per_item": mean("turns"),
         "seconds_per_item": mean("seconds"),
         # the first item of a run reads every distractor with a cold guard cache
