@@ -1,2 +1,2 @@
 """Evaluations: LoCoMo recall of evidence turns (:mod:`.locomo`), fact extraction
-(:mod:`.facts`)."""
+(:mod:`.facts`), PrefEval preference retention (:mod:`.prefeval`)."""
