@@ -3,7 +3,9 @@
 :func:`read_history` reads the messages of a file; :func:`import_history` feeds them, turn
 by turn, through what a live turn goes through after its reply: the guard (a message that
 reads as instructions is withheld, and its reply with it), long-term memory, and
-reflection (the reflector's own gate in front; ``batch`` turns a call), saved as persona
+reflection (the reflector's own cost gate in front, if it has one: ``persona import``
+gives the local reflector its gate, ``reflector_for(model, gate=True)``; ``batch`` turns
+a call), saved as persona
 versions whose source is ``import turn <id>``. No chat model is called: the replies are
 the history's.
 

@@ -520,6 +520,13 @@ def import_(
     user_id: UserArg,
     file: Annotated[Path, typer.Argument(help="the chat history: JSON, JSONL or a ChatGPT export")],
     batch: Annotated[int, typer.Option(help="turns per reflection call")] = 1,
+    gate: Annotated[
+        bool,
+        typer.Option(
+            "--gate/--no-gate",
+            help="the local reflector skips turns its cost gate finds nothing to learn in",
+        ),
+    ] = True,
 ) -> None:
     """Bootstrap USER's persona and memory from a chat history (a chat export), turn by
     turn, through the guard, memory and reflection; no chat model answers. Re-running
@@ -539,7 +546,7 @@ def import_(
     messages = read_history(file)  # a bad file is refused before anything is opened
     model = resolve_chat_model(settings.chat_model, settings)
     with state.store() as store:
-        reflector = reflector_for(model, limits=store.limits)
+        reflector = reflector_for(model, limits=store.limits, gate=gate)
         with progress_bar(err, "reading the history", "importing {}") as report:
             result = import_history(
                 user_id,

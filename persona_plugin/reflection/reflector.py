@@ -98,18 +98,28 @@ def _supports_tools(model: Any) -> bool:
     return bind_tools is not None and bind_tools is not BaseChatModel.bind_tools
 
 
-def reflector_for(chat_model: Any, *, limits: PersonaLimits = DEFAULT_LIMITS) -> ReflectionModel:
+def reflector_for(
+    chat_model: Any, *, limits: PersonaLimits = DEFAULT_LIMITS, gate: bool = False
+) -> ReflectionModel:
     """The reflector for ``chat_model``: the local model's own (its reflection adapter and
     schema-bounded decoding, :class:`~persona_plugin.reflection.local.LocalReflector`,
     sharing the loaded model) when it is the local multi-LoRA model and its hub has the
-    reflection adapter; else a :class:`Reflector` calling ``chat_model``."""
+    reflection adapter; else a :class:`Reflector` calling ``chat_model``. ``gate``: the
+    local reflector skips the turns the bundled cost gate
+    (:class:`~persona_plugin.reflection.gate.ReflectionGate`) says hold nothing to learn,
+    as a history import wants (a call costs seconds on the CPU); other reflectors have none."""
     backend = getattr(chat_model, "backend", None)
     hub = getattr(backend, "lora_hub", None)
     if getattr(backend, "name", None) == "local" and hub is not None:
         from persona_plugin.reflection.local import ADAPTER_ID, LocalReflector
 
         if ADAPTER_ID in hub:
-            return LocalReflector(backend, limits=limits)
+            the_gate = None
+            if gate:
+                from persona_plugin.reflection.gate import ReflectionGate
+
+                the_gate = ReflectionGate.load()
+            return LocalReflector(backend, limits=limits, gate=the_gate)
     return Reflector(chat_model, limits=limits)
 
 

@@ -271,3 +271,20 @@ def test_an_invented_preference_from_feedback_is_not_taken() -> None:
     assert [(o.path, o.value, o.evidence) for o in output.operations] == [
         ("preference.style", "concise", ["fb7", "t1"])
     ]
+
+
+def test_the_local_reflector_for_an_import_has_the_cost_gate_in_front() -> None:
+    # persona import asks for the gate (--gate, the default); a live turn's reflector has
+    # none. No model loads: the backend loads on first use.
+    from persona_plugin.chat_models.registry import local_chat_model
+    from persona_plugin.reflection.gate import ReflectionGate
+    from persona_plugin.reflection.reflector import Reflector, reflector_for
+
+    model = local_chat_model(backend=LocalBackend(lora_hub=LoraHub(BUNDLED_HUB)))
+    gated = reflector_for(model, gate=True)
+    assert isinstance(gated, LocalReflector) and isinstance(gated.gate, ReflectionGate)
+    assert reflector_for(model).gate is None
+    assert not gated.gate.should_reflect("ok thanks")  # a turn with nothing to learn
+    assert gated.gate.should_reflect("I moved to Porto last month and I work as a nurse.")
+    # any other chat model reflects through Reflector, which has no gate to put in front
+    assert isinstance(reflector_for(object(), gate=True), Reflector)
