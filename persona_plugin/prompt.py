@@ -2,7 +2,8 @@
 
 Each section is rendered by its own Jinja2 template (built in, or overridden by name);
 extensions use a generic template unless one named ``extension_<name>`` is given. The
-block fits a token budget by dropping whole sections, lowest priority first.
+block fits a token budget by dropping whole sections, lowest priority first (of a block of
+retrieved items, the items that fit are kept, best first).
 
 Safety: everything stored in a persona is user-influenced, so every value a template
 prints is emitted as a JSON string literal on one line, with ``<`` and ``>`` escaped.
@@ -208,6 +209,8 @@ class AssembledPersona:
     tokens: int
     included: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
+    #: blocks of retrieved items kept in part: name -> how many of their items
+    partial: dict[str, int] = field(default_factory=dict)
     #: paths of persona values and retrieved items the guard kept out
     withheld: list[str] = field(default_factory=list)
 
@@ -218,6 +221,10 @@ class _Block:
     priority: int
     text: str
     tokens: int = 0
+    #: a block of retrieved items: its heading and item lines (best first), so that a
+    #: budget too small for all of them can keep the first few
+    heading: str = ""
+    lines: tuple[str, ...] = ()
 
 
 class PromptAssembler:
@@ -367,9 +374,13 @@ class PromptAssembler:
                 withheld += [f"context.{source}[{n}]" for n in range(len(kept_items), len(items))]
                 items = kept_items
             if items:
-                lines = "\n".join(f"- {quote(item)}" for item in items)
-                text = f"## Retrieved: {label(source)}\n{lines}"
-                blocks.append(_Block(f"context.{source}", self.priorities["context"], text))
+                heading = f"## Retrieved: {label(source)}"
+                lines = tuple(f"- {quote(item)}" for item in items)
+                text = "\n".join([heading, *lines])
+                name = f"context.{source}"
+                blocks.append(
+                    _Block(name, self.priorities["context"], text, heading=heading, lines=lines)
+                )
         if not blocks:
             text = self._wrap("")
             return AssembledPersona(text=text, tokens=self.token_counter(text), withheld=withheld)
@@ -409,12 +420,36 @@ class PromptAssembler:
                 break
             kept.add(dropped.pop())
             text, tokens = trial_text, trial_tokens
+        # the most important block left out, when it is retrieved items (recalled memories,
+        # a knowledge base's results): the items that fit, best first, one by one (a long
+        # item that does not fit is passed over for the shorter ones after it), rather than
+        # none. Other blocks are whole or nothing.
+        partial: dict[str, int] = {}
+        if dropped and len(blocks[dropped[-1]].lines) > 1:
+            index = dropped[-1]
+            whole = blocks[index]
+            chosen: list[str] = []
+            for line in whole.lines:
+                blocks[index] = _Block(
+                    whole.name, whole.priority, "\n".join([whole.heading, *chosen, line])
+                )
+                trial_text, trial_tokens = render(kept | {index})
+                if trial_tokens <= budget:
+                    chosen.append(line)
+                    text, tokens = trial_text, trial_tokens
+            blocks[index] = _Block(whole.name, whole.priority, "\n".join([whole.heading, *chosen]))
+            if chosen:
+                kept.add(dropped.pop())
+                partial = {whole.name: len(chosen)}
+            else:
+                blocks[index] = whole
         return AssembledPersona(
             text=text,
             tokens=tokens,
             included=[blocks[i].name for i in sorted(kept)],
             dropped=[blocks[i].name for i in dropped],
             withheld=withheld,
+            partial=partial,
         )
 
     @staticmethod

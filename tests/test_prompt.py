@@ -837,3 +837,26 @@ def test_bound_tool_names_reads_every_binding() -> None:
         "lookup_order",
         "raw_schema",
     }
+
+
+def test_a_budget_too_small_for_every_recalled_item_keeps_the_first_that_fit(alice):
+    items = [f"Memory number {n}: the user mentioned topic {n} at length." for n in range(5)]
+    assembler = PromptAssembler(token_budget=BIG)
+    bo = Persona.from_dict({"identity": {"name": "Bo"}})
+    full = assembler.assemble(bo, context={"memory": items})
+    none = assembler.assemble(bo, context={"memory": []})
+    assert full.partial == {}
+    # room for about half the items: the first (best) ones are kept, the rest cut
+    budget = (full.tokens + none.tokens) // 2
+    half = assembler.assemble(bo, context={"memory": items}, token_budget=budget)
+    assert half.tokens <= budget
+    kept = half.partial["context.memory"]
+    assert 1 <= kept < len(items)
+    assert "context.memory" in half.included and "context.memory" not in half.dropped
+    assert all(items[n] in half.text for n in range(kept))
+    assert not any(items[n] in half.text for n in range(kept, len(items)))
+    # a long item that does not fit is passed over for the shorter ones after it
+    page = "a long pasted page " * 200
+    skipped = assembler.assemble(bo, context={"memory": [page, *items]}, token_budget=budget)
+    assert skipped.partial == {"context.memory": kept}
+    assert "long pasted page" not in skipped.text and items[0] in skipped.text

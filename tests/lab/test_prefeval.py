@@ -145,8 +145,9 @@ def test_the_item_level_counterfactual_keeps_what_fits(embedder: CachedEmbedder)
     persona, assembler = Persona.new("u1"), PromptAssembler()
     recalled = [f"user: {PREFERENCE}", "assistant: " + "a very long pasted page " * 220]
     whole = assembler.assemble(persona, context={"memory": recalled})
-    assert whole.dropped == ["context.memory"]  # the product: the block goes whole
-    assert not score_prompt(whole.text, PREFERENCE, persona, recalled, embedder)["verbatim"]
+    # the product keeps the first recalled items that fit (the long page is cut)
+    assert whole.partial == {"context.memory": 1} and "long pasted page" not in whole.text
+    assert score_prompt(whole.text, PREFERENCE, persona, recalled, embedder)["verbatim"]
     fitted = fit_items(assembler, persona, {"memory": recalled}, recalled)
     assert PREFERENCE in fitted.text and "long pasted page" not in fitted.text
     assert score_prompt(fitted.text, PREFERENCE, persona, recalled, embedder)["verbatim"]
