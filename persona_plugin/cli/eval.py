@@ -22,16 +22,27 @@ from persona_plugin.cli._common import err, out
 eval_app = typer.Typer(help="Benchmarks of the plugin's parts, on public data sets.")
 
 
-def _parse_ks(text: str) -> list[int]:
+def _numbers(text: str, *, option: str, example: str, minimum: int, empty: str) -> list[int]:
+    """The sorted, distinct numbers of a comma-separated option, each at least ``minimum``."""
     try:
-        ks = sorted({int(part) for part in text.split(",") if part.strip()})
+        numbers = sorted({int(part) for part in text.split(",") if part.strip()})
     except ValueError:
         raise typer.BadParameter(
-            f"{text!r} is not a list of numbers like 1,5,10", param_hint="--k"
+            f"{text!r} is not a list of numbers like {example}", param_hint=option
         ) from None
-    if not ks or ks[0] < 1:
-        raise typer.BadParameter("k values must be positive, e.g. 1,5,10,20", param_hint="--k")
-    return ks
+    if not numbers or numbers[0] < minimum:
+        raise typer.BadParameter(empty, param_hint=option)
+    return numbers
+
+
+def _parse_ks(text: str) -> list[int]:
+    return _numbers(
+        text,
+        option="--k",
+        example="1,5,10",
+        minimum=1,
+        empty="k values must be positive, e.g. 1,5,10,20",
+    )
 
 
 @eval_app.command("locomo")
@@ -149,15 +160,13 @@ def eval_facts(
 
 
 def _parse_counts(text: str) -> list[int]:
-    try:
-        counts = sorted({int(part) for part in text.split(",") if part.strip()})
-    except ValueError:
-        raise typer.BadParameter(
-            f"{text!r} is not a list of numbers like 10,100,300", param_hint="--inter-turns"
-        ) from None
-    if not counts or counts[0] < 0:
-        raise typer.BadParameter("give turn counts such as 10,100,300", param_hint="--inter-turns")
-    return counts
+    return _numbers(
+        text,
+        option="--inter-turns",
+        example="10,100,300",
+        minimum=0,
+        empty="give turn counts such as 10,100,300",
+    )
 
 
 @eval_app.command("prefeval")
