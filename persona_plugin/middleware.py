@@ -166,15 +166,18 @@ class PersonaMiddleware(AgentMiddleware[PersonaAgentState, Any, Any]):
             return model
         return reflector_for(model, limits=self.store.limits)
 
-    def _job(self, model: Any = None) -> ReflectionJob | None:
-        """The reflection job, its reflector the one given or else ``model`` (the agent's
-        own, from its first model call)."""
-        with self._lock:
-            if self._reflector is None and model is not None:
-                self._reflector = self._as_reflector(model)
-            if self._reflector is None:
-                return None
-            return ReflectionJob(store=self.store, reflector=self._reflector, memory=self.memory)
+    def _adopt(self, model: Any) -> None:
+        """With no reflector given, the agent's own model reflects: the first seen."""
+        if self._reflector is None:
+            with self._lock:
+                if self._reflector is None:
+                    self._reflector = self._as_reflector(model)
+
+    def _job(self) -> ReflectionJob | None:
+        """The reflection job (None until a reflector is known)."""
+        if self._reflector is None:
+            return None
+        return ReflectionJob(store=self.store, reflector=self._reflector, memory=self.memory)
 
     @property
     def background(self) -> ReflectionWorker | None:
@@ -282,7 +285,7 @@ class PersonaMiddleware(AgentMiddleware[PersonaAgentState, Any, Any]):
     def wrap_model_call(
         self, request: ModelRequest, handler: Callable[[ModelRequest], ModelResponse]
     ) -> ModelResponse:
-        self._job(request.model)  # the agent's model reflects unless a reflector was given
+        self._adopt(request.model)  # the agent's model reflects unless a reflector was given
         return handler(self._personalised(request))
 
     async def awrap_model_call(
@@ -290,7 +293,7 @@ class PersonaMiddleware(AgentMiddleware[PersonaAgentState, Any, Any]):
         request: ModelRequest,
         handler: Callable[[ModelRequest], Awaitable[ModelResponse]],
     ) -> ModelResponse:
-        self._job(request.model)
+        self._adopt(request.model)
         return await handler(self._personalised(request))
 
     # -- after the agent ------------------------------------------------------------------
