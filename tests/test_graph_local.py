@@ -171,3 +171,39 @@ def test_the_graph_on_the_local_model_reflects_with_the_reflection_adapter(
     other = build_persona_graph(FakeListChatModel(responses=["ok"]), store=store)
     assert isinstance(other.reflector, Reflector)
     other.close()
+
+
+def test_feedback_on_the_local_model_reaches_the_persona_through_the_worker(
+    model: MultiLoraChatModel, store: Any
+) -> None:
+    """Nothing scripted: feedback on a local reply goes through the interaction log and the
+    graph's reflection worker to the local reflector's feedback reader. A "thanks" teaches
+    nothing; a 👎 "too long" makes preference.style concise (replacing detailed) in a new
+    version whose evidence is the feedback event and its turn."""
+    from persona_plugin.interactions import DONE
+
+    store.create("hugo", persona("hugo", ["detailed"], "Asks about nature."))
+    graph = build_persona_graph(model, store=store, reflection="inline", debounce_s=60)
+    try:
+        config = {"configurable": {"user_id": "hugo", "thread_id": "hugo-t", "turn_id": "t1"}}
+        graph.invoke({"messages": [("user", QUESTION)]}, config)
+        before = store.current_version("hugo")
+        thanks = graph.record_feedback("hugo", "t1", "rating", rating=1, comment="thanks")
+        assert graph.background.drain(timeout=120)
+        assert store.current_version("hugo") == before
+        assert not graph.background.outcomes[-1].saved
+        event = graph.record_feedback("hugo", "t1", "rating", rating=-1, comment="too long")
+        assert graph.background.drain(timeout=120)
+    finally:
+        graph.close(timeout=120)
+    assert store.get("hugo").preference.style == ["concise"]
+    record = store.get_version("hugo")
+    assert record.version == before + 1
+    assert record.source == f"reflection turn t1 (feedback fb{event.id})"
+    (applied,) = record.details["reflection"]["applied"]
+    assert applied["effect"] == "replaced"
+    assert applied["operation"]["evidence"] == [f"fb{event.id}", "t1"]
+    assert record.details["token_usage"] == {}  # the reader made no model call
+    logged = {e.id: e for e in graph.interactions.feedback("hugo")}
+    assert logged[thanks.id].reflection == logged[event.id].reflection == DONE
+    assert logged[event.id].reflected_version == record.version

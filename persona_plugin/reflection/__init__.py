@@ -6,10 +6,13 @@ and the code-side optimizer applies typed operations (agent symbolic learning, Z
 local model (its reflection adapter, schema-bounded decoding); :func:`reflector_for` picks
 one. :func:`reflect_and_save` applies and saves; :class:`ReflectionWorker` runs it after
 the reply, on the turns and feedback queued in the interaction log; :class:`ReflectionGate`
-skips turns that teach nothing; :func:`build_reflection_graph` is a graph of its own.
+skips turns that teach nothing; :class:`FeedbackReader` reads what a comment or an edit on
+a reply asks for (how the local reflector reads feedback); :func:`build_reflection_graph`
+is a graph of its own.
 """
 
 from persona_plugin.reflection.apply import ReflectionJob, reflect_and_save
+from persona_plugin.reflection.feedback_reader import FeedbackReader
 from persona_plugin.reflection.gate import ReflectionGate
 from persona_plugin.reflection.graph import build_reflection_graph
 from persona_plugin.reflection.local import LocalReflector
@@ -27,6 +30,7 @@ from persona_plugin.reflection.worker import ReflectionWorker
 
 __all__ = [
     "FeedbackNote",
+    "FeedbackReader",
     "Gradient",
     "LanguageLoss",
     "LocalReflector",

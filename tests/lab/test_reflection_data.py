@@ -10,15 +10,12 @@ import pytest
 
 from persona_plugin.lab.training.reflection_data import (
     build_examples,
-    build_feedback_examples,
     phrasings,
     vocabulary,
 )
 from persona_plugin.persona import Persona
 from persona_plugin.reflection.local import (
     COMPACT_SCHEMA,
-    FEEDBACK_OPS,
-    FEEDBACK_PREFIX,
     MAX_FACT_CHARS,
     MAX_FACTS,
     MAX_OPS,
@@ -108,34 +105,3 @@ def test_bad_arguments_are_refused() -> None:
         build_examples(3, split="test")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="shares"):
         build_examples(3, nothing_share=0.8, injection_share=0.5)
-
-
-def test_feedback_examples_teach_the_closed_vocabulary_and_fit_the_schema() -> None:
-    train = build_feedback_examples(300, split="train")
-    held_out = build_feedback_examples(100, split="eval")
-    assert all(e.text.startswith(FEEDBACK_PREFIX) for e in train + held_out)
-    # the user's words never repeat across the splits (an edit's length is said in fixed
-    # words: "rewritten much shorter.")
-    worded = [
-        {e.text for e in split if "rewritten much" not in e.text} for split in (train, held_out)
-    ]
-    assert not worded[0] & worded[1]
-    style_edits = {op for e in train for op in e.ops if op[0].startswith("preference.")}
-    assert {op for op in style_edits if op in FEEDBACK_OPS} == set(FEEDBACK_OPS)
-    kinds = Counter(e.kind.split("+")[0] for e in train)
-    assert kinds == {"reply_feedback": 300}
-    assert sum(1 for e in train if not e.ops and not e.facts) > 10  # nothing to learn
-    assert sum(1 for e in train if "+" in e.kind) > 30  # corrections in a comment
-    for example in train:
-        jsonschema.validate(json.loads(example.completion), COMPACT_SCHEMA)
-        # as LocalReflector reads a feedback message: every gold edit is taken
-        extraction = Extraction(
-            facts=list(example.facts),
-            ops=list(example.ops),
-            turn_text=example.text,
-            feedback=True,
-        )
-        output, dropped = to_reflection_output([("t1", extraction)])
-        assert not dropped and len(output.operations) == len(example.ops), example
-    with pytest.raises(ValueError, match="split"):
-        build_feedback_examples(3, split="test")  # type: ignore[arg-type]

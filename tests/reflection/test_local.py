@@ -29,10 +29,8 @@ from persona_plugin.reflection.local import (
     ADAPTER_ID,
     BUNDLED_HUB,
     COMPACT_SCHEMA,
-    FEEDBACK_PREFIX,
     Extraction,
     LocalReflector,
-    feedback_message,
     prompt_messages,
     to_reflection_output,
 )
@@ -219,49 +217,99 @@ def note(kind: str, **fields: Any) -> FeedbackNote:
     return FeedbackNote(id="fb7", kind=kind, **fields)
 
 
-def test_feedback_is_worded_for_the_adapter_only_when_it_says_something() -> None:
-    assert feedback_message(note("rating", rating=-1, comment="too  long")) == (
-        f"{FEEDBACK_PREFIX} bad. too long"
-    )
-    assert feedback_message(note("rating", rating=1, comment="nice and brief")) == (
-        f"{FEEDBACK_PREFIX} good. nice and brief"
-    )
-    assert feedback_message(note("edit", text="x", length_ratio=0.3)) == (
-        f"{FEEDBACK_PREFIX} rewritten much shorter."
-    )
-    assert feedback_message(note("edit", text="x", length_ratio=2.5)) == (
-        f"{FEEDBACK_PREFIX} rewritten much longer."
-    )
-    assert feedback_message(note("regenerate", comment="too much jargon")) == (
-        f"{FEEDBACK_PREFIX} asked again. too much jargon"
-    )
-    # a bare rating, a choice, an edit of about the same length: nothing to read
-    assert feedback_message(note("rating", rating=-1)) is None
-    assert feedback_message(note("choice", text="the other one")) is None
-    assert feedback_message(note("edit", text="x", length_ratio=0.9)) is None
+def feedback_turn(*notes: FeedbackNote, reply: str = "A long reply.") -> ReflectionTurn:
+    """A turn reflected on before, shown again for the feedback on it."""
+    return ReflectionTurn("t1", "Explain heat pumps.", reply, feedback=list(notes), reflected=True)
 
 
-def test_without_a_feedback_adapter_the_local_model_does_not_read_feedback(
+def ops_of(call: Any) -> list[tuple[str, str, Any, Any, list[str]]]:
+    return [(o.op, o.path, o.value, o.replaces, o.evidence) for o in call.output.operations]
+
+
+def test_a_complaint_is_read_by_the_feedback_reader_without_a_model_call(
+    reflector: LocalReflector,
+) -> None:
+    persona = Persona.new("hugo")
+    call = reflector.call(persona, [feedback_turn(note("rating", rating=-1, comment="too long"))])
+    assert call.attempts == 0 and call.error is None and not call.output.memories
+    # "too long" -> concise (not the turn adapter's format "long"), replacing its opposite
+    assert ops_of(call) == [("append", "preference.style", "concise", "detailed", ["fb7", "t1"])]
+    (gradient,) = call.output.gradients
+    assert "feedback reader" in gradient.reason and "'too long'" in gradient.reason
+    # an edit much shorter than the reply, with no comment: its length says it
+    edit = note("edit", text="Short.", length_ratio=0.2)
+    shorter = reflector.call(persona, [feedback_turn(edit)])
+    assert ops_of(shorter) == [("append", "preference.style", "concise", "detailed", ["fb7", "t1"])]
+    bullets = reflector.call(
+        persona, [feedback_turn(note("regenerate", comment="can you use bullets"))]
+    )
+    assert ops_of(bullets) == [
+        ("append", "preference.format", "bullet points", None, ["fb7", "t1"])
+    ]
+
+
+def test_feedback_that_teaches_nothing_makes_no_call_and_no_edit(reflector: LocalReflector) -> None:
+    notes = [
+        note("rating", rating=1, comment="thanks"),
+        FeedbackNote(id="fb8", kind="rating", rating=-1, comment="nope"),
+        FeedbackNote(id="fb9", kind="rating", rating=-1),
+        FeedbackNote(id="fb10", kind="choice", text="the other one"),
+    ]
+    call = reflector.call(Persona.new("hugo"), [feedback_turn(*notes)])
+    assert call.attempts == 0
+    assert not call.output.operations and not call.output.memories
+
+
+def test_a_correction_in_a_comment_is_read_as_the_users_own_words(
+    reflector: LocalReflector,
+) -> None:
+    call = reflector.call(
+        Persona.new("ana", name="Ana"),
+        [feedback_turn(note("rating", rating=-1, comment="wrong, I moved to Porto last year"))],
+    )
+    assert call.attempts == 1  # the comment gate sent it to the adapter
+    assert any("Porto" in m.text and m.evidence == ["fb7", "t1"] for m in call.output.memories)
+    # a style edit from feedback comes from the reader alone
+    assert not any(o.path.startswith("preference.") for o in call.output.operations)
+
+
+def test_an_edit_that_fixes_a_fact_becomes_a_memory_fact_and_no_persona_edit(
+    reflector: LocalReflector,
+) -> None:
+    reply = "Since you live in Lisbon, the tram is your best option."
+    edit = note(
+        "edit", text="Since you live in Porto, the metro is your best option.", length_ratio=1.0
+    )
+    call = reflector.call(Persona.new("ana", name="Ana"), [feedback_turn(edit, reply=reply)])
+    assert call.attempts == 1
+    facts = [(m.text, m.evidence) for m in call.output.memories]
+    assert facts and all("Porto" in text or "metro" in text for text, _ in facts), facts
+    assert all(evidence == ["fb7", "t1"] for _, evidence in facts)
+    assert not call.output.operations  # the edit is the assistant's voice, not the user's
+
+
+def test_a_complaint_through_reflect_and_save_is_a_new_version_citing_the_feedback(
     reflector: LocalReflector, store: PersonaStore
 ) -> None:
-    """None ships (the candidates turned even "thanks" into a style edit), and the turn
-    adapter misreads feedback ("too long" -> format "long"): no call, nothing learned."""
-    assert reflector.feedback_adapter is None
-    store.create("hugo", Persona.new("hugo"))
-    turn = ReflectionTurn(
-        "t1",
-        "Explain heat pumps.",
-        "A long reply.",
-        feedback=[note("rating", rating=-1, comment="way too long")],
-        reflected=True,
-    )
-    call = reflector.call(store.get("hugo"), [turn])
-    assert call.attempts == 0 and call.output is not None and not call.output.operations
+    persona = Persona.new("hugo")
+    persona.preference.style.append("detailed")
+    store.create("hugo", persona)
+    turn = feedback_turn(note("rating", rating=-1, comment="way too wordy"))
+    outcome = reflect_and_save(store=store, reflector=reflector, user_id="hugo", turns=[turn])
+    assert outcome.saved and outcome.feedback_ids == ["fb7"]
+    assert store.get("hugo").preference.style == ["concise"]  # detailed replaced
+    record = store.get_version("hugo")
+    assert record.source == "reflection turn t1 (feedback fb7)"
+    (applied,) = record.details["reflection"]["applied"]
+    assert applied["effect"] == "replaced" and applied["operation"]["evidence"] == ["fb7", "t1"]
+    # without a reader, feedback is not read at all
+    unread = LocalReflector(reflector.backend, feedback_reader=None)
+    assert not unread.call(store.get("hugo"), [turn]).output.operations
 
 
 def test_an_invented_preference_from_feedback_is_not_taken() -> None:
     extraction = Extraction(
-        turn_text=f"{FEEDBACK_PREFIX} bad. too long",
+        turn_text="too long",
         facts=[],
         ops=[("preference.style", "concise"), ("preference.style", "shouty")],
         evidence=["fb7", "t1"],

@@ -23,13 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from persona_plugin.lab.training.reflection_data import build_examples, build_feedback_examples
-from persona_plugin.reflection.local import (
-    ADAPTER_ID,
-    BUNDLED_HUB,
-    FEEDBACK_ADAPTER_ID,
-    to_reflection_output,
-)
+from persona_plugin.lab.training.reflection_data import build_examples
+from persona_plugin.reflection.local import ADAPTER_ID, BUNDLED_HUB
 
 BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -38,12 +33,6 @@ DESCRIPTION = (
     "Reflection for the local model: reads one chat turn and answers with compact JSON: "
     "third-person facts about the speaker and persona edits; nothing for small talk or "
     "instructions to the assistant."
-)
-FEEDBACK_DESCRIPTION = (
-    "Reflection for the local model on feedback: reads a user's feedback on a reply, as "
-    "LocalReflector words it, and answers with the same compact JSON: the preference a "
-    "complaint or an edit asks for, facts a correction states; nothing for a comment that "
-    "says neither."
 )
 
 
@@ -60,23 +49,21 @@ def _finish_adapter(folder: Path) -> None:
     (folder / "README.md").unlink(missing_ok=True)
 
 
-def write_card(
-    hub_dir: Path, *, rank: int, adapter_id: str = ADAPTER_ID, description: str = DESCRIPTION
-) -> Path:
+def write_card(hub_dir: Path, *, rank: int) -> Path:
     from persona_plugin.lora.hub import AdapterCard, LoraHub
 
     card = AdapterCard(
-        id=adapter_id,
+        id=ADAPTER_ID,
         base_model=BASE_MODEL,
-        description=description,
+        description=DESCRIPTION,
         kind="reflection",
         rank=rank,
         target_modules=list(TARGET_MODULES),
-        location=f"./{adapter_id}",
+        location=f"./{ADAPTER_ID}",
         tags=["reflection", "json", "local"],
     )
     LoraHub(hub_dir).add(card, replace=True)
-    return hub_dir / f"{adapter_id}.yaml"
+    return hub_dir / f"{ADAPTER_ID}.yaml"
 
 
 def evaluate_adapter(
@@ -84,13 +71,11 @@ def evaluate_adapter(
     *,
     count: int = 40,
     base_count: int = 8,
-    feedback_count: int = 24,
     seed: int = 0,
     progress: Any = None,
 ) -> dict[str, Any]:
-    """Held-out figures of the adapter in ``hub_dir`` on ``count`` examples, of the bare
-    model on the first ``base_count`` of them (it fills every bound: slow on CPU), and of
-    the adapter on ``feedback_count`` held-out feedback messages."""
+    """Held-out figures of the adapter in ``hub_dir`` on ``count`` examples, and of the bare
+    model on the first ``base_count`` of them (it fills every bound: slow on CPU)."""
     from persona_plugin.backends.local import LocalBackend
     from persona_plugin.embeddings.minilm import MiniLMEmbeddingFunction
     from persona_plugin.guard import instruction_reason
@@ -102,11 +87,9 @@ def evaluate_adapter(
     backend = LocalBackend(lora_hub=LoraHub(hub_dir))
     embedder = MiniLMEmbeddingFunction()
     figures: dict[str, Any] = {}
-    feedback = build_feedback_examples(feedback_count, split="eval", seed=seed)
     for label, adapter, subset in (
         ("adapter", ADAPTER_ID, examples),
         ("base", None, examples[:base_count]),
-        ("feedback", ADAPTER_ID, feedback),
     ):
         if not subset:
             continue
@@ -115,13 +98,7 @@ def evaluate_adapter(
         ops_gold = ops_hit = silent = silent_ok = 0
         started = time.monotonic()
         for i, example in enumerate(subset):
-            extraction = reflector.extract(
-                example.speaker, example.text, feedback=label == "feedback"
-            )
-            if label == "feedback":  # as LocalReflector reads a feedback message
-                extraction.feedback = True
-                output, _ = to_reflection_output([("t", extraction)])
-                extraction.ops = [(o.path, str(o.value)) for o in output.operations]
+            extraction = reflector.extract(example.speaker, example.text)
             valid += extraction.called and extraction.valid
             matched = match_facts(embedder, list(example.facts), extraction.facts)
             gold_total += len(example.facts)
@@ -156,19 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hub-dir", type=Path, default=BUNDLED_HUB)
     parser.add_argument("--examples", type=int, default=320)
-    parser.add_argument(
-        "--feedback",
-        action="store_true",
-        help=f"train (or measure) the feedback adapter ({FEEDBACK_ADAPTER_ID}) instead",
-    )
-    parser.add_argument("--feedback-examples", type=int, default=160)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=1.5e-3)
     parser.add_argument("--eval-examples", type=int, default=40)
     parser.add_argument("--base-examples", type=int, default=8)
-    parser.add_argument("--eval-feedback-examples", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-only", action="store_true", help="measure the existing adapter")
     args = parser.parse_args(argv)
@@ -185,16 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(),
     )
-    adapter_id = FEEDBACK_ADAPTER_ID if args.feedback else ADAPTER_ID
     if not args.eval_only:
         from persona_plugin.lora.training import TrainingExample, train_lora
 
-        if args.feedback:
-            examples = build_feedback_examples(
-                args.feedback_examples, split="train", seed=args.seed
-            )
-        else:
-            examples = build_examples(args.examples, split="train", seed=args.seed)
+        examples = build_examples(args.examples, split="train", seed=args.seed)
         training = [TrainingExample.of(e.messages, e.completion) for e in examples]
         with Progress(*columns, console=console) as bar:
             task = bar.add_task("training", total=args.steps, info="")
@@ -204,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 
             report = train_lora(
                 training,
-                hub_dir / adapter_id,
+                hub_dir / ADAPTER_ID,
                 rank=args.rank,
                 alpha=2 * args.rank,
                 target_modules=TARGET_MODULES,
@@ -215,27 +179,17 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
                 progress=on_step,
             )
-        _finish_adapter(hub_dir / adapter_id)
-        card = write_card(
-            hub_dir,
-            rank=args.rank,
-            adapter_id=adapter_id,
-            description=FEEDBACK_DESCRIPTION if args.feedback else DESCRIPTION,
-        )
+        _finish_adapter(hub_dir / ADAPTER_ID)
+        card = write_card(hub_dir, rank=args.rank)
         console.print(
             f"trained {report.steps} steps on {report.examples} examples in "
             f"{report.seconds:.0f} s; loss {report.first_loss:.3f} -> {report.final_loss:.3f}; "
             f"{report.size_bytes / 1e6:.1f} MB; card {card}"
         )
-    # each adapter is measured on its own task: turns (beside the bare model), or feedback
-    counts = (
-        (0, 0, args.eval_feedback_examples)
-        if args.feedback
-        else (args.eval_examples, min(args.base_examples, args.eval_examples), 0)
-    )
+    counts = (args.eval_examples, min(args.base_examples, args.eval_examples))
     with Progress(*columns, console=console) as bar:
         task = bar.add_task("evaluating", total=sum(counts), info="")
-        offsets = {"adapter": 0, "base": counts[0], "feedback": 0}
+        offsets = {"adapter": 0, "base": counts[0]}
 
         def on_turn(label: str, done: int, _total: int) -> None:
             bar.update(task, completed=offsets[label] + done, info=label)
@@ -244,12 +198,11 @@ def main(argv: list[str] | None = None) -> int:
             hub_dir,
             count=counts[0],
             base_count=counts[1],
-            feedback_count=counts[2],
             seed=args.seed,
             progress=on_turn,
         )
     # inside the adapter's folder: a .json file at the hub's top level would be read as a card
-    out = hub_dir / adapter_id / "evaluation.json"
+    out = hub_dir / ADAPTER_ID / "evaluation.json"
     out.write_text(json.dumps(figures, indent=2) + "\n")
     console.print_json(json.dumps(figures))
     console.print(f"figures written to {out}")

@@ -27,7 +27,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Literal
 
-from persona_plugin.reflection.local import FEEDBACK_PREFIX, compact_json, prompt_messages
+from persona_plugin.reflection.local import compact_json, prompt_messages
 
 Split = Literal["train", "eval"]
 
@@ -456,152 +456,6 @@ _INJECTIONS: dict[Split, list[str]] = {
 }
 
 
-# feedback on a reply, as the local reflector words it (reflection.local.feedback_message):
-# a complaint or praise maps onto one edit of the closed FEEDBACK_OPS vocabulary
-_FEEDBACK_STYLE: tuple[tuple[dict[Split, list[str]], str, str, str], ...] = (
-    (
-        {
-            "train": [
-                "too long",
-                "way too long",
-                "too wordy",
-                "that was a wall of text",
-                "far too much text",
-                "could be half as long",
-                "get to the point",
-                "I don't need an essay",
-                "shorter please",
-                "too much to read",
-                "you went on and on",
-            ],
-            "eval": ["too lengthy", "it rambles on", "tl;dr, shorter please"],
-        },
-        "preference.style",
-        "concise",
-        "{S} wants shorter answers.",
-    ),
-    (
-        {
-            "train": [
-                "too short",
-                "too brief",
-                "not enough detail",
-                "I needed more depth",
-                "explain more",
-                "that was too shallow",
-                "give me the full picture",
-            ],
-            "eval": ["too thin", "barely scratches the surface"],
-        },
-        "preference.style",
-        "detailed",
-        "{S} wants more detailed answers.",
-    ),
-    (
-        {
-            "train": [
-                "too formal",
-                "too stiff",
-                "sounds like a robot",
-                "relax the tone",
-                "talk to me like a friend",
-                "so corporate",
-            ],
-            "eval": ["way too stuffy", "less like a legal letter"],
-        },
-        "preference.style",
-        "casual",
-        "{S} wants a more casual tone.",
-    ),
-    (
-        {
-            "train": [
-                "too casual",
-                "too chatty",
-                "too many jokes",
-                "be more professional",
-                "this is a work question, be serious",
-                "drop the slang",
-            ],
-            "eval": ["too flippant", "a bit unprofessional"],
-        },
-        "preference.style",
-        "formal",
-        "{S} wants a more formal tone.",
-    ),
-    (
-        {
-            "train": [
-                "too technical",
-                "too much jargon",
-                "I couldn't follow the terms",
-                "explain it like I'm new to this",
-                "simpler words please",
-                "I'm not an expert",
-            ],
-            "eval": ["full of jargon", "too academic for me"],
-        },
-        "preference.style",
-        "plain language",
-        "{S} wants plain language.",
-    ),
-    (
-        {
-            "train": [
-                "hard to scan, use a list",
-                "a list would be easier",
-                "use bullet points",
-                "give me bullets",
-                "one point per line please",
-            ],
-            "eval": ["please bullet it", "break it into points"],
-        },
-        "preference.format",
-        "bullet points",
-        "{S} wants answers as bullet points.",
-    ),
-)
-_FEEDBACK_PRAISE: tuple[tuple[dict[Split, list[str]], str, str, str], ...] = (
-    (
-        {
-            "train": ["short and sweet", "nice and brief", "perfect length, short"],
-            "eval": ["love how brief this is"],
-        },
-        "preference.style",
-        "concise",
-        "{S} likes short answers.",
-    ),
-    (
-        {"train": ["great detail", "thorough, thanks"], "eval": ["so thorough, love it"]},
-        "preference.style",
-        "detailed",
-        "{S} likes detailed answers.",
-    ),
-)
-# comments that say nothing about how the user wants replies
-_FEEDBACK_NOTHING: dict[Split, list[str]] = {
-    "train": [
-        "wrong",
-        "not what I asked",
-        "thanks",
-        "meh",
-        "ok",
-        "that's incorrect",
-        "no",
-        "try again",
-        "hmm",
-        "you misunderstood me",
-        "great, thanks!",
-        "that didn't work",
-    ],
-    "eval": ["nope", "cheers", "not quite"],
-}
-_EDITS = {
-    "shorter": ("concise", "{S} wants shorter answers."),
-    "longer": ("detailed", "{S} wants more detailed answers."),
-}
-
-
 @dataclass
 class _Filler:
     rng: random.Random
@@ -705,62 +559,6 @@ def build_examples(
     return examples
 
 
-def _feedback(rng: random.Random, split: Split) -> ReflectionExample:
-    name = rng.choice(_NAMES[split])[0]
-    anonymous = rng.random() < 0.3
-    speaker = "the user" if anonymous else name
-    subject = "The user" if anonymous else name
-    prefix = FEEDBACK_PREFIX
-    draw = rng.random()
-    if draw < 0.30 or draw >= 0.95:
-        phrases, path, value, fact = rng.choice(_FEEDBACK_STYLE)
-        head = rng.choice(["bad.", "bad.", "asked again."])
-        if draw >= 0.95:  # praise for the opposite: still what they want
-            phrases, path, value, fact = rng.choice(_FEEDBACK_PRAISE)
-            head = "good."
-        text = f"{prefix} {head} {rng.choice(phrases[split])}"
-        return ReflectionExample(
-            speaker, text, (fact.format(S=subject),), ((path, value),), "reply_feedback"
-        )
-    if draw < 0.45:
-        way = rng.choice(sorted(_EDITS))
-        value, fact = _EDITS[way]
-        text = f"{prefix} rewritten much {way}."
-        return ReflectionExample(
-            speaker,
-            text,
-            (fact.format(S=subject),),
-            (("preference.style", value),),
-            "reply_feedback",
-        )
-    if draw < 0.65:  # a correction in the comment: learned as any disclosure is
-        disclosure = _disclosure(rng, split)
-        head = rng.choice(["bad.", "rewritten.", "asked again."])
-        return ReflectionExample(
-            disclosure.speaker,
-            f"{prefix} {head} {disclosure.text}",
-            disclosure.facts,
-            disclosure.ops,
-            "reply_feedback+" + disclosure.kind,
-        )
-    head = rng.choice(["bad.", "good.", "asked again."])
-    text = f"{prefix} {head} {rng.choice(_FEEDBACK_NOTHING[split])}"
-    return ReflectionExample(speaker, text, (), (), "reply_feedback")
-
-
-def build_feedback_examples(
-    count: int, *, split: Split = "train", seed: int = 0
-) -> list[ReflectionExample]:
-    """``count`` feedback messages of ``split`` (as :func:`~persona_plugin.reflection.local.
-    feedback_message` words them) and their answers: complaints and praise of a reply's
-    style, edits much shorter or longer, corrections in a comment, and comments that say
-    nothing about how the user wants replies."""
-    if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
-    rng = random.Random(f"feedback-{split}-{seed}")
-    return [_feedback(rng, split) for _ in range(count)]
-
-
 def vocabulary(split: Split) -> set[str]:
     """Every name, place and slot value of ``split`` (to check the splits are disjoint)."""
     words = {n for n, _, _ in _NAMES[split]}
@@ -773,8 +571,6 @@ def vocabulary(split: Split) -> set[str]:
 def phrasings(split: Split) -> set[str]:
     """Every clause phrasing, filler and silent turn of ``split``."""
     out = {p for c in _CLAUSES for p in (c.train if split == "train" else c.eval)}
-    out.update(_NOTHING[split], _INJECTIONS[split], _FEEDBACK_NOTHING[split])
-    for phrases, *_ in (*_FEEDBACK_STYLE, *_FEEDBACK_PRAISE):
-        out.update(phrases[split])
+    out.update(_NOTHING[split], _INJECTIONS[split])
     out.update(s for s in _OPENERS[split] + _CLOSERS[split] if s)
     return out
