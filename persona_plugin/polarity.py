@@ -499,7 +499,7 @@ def read_polarity(text: str, *, default: Polarity | None = None) -> PolarityRead
 
 def _add(stances: list[Stance], raw: str, polarity: Polarity, cue: str) -> None:
     obj = _clean(raw)
-    if stances and len(obj.split()) <= 4 and _PRONOUN.search(obj):
+    if stances and len(obj.split()) <= 6 and _PRONOUN.search(obj):
         # "I find X disorienting and prefer not to use them": them is X
         obj = _PRONOUN.sub(lambda _: stances[-1].text, obj, count=1)
     if obj and _WORD.search(obj.casefold()) and content_words(obj):

@@ -498,13 +498,13 @@ class PersonaScorer:
     scores 0, which MBR's normalisation makes neutral. ``fit`` is, in equal parts
     (``embedding_share``):
 
-    * the cosine of the candidate to the stance's text with the prompt's direction taken
-      out of the stance (every candidate answers the prompt: "games" in "I dislike mobile
-      games" says nothing about which answer to a question on games fits), and
-    * the share of the stance's content words, less those of the prompt, that the
-      candidate names, counted against it where the candidate itself negates them ("a
-      puzzle game without in-app purchases" does not name in-app purchases as a feature;
-      :func:`~persona_plugin.polarity.read_polarity` reads the candidate too).
+    * the MiniLM cosine of the candidate to the stance's text, and
+    * the share of the stance's content words that the candidate names, counted against
+      it where the candidate itself negates them ("a puzzle game without in-app purchases"
+      does not offer in-app purchases; :func:`~persona_plugin.polarity.read_polarity`
+      reads the candidate too). The words the prompt uses are left out (every candidate
+      answers the prompt: "games" in "I dislike mobile games" says nothing about which
+      answer to a question on games fits), unless they are all the stance has.
 
     Unbound (as a hub loads it) it knows no persona and scores every candidate 0;
     :meth:`bind` gives the scorer of one persona, plus any ``statements`` of the user's own
@@ -567,17 +567,12 @@ class PersonaScorer:
     def fit(self, prompt: str, candidates: Sequence[str]) -> np.ndarray:
         """``fit(candidate_j, stance_i)``, one row per candidate (see the class)."""
         texts = [s.text for s in self.stances]
-        rows = self.embeddings([*texts, *candidates, *([prompt] if prompt.strip() else [])])
-        stance_vecs = rows[: len(texts)]
-        cand_vecs = rows[len(texts) : len(texts) + len(candidates)]
-        if prompt.strip():
-            p = rows[-1]
-            stance_vecs = stance_vecs - np.outer(stance_vecs @ p, p)
-            norms = np.linalg.norm(stance_vecs, axis=1, keepdims=True)
-            stance_vecs = stance_vecs / np.clip(norms, 1e-6, None)
-        cosine = cand_vecs @ stance_vecs.T
+        rows = self.embeddings([*texts, *candidates])
+        cosine = rows[len(texts) :] @ rows[: len(texts)].T
         asked = content_words(prompt)
-        wanted = [content_words(t) - asked for t in texts]
+        # the prompt's words are the topic every candidate answers, not the preference,
+        # unless they are all the stance has ("peanuts", asked about peanut snacks)
+        wanted = [(content_words(t) - asked) or content_words(t) for t in texts]
         named = np.zeros_like(cosine)
         for j, candidate in enumerate(candidates):
             reading = read_polarity(candidate, default="like")
