@@ -12,29 +12,33 @@ score in the user's words reads them through :func:`read_polarity` first:
   :class:`~persona_plugin.preferences.scorers.PersonaScorer`) rewards candidates close to
   the likes and penalises those close to the avoids.
 
-How it reads, deterministically (regular expressions, no model; microseconds a sentence):
-the text is cut into sentences (``.``, ``!``, ``?``, ``;``, new lines); in each, *cues* are
-found left to right, longest first. A cue opens a stance whose object is the text after it,
-up to the next cue or clause boundary (", so I", " because", " but", ...), cleaned of
-connectives ("to", "and", "whenever possible"). Cues (:data:`AVOID_CUES`,
-:data:`LIKE_CUES`, :data:`CONTRAST_CUES`):
+How it reads, deterministically (regular expressions, no model; about 5 µs a character on a
+loaded 2-core machine, linear in the length): the text is cut into sentences (``.``, ``!``,
+``?``, ``;``, new lines); in each, *cues* are found left to right, longest first. A cue
+opens a stance whose object is the text after it, up to the next cue or clause boundary
+(", so I", " because", " but", " due to", ...), cleaned of connectives ("to", "and",
+"whenever possible"). Cues (:data:`AVOID_CUES`, :data:`LIKE_CUES`, :data:`CONTRAST_CUES`):
 
 * avoid: avoid, stay away from, steer clear of, dislike, hate, can't stand, detest, loathe,
-  aversion to, allergic to, intolerant of, phobia of, afraid of, tired of, not a fan of,
-  prefer not to, would rather not, no longer, never, without, free of, no (at a clause's
-  start or after "with", "want", "strictly", ...), and a negation before a like-verb ("don't
-  enjoy", "do not really like") or before any verb ("I don't eat meat": avoid "eat meat");
-* like: like (as a verb: after "I", "really", "would", ...), love, enjoy, prefer, want,
-  a preference for, learn best through, fond of, fan of, keen on, interested in,
-  passionate about, only, strictly, always,
-  stick to, favourite, and negated idioms that mean a like ("can't live without", "can't
-  get enough of", "don't mind", "never miss");
+  aversion to, opposed to, allergic to, intolerant of, phobia of, afraid of, tired of, not
+  a fan of, prefer not to, would rather not, refuse to, no longer, never, without, lack,
+  free of, no (at a clause's start or after "with", "want", "strictly", ...), and a
+  negation before a like-verb ("don't enjoy", "do not really like") or before any verb
+  ("I don't eat meat": avoid "eat meat");
+* like: like (as a verb: after "I", "really", "would", ...), love, enjoy, prefer, want, a
+  preference for, learn best through, fond of, fan of, keen on, interested in, passionate
+  about, only, strictly, always, stick to, favourite, and negated idioms that mean a like
+  ("can't live without", "can't get enough of", "don't mind", "never miss");
 * contrast: rather than, instead of, as opposed to, in place of, and "over" after a
   "prefer" ("than" after a "rather"): the object is avoided, and what precedes it (if no
   cue does) is liked;
 * evaluation: "I find flashcards ineffective" (avoid "flashcards"), "I find podcasts
   helpful" (like), "I find it tedious to queue" (avoid "queue"), "... is not for me",
   "... is a dealbreaker".
+
+An avoidance of what a relative clause negates is a like ("I avoid shops that do not
+accept cards": like "accept cards"), and a pronoun in a short object names the stance just
+read ("I find crowded gyms intimidating and prefer not to visit them").
 
 Idioms with a negation that state nothing ("not only", "no matter", "I don't know", "not
 sure", ...) are read as no stance. A sentence without a cue is no stance, unless the caller
@@ -46,9 +50,11 @@ Limits, on purpose (a reader this small cannot do better, and says so): whose st
 is not read ("my son hates broccoli" is read as the speaker's avoid); sarcasm,
 hypotheticals and questions are read literally ("would you avoid X?" reads as avoid "X");
 the scope of a negation is the rest of its clause ("I don't like X and Y" avoids "X and Y"
-as one object); identities that imply an avoidance ("I'm vegan") and comparatives ("more
-than", "prefer X to Y") are not read; "-free" words stay inside their object ("gluten-free
-bread" is one like). English only.
+as one object), and a double negation is read only in the relative-clause form above;
+identities that imply an avoidance ("I'm vegan") and comparatives ("more than", "prefer X
+to Y") are not read; "-free" words stay inside their object ("gluten-free bread" is one
+like); what things are is not known ("I avoid gory games" cannot tell that a survival
+horror title is gory). English only.
 """
 
 from __future__ import annotations
