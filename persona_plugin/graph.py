@@ -21,7 +21,8 @@ MBR decoding is an optional stage of ``generate`` (``mbr_n`` candidates, 0 = off
 default; configurable per call): the model is wrapped in
 :class:`~persona_plugin.chat_models.mbr.MBRChatModel`, which samples the candidates, scores
 them with the preference models retrieved from the persona and returns the best, its choice in
-``response_metadata["mbr"]``.
+``response_metadata["mbr"]``. The user's own messages among the recalled memories go with
+the persona (:func:`recalled_user_words`): the persona-conditioned model reads both.
 
 :func:`build_persona_graph` returns a :class:`PersonaGraph`: the compiled LangGraph graph
 (``.compiled``; ``invoke``, ``stream``, ``get_state`` ... are its own) together with the
@@ -39,7 +40,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -145,6 +146,18 @@ def _turn_text(memory_text: str) -> str:
         if memory_text.startswith(speaker):
             return memory_text[len(speaker) :].strip()
     return memory_text.strip()
+
+
+def recalled_user_words(memories: Sequence[str]) -> list[str]:
+    """The user's own messages among recalled memory items (``"(2024-05-01) user: ..."``):
+    what a persona-conditioned preference model reads beside the persona (the assistant's
+    replies are not the user's words, and facts are already in the third person)."""
+    said = []
+    for item in memories:
+        text = item.split(") ", 1)[1] if item.startswith("(") and ") " in item[:14] else item
+        if text.startswith("user: "):
+            said.append(text[len("user: ") :].strip())
+    return said
 
 
 def _check_mbr_n(value: Any) -> int:
@@ -454,7 +467,12 @@ class PersonaGraph:
             model = self._mbr_model(model, mbr_n)
         started = time.perf_counter()
         persona = self._persona(state)
-        if takes_persona(model):
+        if takes_persona(model) and mbr_n:
+            # the persona's own likes and avoids, and what the user said of them in the
+            # messages recalled for this turn, score MBR's candidates
+            recalled = recalled_user_words((state.get("context") or {}).get("memory", []))
+            reply = model.invoke(messages, config, persona=persona, statements=recalled)
+        elif takes_persona(model):
             # the adapter mixture follows the persona (its user id and version key the
             # retriever's cache, so an updated persona is retrieved afresh)
             reply = model.invoke(messages, config, persona=persona)

@@ -204,11 +204,16 @@ class Preference(Section):
     format: list[str] = Field(default_factory=list)
     reasoning: list[str] = Field(default_factory=list)
     models: list[str] = Field(default_factory=list, description="preferred models or agents")
-
-    _wrap = field_validator("style", "content", "format", "reasoning", "models", mode="before")(
-        _wrap_str
+    avoid: list[str] = Field(
+        default_factory=list,
+        description="what the user dislikes, avoids or must not have (allergies, phobias, "
+        "'never'): each item is a thing to avoid, not a wish",
     )
-    _dedupe = field_validator("style", "content", "format", "reasoning", "models")(_unique)
+
+    _wrap = field_validator(
+        "style", "content", "format", "reasoning", "models", "avoid", mode="before"
+    )(_wrap_str)
+    _dedupe = field_validator("style", "content", "format", "reasoning", "models", "avoid")(_unique)
 
 
 class ToolAnnotation(_Model):

@@ -95,6 +95,15 @@ def test_schema_names_every_top_level_key_and_validates_the_example():
         jsonschema.validate({"demographics": {"age": "old"}}, schema)
 
 
+def test_preference_avoid_holds_what_the_user_avoids():
+    p = loads("preference: {content: board games, avoid: horror films}")
+    assert p.preference.avoid == ["horror films"]  # one item written as a string
+    p.preference.avoid = ["peanuts", "Peanuts", "peanuts"]
+    assert p.preference.avoid == ["peanuts", "Peanuts"]  # a set written in order
+    field = json_schema()["$defs"]["Preference"]["properties"]["avoid"]
+    assert field["type"] == "array" and "avoid" in field["description"]
+
+
 @pytest.mark.parametrize(
     ("text", "path", "needle"),
     [

@@ -162,6 +162,7 @@ def test_full_persona_renders_every_section_in_order(alice):
         '- Content: "sources for claims"',
         '- Format: "bullet points"',
         '- Reasoning: "step by step for maths"',
+        '- Avoid (the user dislikes or must not have these): "small talk"',
         '- Preferred models or agents: "gpt-4o-mini"',
     ]
     assert section(text, "Behaviour patterns") == [

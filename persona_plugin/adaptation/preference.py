@@ -39,6 +39,7 @@ from persona_plugin.adaptation.data import (
 )
 from persona_plugin.cards.owned import OwnedCards, owned_id
 from persona_plugin.cards.retrieval import mix_in_own
+from persona_plugin.persona import Persona
 from persona_plugin.preferences.cards import parse_card
 from persona_plugin.preferences.hub import PreferenceHub
 from persona_plugin.preferences.mbr import MBRSelector
@@ -230,11 +231,19 @@ class _Gate:
                     for m, _ in mixture
                 }
                 result = MBRSelector(scorers).select(
-                    pair.prompt, [pair.chosen, pair.rejected], mixture
+                    pair.prompt,
+                    [pair.chosen, pair.rejected],
+                    mixture,
+                    user_id=self.user_id,
+                    persona=self.persona if isinstance(self.persona, Persona) else None,
                 )
             else:
                 result = selector.select(
-                    pair.prompt, [pair.chosen, pair.rejected], mixture, user_id=self.user_id
+                    pair.prompt,
+                    [pair.chosen, pair.rejected],
+                    mixture,
+                    user_id=self.user_id,
+                    persona=self.persona if isinstance(self.persona, Persona) else None,
                 )
             scores.append(list(result.utility))
         return _accuracy(scores)

@@ -22,7 +22,6 @@ is one line: ``model = MBRChatModel(base=model, n=8)``.
 from __future__ import annotations
 
 import asyncio
-import functools
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -84,8 +83,10 @@ class MBRChatModel(LiftsConfigurable, BaseChatModel):
     Per call: the persona comes from ``persona=`` (or ``config["configurable"]["persona"]``,
     or the ``persona`` field); the mixture from ``preferences=`` (or the configurable key,
     or the ``preferences`` field), else from the retriever given the persona and the last
-    user message. ``n`` candidates are drawn from ``base``: a
-    :class:`MultiLoraChatModel` draws them in one request (``n``, sampled at
+    user message. ``statements=``: the user's own words recalled for this turn (what the
+    persona graph's memory recalled of their messages), which a persona-conditioned
+    preference model (``scorer: persona``) reads beside the persona. ``n`` candidates are
+    drawn from ``base``: a :class:`MultiLoraChatModel` draws them in one request (``n``, sampled at
     ``temperature``, the persona passed on for its own LoRA retrieval); any other chat model
     is called ``n`` times (``use_n=True`` passes ``n`` instead, e.g. to ``ChatOpenAI``).
     The reply is the chosen candidate's message with ``response_metadata["mbr"]``; its
@@ -177,6 +178,7 @@ class MBRChatModel(LiftsConfigurable, BaseChatModel):
     ) -> tuple[str, Persona | str | None, Any, dict[str, Any]]:
         """The prompt, the persona, the mixture (and how it was found), and base's kwargs."""
         persona = coerce_persona(kwargs.pop("persona", self.persona))
+        statements = [str(s) for s in kwargs.pop("statements", None) or () if str(s).strip()]
         given = kwargs.pop("preferences", None)
         n = kwargs.pop("n", self.n)
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 64:
@@ -190,8 +192,10 @@ class MBRChatModel(LiftsConfigurable, BaseChatModel):
         elif self.preferences is not None:
             mixture = self.preferences
             info["source"] = "fixed"
-        elif self.retriever is not None and persona is not None:
-            retrieved: PreferenceMixture = self.retriever.retrieve(persona, prompt)
+        elif self.retriever is not None and (persona is not None or statements):
+            retrieved: PreferenceMixture = self.retriever.retrieve(
+                persona, prompt, statements=statements
+            )
             mixture = retrieved
             info["source"] = "retrieved"
             info["retrieved"] = [
@@ -199,7 +203,19 @@ class MBRChatModel(LiftsConfigurable, BaseChatModel):
             ]
         else:
             mixture, info["source"] = (), "none"
-        return prompt, persona, mixture, {"info": info, "rest": kwargs}
+        return prompt, persona, mixture, {"info": info, "rest": kwargs, "statements": statements}
+
+    def _select(
+        self, prompt: str, texts: list[str], persona: Any, mixture: Any, plan: dict[str, Any]
+    ) -> MBRResult:
+        return self.selector.select(
+            prompt,
+            texts,
+            mixture,
+            user_id=user_of(persona),
+            persona=persona if isinstance(persona, Persona) else None,
+            statements=plan["statements"],
+        )
 
     def _multi_lora(self) -> bool:
         if self.use_n is not None:
@@ -281,7 +297,7 @@ class MBRChatModel(LiftsConfigurable, BaseChatModel):
         texts = [
             _text(g.message.content if hasattr(g, "message") else g.content) for g in generations
         ]
-        result = self.selector.select(prompt, texts, mixture, user_id=user_of(persona))
+        result = self._select(prompt, texts, persona, mixture, plan)
         return self._finish(generations, result, plan["info"])
 
     async def _agenerate(
@@ -308,12 +324,7 @@ class MBRChatModel(LiftsConfigurable, BaseChatModel):
         texts = [
             _text(g.message.content if hasattr(g, "message") else g.content) for g in generations
         ]
-        result = await asyncio.to_thread(
-            functools.partial(self.selector.select, user_id=user_of(persona)),
-            prompt,
-            texts,
-            mixture,
-        )
+        result = await asyncio.to_thread(self._select, prompt, texts, persona, mixture, plan)
         return self._finish(generations, result, plan["info"])
 
     def _stream(

@@ -3,7 +3,8 @@
 ``locomo`` measures long-term memory's recall of evidence turns against the naive vector
 baseline; ``facts`` measures fact extraction by reflection against LoCoMo's observations;
 ``prefeval`` measures whether a stated preference is still in the system prompt after 10 to
-300 unrelated turns (PrefEval's explicit preferences).
+300 unrelated turns (PrefEval's explicit preferences), and whether the persona scorer picks
+the option that follows it (the mcq options).
 The logic lives in :mod:`persona_plugin.lab.eval`; these commands parse, show progress and
 print tables.
 """
@@ -189,15 +190,27 @@ def eval_prefeval(
     gate: Annotated[
         bool, typer.Option("--gate/--no-gate", help="the cost gate in front of the local reflector")
     ] = True,
+    choice: Annotated[
+        bool,
+        typer.Option(
+            "--choice/--no-choice",
+            help="also pick among the mcq_options with the persona scorer (and the oracle)",
+        ),
+    ] = True,
+    seed: Annotated[int, typer.Option("--seed", help="the mcq options' shuffle")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Preference retention: after 10 to 300 unrelated turns, is the stated preference in the
-    system prompt the model would receive (persona block plus recalled memories)?
+    system prompt the model would receive (persona block plus recalled memories)? And
+    choice accuracy: does the persona scorer pick the option that follows it?
 
     Each item: a fresh user, the history imported turn by turn (guard, memory, reflection),
     then the question assembled by the persona graph; nothing is generated. Retention:
     a persona value or recalled memory with MiniLM cosine >= 0.8 to the preference (0.7
-    and 0.9 shown), and the preference verbatim.
+    and 0.9 shown), and the preference verbatim. Choice (mcq_options/, shuffled with
+    --seed): the persona-conditioned preference scorer bound to the persona and the user's
+    recalled messages the prompt holds, beside chance (0.25) and the oracle (the same
+    scorer given the preference verbatim).
     """
     from persona_plugin.cli.progress import progress_bar
     from persona_plugin.lab.eval.prefeval import REFLECTORS, THRESHOLDS, evaluate
@@ -214,6 +227,8 @@ def eval_prefeval(
             limit=limit,
             reflector=reflector,
             gate=gate,
+            choice=choice,
+            seed=seed,
             progress=progress,
         )
     if as_json:
@@ -257,10 +272,42 @@ def eval_prefeval(
             *["" for _ in columns],
         )
         out.print(table)
+    if choice:
+        _choice_table(result, counts)
     out.print(
         "no persona: the question alone reaches the model. recalled: the preference turn is "
         "among the recalled memories (before the budget); mem cut: the token budget left the "
         "recalled-memory block out; (items fit): a counterfactual assembly keeping recalled "
         "memories one by one within the budget (not the product's); calls: reflection calls "
         "per item; s/item: median"
+    )
+
+
+def _choice_table(result: dict, counts: list[int]) -> None:
+    table = Table(
+        title=f"PrefEval choice accuracy on the mcq options (shuffled, seed "
+        f"{result['choice']['seed']}; persona scorer)"
+    )
+    for column in ("turns", "items", "system", "oracle", "system/oracle", "chance", "no signal"):
+        table.add_column(column, justify="right")
+    for n in counts:
+        figures = result["results"][str(n)]["all"]["choice"]
+        if not figures["items"]:
+            table.add_row(str(n), "0", *["-"] * 5)
+            continue
+        system, oracle = figures["accuracy"], figures["oracle"]
+        table.add_row(
+            str(n),
+            str(figures["items"]),
+            f"{system:.3f}",
+            f"{oracle:.3f}",
+            f"{system / oracle:.2f}" if oracle else "-",
+            f"{figures['chance']:.2f}",
+            f"{figures['no_signal']:.3f}",
+        )
+    out.print(table)
+    out.print(
+        "system: the persona scorer bound to the persona and the user's recalled messages the "
+        "prompt holds; oracle: the same scorer given the preference verbatim; no signal: "
+        "items where nothing held told the options apart (a pick at chance)"
     )

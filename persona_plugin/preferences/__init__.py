@@ -1,7 +1,9 @@
 """Preference (reward) models: cards, scorers, their hub, retrieval from a persona, MBR.
 
 :class:`PreferenceHub` (``from_settings``) holds the cards; scorers are an embedding
-Bradley-Terry head, a sequence classifier or an LLM judge; :class:`PreferenceRetriever`
+Bradley-Terry head, a sequence classifier, an LLM judge, or :class:`PersonaScorer` (the
+persona's own stated likes and avoids, bound to each request's persona);
+:class:`PreferenceRetriever`
 weighs them for a persona (signed weights: a card's ``opposite``); :class:`MBRSelector`
 picks the candidate with the best weighted score (minimum-Bayes-risk decoding).
 """
@@ -13,10 +15,13 @@ from persona_plugin.preferences.retrieval import PreferenceMixture, PreferenceRe
 from persona_plugin.preferences.scorers import (
     EmbeddingHeadScorer,
     LLMJudgeScorer,
+    PersonaConditioned,
+    PersonaScorer,
     PreferenceHead,
     PreferenceScoreError,
     PreferenceScorer,
     SequenceClassifierScorer,
+    persona_stances,
 )
 
 __all__ = [
@@ -25,6 +30,8 @@ __all__ = [
     "LLMJudgeScorer",
     "MBRResult",
     "MBRSelector",
+    "PersonaConditioned",
+    "PersonaScorer",
     "PreferenceCard",
     "PreferenceHead",
     "PreferenceHub",
@@ -35,4 +42,5 @@ __all__ = [
     "SequenceClassifierScorer",
     "load_card",
     "parse_card",
+    "persona_stances",
 ]

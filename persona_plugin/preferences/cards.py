@@ -1,7 +1,8 @@
 """Preference-model cards: what the hub knows about one reward model, one YAML file per model.
 
 A :class:`PreferenceCard` names the model's scorer type (``embedding_head``,
-``sequence_classifier`` or ``llm_judge``), where the model is (``location``, relative to the
+``sequence_classifier``, ``llm_judge``, or ``persona``: the persona's own stated likes and
+avoids, no model file), where the model is (``location``, relative to the
 card's folder), what a high score means (``description``) and, optionally, what a low one
 means (``opposite``). A persona that asks for the opposite gets the model with a negative
 weight, so one model serves both poles. The demo models bundled with the package are in
@@ -42,7 +43,7 @@ from persona_plugin.config import ASSETS_DIR
 
 PreferenceKind = Literal["behaviour", "style", "content", "format", "safety", "other"]
 PREFERENCE_KINDS: tuple[str, ...] = PreferenceKind.__args__  # type: ignore[attr-defined]
-ScorerType = Literal["embedding_head", "sequence_classifier", "llm_judge"]
+ScorerType = Literal["embedding_head", "sequence_classifier", "llm_judge", "persona"]
 SCORER_TYPES: tuple[str, ...] = ScorerType.__args__  # type: ignore[attr-defined]
 #: the demo models that ship with the package, and their training data
 BUNDLED_DIR = ASSETS_DIR / "prefs"

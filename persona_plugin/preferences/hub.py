@@ -4,7 +4,7 @@ A preference (reward) model scores how well a candidate answer fits one preferen
 brevity, formality, warmth, a content rule. Every scorer exposes one method,
 ``score(prompt, candidates) -> list[float]`` (higher is better), and MBR decoding
 (:mod:`persona_plugin.chat_models.mbr`) picks the candidate with the best weighted sum of normalised
-scores. Three scorer types:
+scores. Four scorer types:
 
 * ``embedding_head``: a small Bradley-Terry head (linear or one hidden layer) on the local
   sentence embeddings: the candidate's embedding, its cosine to the prompt's, and a few
@@ -15,6 +15,11 @@ scores. Three scorer types:
   folder (one logit, or two: the second minus the first), reading ``(prompt, candidate)``.
 * ``llm_judge``: any LangChain chat model grading each candidate against the card's
   ``rubric`` with a number in ``scale``.
+* ``persona``: no model file; candidates scored against the persona's own stated likes and
+  avoids (its ``preference.content``, ``preference.avoid``, interests, values, description,
+  read by :mod:`persona_plugin.polarity`, and the user's recalled words), bound to each
+  request's persona by MBR. The bundled ``persona`` card is one; retrieval mixes it in for
+  any persona that states a like or an avoid.
 
 Cards are YAML files, one per model, in ``$PERSONA_HOME/prefs`` (and the demo models
 bundled in ``persona_plugin/assets/prefs``; a user card with the same id replaces the

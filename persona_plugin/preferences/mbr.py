@@ -10,7 +10,9 @@ rescales one model's scores over the candidates so that models on different scal
 added. ``consensus_j`` is classic MBR's mean cosine of candidate ``j`` to the others. A model
 that gives every candidate the same score gets a neutral value, so it does not sway the
 choice. :class:`MBRResult` keeps every score and weight for ``response_metadata["mbr"]``, and
-:meth:`MBRSelector.select_batch` lets each request carry its own mixture. Drawing the
+:meth:`MBRSelector.select_batch` lets each request carry its own mixture. A scorer conditioned
+on the persona (``scorer: persona``) is bound to the request's ``persona`` (and the user's
+``statements``, e.g. recalled messages) before it scores. Drawing the
 candidates is the job of :class:`~persona_plugin.chat_models.mbr.MBRChatModel`.
 """
 
@@ -24,12 +26,18 @@ import numpy as np
 
 from persona_plugin.cards.owned import OWNED_PREFIX
 from persona_plugin.errors import PersonaConfigError
+from persona_plugin.persona import Persona, user_of
 from persona_plugin.preferences.hub import PreferenceHub
 from persona_plugin.preferences.retrieval import (
     PreferenceWeights,
     normalize_preferences,
 )
-from persona_plugin.preferences.scorers import CandidateEmbeddings, PreferenceScorer, check_scores
+from persona_plugin.preferences.scorers import (
+    CandidateEmbeddings,
+    PersonaConditioned,
+    PreferenceScorer,
+    check_scores,
+)
 
 Normalization = Literal["minmax", "zscore", "rank"]
 NORMALIZATIONS: tuple[str, ...] = Normalization.__args__  # type: ignore[attr-defined]
@@ -109,6 +117,8 @@ class MBRRequest:
     candidates: Sequence[str]
     preferences: Any = None
     user_id: str | None = None
+    persona: Persona | None = None
+    statements: Sequence[str] = ()
 
 
 class MBRSelector:
@@ -182,22 +192,31 @@ class MBRSelector:
         preferences: Any = None,
         *,
         user_id: str | None = None,
+        persona: Persona | None = None,
+        statements: Sequence[str] = (),
     ) -> MBRResult:
         """The best of ``candidates`` for ``prompt`` under ``preferences`` (``{id: weight}``,
         pairs, or a :class:`PreferenceMixture`; weights are normalised). With no
         preferences and no consensus term, the first candidate is chosen. ``user_id``:
-        whose request it is (their own model may be in the mixture)."""
+        whose request it is (their own model may be in the mixture; default: the
+        persona's user). ``persona`` and ``statements`` (the user's own words, e.g.
+        recalled messages): what a persona-conditioned scorer is bound to."""
         candidates = list(candidates)
         if not candidates:
             raise PersonaConfigError("MBR needs at least one candidate; none were given.")
         if not all(isinstance(c, str) for c in candidates):
             raise PersonaConfigError("MBR candidates must be strings.")
         weights: PreferenceWeights = normalize_preferences(preferences)
+        if user_id is None:
+            user_id = user_of(persona)
         utility = np.zeros(len(candidates))
         raw: dict[str, tuple[float, ...]] = {}
         normed: dict[str, tuple[float, ...]] = {}
         for model_id, weight in weights:
-            values = self.scorer(model_id, user_id).score(prompt, candidates)
+            scorer = self.scorer(model_id, user_id)
+            if isinstance(scorer, PersonaConditioned):
+                scorer = scorer.bind(persona, statements)
+            values = scorer.score(prompt, candidates)
             values = check_scores(model_id, values, len(candidates))
             norm = normalize_scores(values, self.normalization)
             utility += weight * norm
@@ -228,5 +247,13 @@ class MBRSelector:
         if texts and isinstance(self.hub, PreferenceHub):
             self.embeddings(list(dict.fromkeys(texts)))
         return [
-            self.select(r.prompt, r.candidates, r.preferences, user_id=r.user_id) for r in items
+            self.select(
+                r.prompt,
+                r.candidates,
+                r.preferences,
+                user_id=r.user_id,
+                persona=r.persona,
+                statements=r.statements,
+            )
+            for r in items
         ]

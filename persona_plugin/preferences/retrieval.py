@@ -36,6 +36,7 @@ from persona_plugin.errors import PersonaConfigError, PersonaValidationError
 from persona_plugin.persona import Persona, user_of
 from persona_plugin.preferences.cards import PREFERENCE_KINDS, PreferenceCard
 from persona_plugin.preferences.hub import PreferenceHub
+from persona_plugin.preferences.scorers import persona_stances
 
 # -- mixtures -----------------------------------------------------------------------------
 
@@ -105,9 +106,16 @@ class PreferenceMixture(CardMixture):
         return self.models
 
 
+#: the share of a mixture a persona-conditioned card takes when the persona states likes or
+#: avoids (all of it when nothing else was retrieved)
+PERSONA_WEIGHT = 0.5
+
+
 def preference_persona_text(persona: Persona) -> str:
     """The parts of a persona that say which preference models apply: the preference
-    section (styles, content, formats, reasoning, free keys) and the patterns."""
+    section (styles, content, formats, reasoning, free keys) and the patterns. What the
+    user avoids is left out: its words would match a card's pole by similarity, the
+    opposite of what they mean (the persona card reads them instead)."""
     parts = preference_lines(persona)
     patterns = [item.description for item in persona.pattern.items[:5]]
     if patterns:
@@ -123,7 +131,9 @@ class PreferenceRetriever(CardRetriever):
     input; each card is matched by its description and, when it has one, by its
     ``opposite``. The better-matching pole decides the sign: a persona asking for detail
     gets the brevity model with a negative weight. The ``top_k`` cards by that similarity
-    get softmax weights; results are cached per persona version and input.
+    get softmax weights; results are cached per persona version and input. A card with
+    ``scorer: persona`` is mixed in at ``persona_weight`` whenever the persona (or the
+    ``statements`` passed to :meth:`retrieve`) states a like or an avoid.
     """
 
     def __init__(
@@ -139,10 +149,14 @@ class PreferenceRetriever(CardRetriever):
         assembler: Any = None,
         cache_size: int = 4096,
         own_weight: float = OWN_WEIGHT,
+        persona_weight: float = PERSONA_WEIGHT,
     ) -> None:
         if not 0.0 <= own_weight <= 1.0:
             raise PersonaConfigError(f"own_weight must be in [0, 1], not {own_weight}.")
+        if not 0.0 <= persona_weight <= 1.0:
+            raise PersonaConfigError(f"persona_weight must be in [0, 1], not {persona_weight}.")
         self.own_weight = own_weight
+        self.persona_weight = persona_weight
         if embedder is None and isinstance(hub, PreferenceHub):
             embedder = hub.embeddings.embed_texts  # one embedding model for both
         super().__init__(
@@ -172,6 +186,20 @@ class PreferenceRetriever(CardRetriever):
             and c.owner is None  # a user's own model reaches that user alone (_owned)
         ]
 
+    def _conditioned(
+        self,
+        persona: Persona | str | None,
+        statements: Sequence[str],
+        cards: list[PreferenceCard],
+    ) -> list[PreferenceCard]:
+        """The persona-conditioned cards among ``cards``, when the persona or the
+        statements state something they can score by."""
+        mine = [c for c in cards if c.scorer == "persona"]
+        if not mine or self.persona_weight == 0:
+            return []
+        holder = persona if isinstance(persona, Persona) else None
+        return mine if persona_stances(holder, statements) else []
+
     def _owned(
         self,
         persona: Persona | str | None,
@@ -198,16 +226,20 @@ class PreferenceRetriever(CardRetriever):
         kinds: Collection[str] | None = None,
         allowed: Collection[str] | None = None,
         owned: bool = True,
+        statements: Sequence[str] = (),
     ) -> PreferenceMixture:
         """The ``top_k`` preference models for ``persona`` (a persona or its text) and
-        ``input``, with signed weights; the persona's user's own model, if one serves
-        them, at ``own_weight`` unless ``owned=False``. Empty: no cards, or nothing to
-        retrieve with."""
+        ``input``, with signed weights; a persona-conditioned card at ``persona_weight``
+        when the persona (or ``statements``, the user's own words recalled for this turn)
+        states a like or an avoid; the persona's user's own model, if one serves them, at
+        ``own_weight`` unless ``owned=False``. Empty: no cards, or nothing to retrieve
+        with."""
         k = self.top_k if top_k is None else check_top_k(top_k)
         temp = self.temperature if temperature is None else check_temperature(temperature)
         kind_set = self.kinds if kinds is None else _check_preference_kinds(kinds)
         allowed_set = frozenset(allowed) if allowed is not None else None
-        cards = self._candidates(kind_set, allowed_set)
+        every = self._candidates(kind_set, allowed_set)
+        cards = [c for c in every if c.scorer != "persona"]
         hashes = tuple(c.content_hash for c in cards)
         models, cached = self._retrieve(
             cards,
@@ -216,6 +248,11 @@ class PreferenceRetriever(CardRetriever):
             (k, temp, kind_set, allowed_set, hashes),
             lambda query: self._score(cards, query, k, temp),
         )
+        conditioned = [
+            RetrievedPreference(c.id, 1.0, 1.0, c.kind)
+            for c in self._conditioned(persona, statements, every)
+        ]
+        models = mix_in_own(models, conditioned, self.persona_weight)
         if owned:
             own = [
                 RetrievedPreference(c.id, 1.0, 1.0, c.kind)

@@ -10,6 +10,11 @@ not at first use:
   :data:`SURFACE_FEATURES`. It trains in seconds on CPU and is stored as a small ``.npz`` file.
 * :class:`SequenceClassifierScorer`: a transformers reward model in a local folder.
 * :class:`LLMJudgeScorer`: any LangChain chat model grading against the card's ``rubric``.
+* :class:`PersonaScorer` (``scorer: persona``): no model of its own; candidates are scored
+  against the persona's own stated likes and avoids (:func:`persona_stances`), each
+  weighted by how much it bears on the prompt. It is conditioned on a persona:
+  :meth:`PersonaScorer.bind` (what :class:`~persona_plugin.preferences.mbr.MBRSelector`
+  calls with the request's persona) returns the scorer for that persona.
 
 :class:`CandidateEmbeddings` is shared by a hub's heads, so each candidate is embedded once,
 not once per head. A NaN, infinite or missing score raises :class:`PreferenceScoreError`
@@ -36,6 +41,8 @@ from persona_plugin.cards.retrieval import (
     TextEmbedder,
 )
 from persona_plugin.errors import PersonaError, PersonaValidationError
+from persona_plugin.persona import Persona
+from persona_plugin.polarity import Polarity, Stance, content_words, read_polarity
 from persona_plugin.preferences.cards import PreferenceCard
 
 
@@ -406,6 +413,196 @@ class LLMJudgeScorer:
         return check_scores(self.card.id, values, len(candidates))
 
 
+# -- the persona's own likes and avoids ----------------------------------------------------
+
+#: what each persona field means, read by :func:`persona_stances`: its items' polarity
+#: when they carry no cue of their own ("like", "avoid"), or None (free text: only what its
+#: cues say). This scorer scores what an answer is about. Style, format and reasoning (and
+#: the feedback on replies, which is mostly about them) are how an answer reads, which the
+#: style heads score (brevity, formality, warmth); patterns are what the user does, not
+#: what they want.
+PERSONA_FIELDS: tuple[tuple[str, Polarity | None], ...] = (
+    ("preference.content", "like"),
+    ("preference.avoid", "avoid"),
+    ("preference.*", "like"),  # the section's free keys
+    ("personality.interests", "like"),
+    ("personality.values", "like"),
+    ("personality.description", None),
+    ("personality.*", None),
+)
+
+
+def _field_texts(persona: Persona, path: str) -> list[str]:
+    section_name, _, name = path.partition(".")
+    section = getattr(persona, section_name)
+    if name == "*":
+        values = list((section.model_extra or {}).values())
+    else:
+        value = getattr(section, name)
+        values = value if isinstance(value, list) else [value]
+    texts: list[str] = []
+    for value in values:
+        if isinstance(value, str):
+            texts.append(value)
+        elif isinstance(value, list):
+            texts.extend(v for v in value if isinstance(v, str))
+        else:  # a pattern item, a feedback entry
+            text = getattr(value, "description", None) or getattr(value, "text", None)
+            if isinstance(text, str):
+                texts.append(text)
+    return [t for t in texts if t.strip()]
+
+
+def persona_stances(
+    persona: Persona | None, statements: Sequence[str] = ()
+) -> list[tuple[Stance, str]]:
+    """What the persona says the user likes and avoids (:data:`PERSONA_FIELDS`, read with
+    :func:`~persona_plugin.polarity.read_polarity`), then what ``statements`` say: the
+    user's own words from elsewhere (recalled messages), read for their cues alone. Each
+    stance once, with the text it was read from, in that order."""
+    found: list[tuple[Stance, str]] = []
+    sources: list[tuple[str, Polarity | None]] = []
+    if isinstance(persona, Persona):
+        for path, default in PERSONA_FIELDS:
+            sources += [(text, default) for text in _field_texts(persona, path)]
+    sources += [(text, None) for text in statements if text.strip()]
+    seen: set[Stance] = set()
+    for text, default in sources:
+        for stance in read_polarity(text, default=default).stances:
+            if stance not in seen:
+                seen.add(stance)
+                found.append((stance, text))
+    return found
+
+
+#: a statement counts for a prompt only if its cosine to the prompt is at least this: the
+#: user's dislike of horror films has nothing to say about a question on tax forms
+RELEVANCE_FLOOR = 0.1
+#: how sharply the statements most relevant to the prompt dominate (a softmax temperature
+#: over their cosines to it)
+RELEVANCE_TEMPERATURE = 0.1
+#: the share of the embedding cosine in a candidate's fit to a stance; the rest is the
+#: share of the stance's words the candidate names (see :class:`PersonaScorer`)
+EMBEDDING_SHARE = 0.5
+
+
+class PersonaScorer:
+    """Scores candidates by how they fit the user's own stated likes and keep away from
+    their avoids::
+
+        score_j = sum_i w_i * s_i * fit(candidate_j, stance_i)
+
+    ``s_i`` is +1 for a like and -1 for an avoid. ``w_i`` is how much the statement the
+    stance was read from bears on the prompt: the softmax (``temperature``) of its cosine
+    to the prompt, over the statements at least ``floor`` from it; none: every candidate
+    scores 0, which MBR's normalisation makes neutral. ``fit`` is, in equal parts
+    (``embedding_share``):
+
+    * the MiniLM cosine of the candidate to the stance's text, and
+    * the share of the stance's content words that the candidate names, counted against
+      it where the candidate itself negates them ("a puzzle game without in-app purchases"
+      does not offer in-app purchases; :func:`~persona_plugin.polarity.read_polarity`
+      reads the candidate too). The words the prompt uses are left out (every candidate
+      answers the prompt: "games" in "I dislike mobile games" says nothing about which
+      answer to a question on games fits), unless they are all the stance has.
+
+    Unbound (as a hub loads it) it knows no persona and scores every candidate 0;
+    :meth:`bind` gives the scorer of one persona, plus any ``statements`` of the user's own
+    (recalled messages), each read by :func:`persona_stances`. Embeddings go through the
+    hub's shared, cached :class:`CandidateEmbeddings`.
+    """
+
+    def __init__(
+        self,
+        card: PreferenceCard,
+        embeddings: CandidateEmbeddings,
+        *,
+        stances: Sequence[tuple[Stance, str]] = (),
+        floor: float = RELEVANCE_FLOOR,
+        temperature: float = RELEVANCE_TEMPERATURE,
+        embedding_share: float = EMBEDDING_SHARE,
+    ) -> None:
+        if not temperature > 0 or not 0.0 <= embedding_share <= 1.0:
+            raise PersonaValidationError(
+                card.source,
+                "scorer",
+                f"temperature {temperature!r}, embedding_share {embedding_share!r}",
+                "Use a positive temperature and an embedding share from 0 to 1.",
+            )
+        self.card = card
+        self.embeddings = embeddings
+        self.stances = tuple(s for s, _ in stances)
+        self.sources = tuple(t for _, t in stances)
+        self.floor = floor
+        self.temperature = temperature
+        self.embedding_share = embedding_share
+
+    def bind(self, persona: Persona | None, statements: Sequence[str] = ()) -> PersonaScorer:
+        """This scorer for ``persona`` (and the user's ``statements``)."""
+        return PersonaScorer(
+            self.card,
+            self.embeddings,
+            stances=persona_stances(persona, statements),
+            floor=self.floor,
+            temperature=self.temperature,
+            embedding_share=self.embedding_share,
+        )
+
+    def weights(self, prompt: str) -> np.ndarray:
+        """Each stance's signed weight for ``prompt`` (zeros: none bears on it)."""
+        if not self.stances:
+            return np.zeros(0)
+        signs = np.array([1.0 if s.polarity == "like" else -1.0 for s in self.stances])
+        if not prompt.strip():
+            return signs / len(signs)
+        rows = self.embeddings([*self.sources, prompt])
+        relevance = rows[:-1] @ rows[-1]
+        mask = relevance >= self.floor
+        if not mask.any():
+            return np.zeros(len(signs))
+        top = float(relevance[mask].max())
+        w = np.where(mask, np.exp((relevance - top) / self.temperature), 0.0)
+        return signs * w / w.sum()
+
+    def fit(self, prompt: str, candidates: Sequence[str]) -> np.ndarray:
+        """``fit(candidate_j, stance_i)``, one row per candidate (see the class)."""
+        texts = [s.text for s in self.stances]
+        rows = self.embeddings([*texts, *candidates])
+        cosine = rows[len(texts) :] @ rows[: len(texts)].T
+        asked = content_words(prompt)
+        # the prompt's words are the topic every candidate answers, not the preference,
+        # unless they are all the stance has ("peanuts", asked about peanut snacks)
+        wanted = [(content_words(t) - asked) or content_words(t) for t in texts]
+        named = np.zeros_like(cosine)
+        for j, candidate in enumerate(candidates):
+            reading = read_polarity(candidate, default="like")
+            negated = content_words(" ".join(reading.avoids))
+            said = content_words(candidate) - negated
+            for i, words in enumerate(wanted):
+                if words:
+                    named[j, i] = (len(said & words) - len(negated & words)) / len(words)
+        share = self.embedding_share
+        return share * cosine + (1 - share) * named
+
+    def score(self, prompt: str, candidates: Sequence[str]) -> list[float]:
+        if not candidates:
+            return []
+        weights = self.weights(prompt)
+        if not weights.any():
+            return [0.0] * len(candidates)
+        values = self.fit(prompt, candidates) @ weights
+        return check_scores(self.card.id, values, len(candidates))
+
+
+@runtime_checkable
+class PersonaConditioned(Protocol):
+    """A scorer that must know whose request it scores (:class:`PersonaScorer`)."""
+
+    card: PreferenceCard
+
+    def bind(self, persona: Persona | None, statements: Sequence[str] = ()) -> PreferenceScorer: ...
+
+
 def load_scorer(
     card: PreferenceCard,
     *,
@@ -421,4 +618,6 @@ def load_scorer(
         return EmbeddingHeadScorer(card, head, embeddings or CandidateEmbeddings())
     if card.scorer == "sequence_classifier":
         return SequenceClassifierScorer(card, device=device)
+    if card.scorer == "persona":
+        return PersonaScorer(card, embeddings or CandidateEmbeddings())
     return LLMJudgeScorer(card, judge)

@@ -4,7 +4,9 @@
 the operations with :func:`~persona_plugin.reflection.optimizer.apply_operations` inside
 :meth:`~persona_plugin.store.PersonaStore.update`, so a concurrent save costs a retry, not a
 lost update. The new version's source is ``reflection turn <id>``, and its details keep the
-loss, the gradients, and what was applied and refused. Memory facts pass the same checks as
+loss, the gradients, and what was applied and refused. The optimizer reads each edit
+against the user's own words in the turns it cites (:func:`user_words`), so a dislike is
+not stored as a like. Memory facts pass the same checks as
 operations (the instruction guard, evidence citing this reflection's turns) before they reach
 long-term memory. Feedback on a turn (a rating, an edit, a regenerate, a choice) is shown
 with it and may be cited as evidence (``fb<n>``): a complaint becomes a preference edit
@@ -64,6 +66,16 @@ def _shown(turns: Sequence[ReflectionTurn]) -> tuple[list[ReflectionTurn], set[s
     return shown, withheld
 
 
+def user_words(turns: Sequence[ReflectionTurn]) -> dict[str, str]:
+    """Each evidence id's words of the user: a turn's message, a feedback's comment (what
+    the optimizer reads an edit's polarity against; the assistant's words are not the
+    user's, nor is an edited reply)."""
+    said = {t.turn_id: t.user for t in turns if t.user != WITHHELD}
+    for turn in turns:
+        said |= {n.id: n.comment for n in turn.feedback if n.comment and n.comment != WITHHELD}
+    return said
+
+
 def reflect_and_save(
     *,
     store: PersonaStore,
@@ -97,6 +109,7 @@ def reflect_and_save(
     except Exception:
         persona = Persona.new(user_id)
     shown, withheld = _shown(turns)
+    said = user_words(shown)
     call = reflector.call(persona, shown)
     outcome = ReflectionOutcome(
         user_id=user_id, turn_ids=sorted(turn_ids), token_usage=call.token_usage
@@ -134,6 +147,7 @@ def reflect_and_save(
             min_confidence=reflector.min_confidence,
             limits=reflector.limits,
             withheld_turns=withheld,
+            evidence_texts=said,
         )
         results["last"] = result
         updated = result.persona

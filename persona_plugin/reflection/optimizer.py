@@ -9,13 +9,18 @@ can re-run it on a fresher persona after a compare-and-set conflict.
 
 Checks, in order: the path is one reflection may touch; confidence is high enough;
 evidence names turns of this reflection; no value reads as an instruction (the guard);
-the result still validates against the schema and the size caps.
+the value keeps the polarity of the user's words (when the evidence texts are given: a
+value that drops a negation its evidence holds, "mobile games" for "I strongly dislike
+mobile games", is refused unless it goes to ``preference.avoid``, and a like does not go
+there; :func:`~persona_plugin.polarity.contradiction`); the result still validates against
+the schema and the size caps.
 """
 
 from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, JsonValue
@@ -23,6 +28,7 @@ from pydantic import BaseModel, Field, JsonValue
 from persona_plugin.errors import PersonaValidationError
 from persona_plugin.guard import find_instruction
 from persona_plugin.persona import DEFAULT_LIMITS, Persona, PersonaLimits, parse_persona
+from persona_plugin.polarity import contradiction
 
 #: why an operation or fact citing a withheld turn is refused
 EVIDENCE_WITHHELD = "its evidence is a turn that read as instructions to the assistant"
@@ -41,6 +47,8 @@ WRITABLE_ROOTS = (
     "extensions",
 )
 READ_ONLY = ("identity.user_id",)
+#: the field whose items are things to avoid: a bare value there means "avoid it"
+AVOID_PATH = "preference.avoid"
 
 
 class Operation(BaseModel):
@@ -98,6 +106,48 @@ def _norm(value: Any) -> str:
                 return _norm(value[key])
         return _norm(" ".join(str(v) for v in value.values()))
     return " ".join(re.sub(r"[^\w\s]", " ", str(value).casefold()).split())
+
+
+def _texts(value: Any) -> list[str]:
+    """The texts a value asserts: a string, the text of an item, each of a list's."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        for key in ("text", "description", "question"):
+            if isinstance(value.get(key), str):
+                return [value[key]]
+        return [v for v in value.values() if isinstance(v, str)]
+    if isinstance(value, list):
+        return [t for item in value for t in _texts(item)]
+    return []
+
+
+def polarity_problem(op: Operation, evidence_texts: Mapping[str, str]) -> str | None:
+    """Why ``op`` turns around what its evidence says (None: it does not).
+
+    A value is read as a like, or as an avoid in ``preference.avoid`` (a value with its own
+    cue keeps it: "dislikes mobile games" is an avoid anywhere); the user's words of the
+    turns it cites are read by :func:`~persona_plugin.polarity.read_polarity`. Removing an
+    item asserts nothing, so a remove is never refused here.
+    """
+    said = [evidence_texts[e] for e in op.evidence if evidence_texts.get(e)]
+    if op.op == "remove" or not said:
+        return None
+    into_avoid = op.path == AVOID_PATH
+    for text in _texts(op.value):
+        stance = contradiction(text, said, polarity="avoid" if into_avoid else "like")
+        if stance is None:
+            continue
+        if into_avoid:
+            return (
+                f"polarity: the user said they {stance.cue} {stance.text!r}, a like; "
+                f"{AVOID_PATH} holds what they avoid"
+            )
+        return (
+            f"polarity: the user said they {stance.cue} {stance.text!r}; the value {text!r} "
+            f"drops that negation (append what they avoid to {AVOID_PATH})"
+        )
+    return None
 
 
 def _apply_one(data: dict[str, Any], op: Operation) -> str:
@@ -188,11 +238,15 @@ def apply_operations(
     min_confidence: float = 0.6,
     limits: PersonaLimits = DEFAULT_LIMITS,
     withheld_turns: set[str] | frozenset[str] = frozenset(),
+    evidence_texts: Mapping[str, str] | None = None,
 ) -> OptimizerResult:
     """Apply every operation that passes the checks, one at a time, to a copy.
 
     ``withheld_turns`` are turns the guard read as instructions to the assistant: nothing
-    citing one is learned, whatever words the reflection chose for it.
+    citing one is learned, whatever words the reflection chose for it. ``evidence_texts``
+    maps an evidence id to the user's own words in it (a turn's message, a feedback
+    comment): an operation whose value turns around what they say is refused
+    (:func:`polarity_problem`); without them that check is skipped.
     """
     # the compact form, as the store saves and measures it: the document cap must not
     # count the empty defaults a full dump carries
@@ -227,6 +281,10 @@ def apply_operations(
         )
         if reason:
             refused.append(RefusedOperation(operation=op, reason=f"guard: {reason}"))
+            continue
+        problem = polarity_problem(op, evidence_texts) if evidence_texts else None
+        if problem:
+            refused.append(RefusedOperation(operation=op, reason=problem))
             continue
         trial = copy.deepcopy(data)
         try:

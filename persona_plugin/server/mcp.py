@@ -397,6 +397,7 @@ class PersonaTools:
                 "persona should change (it is kept in the version history)."
             )
         withheld: set[str] = set()
+        said: dict[str, str] = {}  # the user's words: an edit must keep their polarity
         if turn_ids:
             log_ = self._log()
             for turn_id in turn_ids:
@@ -406,6 +407,8 @@ class PersonaTools:
                     raise ToolError(f"Invalid argument 'turn_ids': {exc}") from None
                 if turn.user_text == WITHHELD:
                     withheld.add(turn_id)
+                elif turn.user_text:
+                    said[turn_id] = turn.user_text
         proposal = f"mcp-edit-{uuid.uuid4().hex[:16]}"
         evidence = list(dict.fromkeys(turn_ids)) or [proposal]
         ops = [Operation(**op.model_dump(), confidence=1.0, evidence=evidence) for op in operations]
@@ -419,6 +422,7 @@ class PersonaTools:
                 min_confidence=0.0,
                 limits=self.store.limits,
                 withheld_turns=withheld,
+                evidence_texts=said,
             )
             if result.refused:
                 raise _Refused(result.refused)  # all or nothing: no version is written

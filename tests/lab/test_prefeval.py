@@ -1,6 +1,7 @@
 """The PrefEval retention benchmark on a tiny folder of the same format (project-written
 items, not PrefEval's): the distractor turns, the run through import and the graph's
-assembly, retention read off the assembled prompt, the CLI."""
+assembly, retention read off the assembled prompt, choice accuracy on the options, the
+CLI."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from persona_plugin.lab.eval.prefeval import (
     evaluate,
     fit_items,
     load_inter_turns,
+    load_items,
     score_prompt,
+    shuffled,
 )
 from persona_plugin.persona import Persona
 from persona_plugin.prompt import PromptAssembler
@@ -41,6 +44,23 @@ TOPICS = {
         }
     ],
 }
+#: the mcq options of the same items: the first follows the preference
+OPTIONS = {
+    "snacks": [
+        [
+            "Pack dried apricots, pumpkin seeds and oat bars.",
+            "Pack a peanut butter sandwich and salted peanuts.",
+            "Pack trail mix with roasted peanuts.",
+            "Pack peanut brittle and chocolate peanut cups.",
+        ],
+        [
+            "Try a live jazz club this weekend.",
+            "Try a heavy metal festival.",
+            "Try a country music playlist.",
+            "Try a techno night.",
+        ],
+    ],
+}
 DISTRACTORS = [
     ("How do I reverse a list in Python?", "Use reversed(items) or items[::-1]."),
     ("What is the capital of Canada?", "Ottawa."),
@@ -59,8 +79,16 @@ DISTRACTORS = [
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("prefeval")
     (root / "explicit_preference").mkdir()
+    (root / "mcq_options").mkdir()
     for topic, items in TOPICS.items():
         (root / "explicit_preference" / f"{topic}.json").write_text(json.dumps(items))
+    for topic, options in OPTIONS.items():
+        mcq = [
+            {**item, "classification_task_options": o}
+            for item, o in zip(TOPICS[topic], options, strict=True)
+        ]
+        mcq[1]["question"] = "A different question"  # not the same item: no choice for it
+        (root / "mcq_options" / f"{topic}.json").write_text(json.dumps(mcq))
     conversations = [
         {
             "conversation": [
@@ -151,3 +179,41 @@ def test_the_item_level_counterfactual_keeps_what_fits(embedder: CachedEmbedder)
     fitted = fit_items(assembler, persona, {"memory": recalled}, recalled)
     assert PREFERENCE in fitted.text and "long pasted page" not in fitted.text
     assert score_prompt(fitted.text, PREFERENCE, persona, recalled, embedder)["verbatim"]
+
+
+def test_choice_accuracy_sits_beside_chance_and_the_oracle(folder: Path) -> None:
+    from persona_plugin.cli.app import app
+
+    args = ["eval", "prefeval", str(folder), "--topics", "snacks", "--inter-turns", "10"]
+    result = CliRunner().invoke(app, [*args, "--limit", "1", "--reflector", "none", "--json"])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout)
+    assert figures["choice"] == {"on": True, "seed": 0, "chance": 0.25}
+    (item,) = figures["results"]["10"]["items"]
+    # the preference turn is in the prompt: the system holds the user's words, as the
+    # oracle does, and both pick the peanut-free option wherever the shuffle put it
+    assert item["choice"]["statements_held"] >= 1
+    assert item["choice"]["oracle"]["correct"] and item["choice"]["system"]["correct"]
+    choice = figures["results"]["10"]["all"]["choice"]
+    assert choice["items"] == 1 and choice["chance"] == 0.25
+    for key in ("accuracy", "oracle", "no_signal", "oracle_no_signal"):
+        assert 0.0 <= choice[key] <= 1.0
+    assert (choice["accuracy"], choice["oracle"]) == (1.0, 1.0)
+    table = CliRunner().invoke(app, [*args, "--limit", "1"])
+    assert table.exit_code == 0, table.output
+    assert "choice accuracy" in table.stdout and "oracle" in table.stdout
+    off = CliRunner().invoke(app, [*args, "--limit", "1", "--no-choice", "--json"])
+    run = json.loads(off.stdout)["results"]["10"]
+    assert run["items"][0]["choice"] is None and run["all"]["choice"]["accuracy"] is None
+
+
+def test_the_options_are_shuffled_by_the_seed_and_mismatched_items_have_none(
+    folder: Path,
+) -> None:
+    first, second = load_items(folder, "snacks")
+    assert first.options == tuple(OPTIONS["snacks"][0]) and second.options is None
+    assert load_items(folder, "planted")[0].options is None  # no mcq file
+    positions = {shuffled(first, seed)[1] for seed in range(12)}
+    assert len(positions) > 1  # the right option is not always first
+    shown, correct = shuffled(first, 3)
+    assert shown[correct] == OPTIONS["snacks"][0][0] and shuffled(first, 3) == (shown, correct)

@@ -95,7 +95,12 @@ def test_gold_edits_apply_cleanly_through_the_optimizer(train) -> None:
         output, dropped = to_reflection_output([("t1", extraction)])
         assert not dropped
         assert len(output.operations) == len(example.ops)  # every gold value is grounded
-        result = apply_operations(Persona.new("u1"), output.operations, turn_ids={"t1"})
+        result = apply_operations(
+            Persona.new("u1"),
+            output.operations,
+            turn_ids={"t1"},
+            evidence_texts={"t1": example.text},  # the polarity check reads the words too
+        )
         assert not result.refused, (example.text, result.refused)
         assert len(output.memories) == len(example.facts)
 

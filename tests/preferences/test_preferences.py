@@ -1,4 +1,4 @@
-"""Preference models: cards, the hub, the three scorer types, retrieval, training, the CLI.
+"""Preference models: cards, the hub, the scorer types, retrieval, training, the CLI.
 
 Real parts throughout: the bundled demo heads on the local MiniLM embedder, a tiny
 randomly initialised transformers reward model saved by the test, a LangChain fake chat
@@ -26,6 +26,7 @@ from persona_plugin.preferences.scorers import (
     SURFACE_FEATURES,
     CandidateEmbeddings,
     EmbeddingHeadScorer,
+    PersonaScorer,
     PreferenceHead,
     PreferenceScoreError,
     check_scores,
@@ -33,6 +34,8 @@ from persona_plugin.preferences.scorers import (
 from persona_plugin.preferences.training import load_pairs, train_head
 from persona_plugin.store import PersonaStore
 
+#: the bundled cards: three demo heads, and the persona-conditioned scorer (no model file)
+BUNDLED_IDS = ["brevity", "formality", "persona", "warmth"]
 DEMO_IDS = ["brevity", "formality", "warmth"]
 
 
@@ -66,9 +69,10 @@ def head_card(tmp_path: Path, model_id: str, location: str, **extra: object) -> 
 
 def test_the_bundled_demo_models_prefer_what_their_cards_say(hub: PreferenceHub) -> None:
     """Held-out texts, written here and not in the training material."""
-    assert hub.ids() == DEMO_IDS and all(hub.is_bundled(c) for c in hub.cards())
+    assert hub.ids() == BUNDLED_IDS and all(hub.is_bundled(c) for c in hub.cards())
     scorers = hub.load()
-    assert all(isinstance(s, EmbeddingHeadScorer) for s in scorers.values())
+    assert all(isinstance(scorers[i], EmbeddingHeadScorer) for i in DEMO_IDS)
+    assert isinstance(scorers["persona"], PersonaScorer)
     prompt = "How do I reset my password?"
     short = "Click 'Forgot password' on the login page."
     long = (
@@ -190,7 +194,7 @@ def test_hub_add_resolves_paths_and_user_cards_replace_bundled_ones(
     card = hub.add(head_card(tmp_path, "brevity", "models/b.npz", description="Mine."))
     assert card.location == str(tmp_path / "models" / "b.npz")  # absolute in the hub
     assert hub.get("brevity").description == "Mine." and not hub.is_bundled(hub.get("brevity"))
-    assert hub.ids() == DEMO_IDS
+    assert hub.ids() == BUNDLED_IDS
     with pytest.raises(PersonaValidationError, match="already in the hub"):
         hub.add(head_card(tmp_path, "brevity", "models/b.npz"))
     assert hub.add(head_card(tmp_path, "brevity", "models/b.npz"), replace=True)
@@ -396,7 +400,7 @@ def cli(monkeypatch: pytest.MonkeyPatch):
 def test_cli_list_show_add_and_exit_codes(cli, tmp_path: Path) -> None:
     listed = cli("list", "--json")
     assert listed.exit_code == 0
-    assert [c["id"] for c in json.loads(listed.output)] == DEMO_IDS
+    assert [c["id"] for c in json.loads(listed.output)] == BUNDLED_IDS
     shown = cli("show", "warmth", "--format", "json")
     assert shown.exit_code == 0 and json.loads(shown.stdout)["scorer"] == "embedding_head"
     assert cli("show", "nope").exit_code == 1

@@ -503,3 +503,70 @@ def test_checks_run_in_order_path_confidence_evidence_guard_schema(persona: Pers
         "guard",
         "invalid",
     ]
+
+
+# -- polarity: an edit keeps what the user's words mean ----------------------------------
+
+SAID = {
+    "t1": "I strongly dislike horror films and prefer light comedies.",
+    "t2": "I'm allergic to peanuts and I love baking.",
+}
+
+
+def test_a_value_that_drops_the_negation_of_its_evidence_is_refused(persona: Persona) -> None:
+    result = run(
+        persona,
+        op("append", "personality.interests", "horror films"),
+        op("append", "preference.content", "peanuts", evidence=["t2"]),
+        op("set", "personality.description", "likes horror films"),
+        evidence_texts=SAID,
+    )
+    assert not result.applied
+    reasons = [r.reason for r in result.refused]
+    assert reasons[0] == (
+        "polarity: the user said they dislike 'horror films'; the value 'horror films' "
+        "drops that negation (append what they avoid to preference.avoid)"
+    )
+    assert reasons[1].startswith("polarity: the user said they allergic to 'peanuts'")
+    assert reasons[2].startswith("polarity: the user said they dislike 'horror films'")
+    assert "horror films" not in result.persona.personality.interests
+
+
+def test_what_the_user_avoids_goes_into_preference_avoid(persona: Persona) -> None:
+    result = run(
+        persona,
+        op("append", "preference.avoid", "horror films"),
+        op("append", "preference.avoid", "peanuts", evidence=["t2"]),
+        op("append", "preference.content", "light comedies"),
+        op("append", "personality.interests", "baking", evidence=["t2"]),
+        # a value that keeps the negation is fine anywhere
+        op("set", "personality.description", "dislikes horror films"),
+        evidence_texts=SAID,
+    )
+    assert not result.refused, result.refused
+    assert result.persona.preference.avoid == ["horror films", "peanuts"]
+    assert result.persona.preference.content == ["light comedies"]
+    assert result.persona.personality.interests == ["jazz", "Rock climbing", "baking"]
+
+
+def test_a_like_is_not_stored_as_something_to_avoid(persona: Persona) -> None:
+    result = run(persona, op("append", "preference.avoid", "light comedies"), evidence_texts=SAID)
+    (refused,) = result.refused
+    assert refused.reason == (
+        "polarity: the user said they prefer 'light comedies', a like; preference.avoid "
+        "holds what they avoid"
+    )
+
+
+def test_the_polarity_check_needs_the_evidence_words(persona: Persona) -> None:
+    # unknown words (no texts, or none for the turn cited) are not read; a remove asserts
+    # nothing; evidence that says nothing about the value lets it through
+    assert run(persona, op("append", "personality.interests", "horror films")).applied
+    other = {"t2": SAID["t2"]}
+    assert run(
+        persona, op("append", "personality.interests", "horror films"), evidence_texts=other
+    ).applied
+    assert run(persona, op("remove", "personality.interests", "jazz"), evidence_texts=SAID).applied
+    assert run(
+        persona, op("append", "personality.interests", "board games"), evidence_texts=SAID
+    ).applied

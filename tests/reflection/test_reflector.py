@@ -438,3 +438,34 @@ def test_reflection_graph_refuses_incomplete_input(store: PersonaStore) -> None:
     with pytest.raises(PersonaValidationError, match="assistant"):
         graph.invoke({"user_id": "ana", "turn_id": "t1", "user": "hi", "assistant": ""})
     assert store.users() == []
+
+
+def test_a_dislike_is_kept_as_something_to_avoid_not_as_a_like(store: PersonaStore) -> None:
+    """The scripted reflection stores "I strongly dislike horror films" twice: as an
+    interest (the polarity lost, refused) and as preference.avoid (kept); the prompt then
+    shows it as something to avoid."""
+    from persona_plugin.prompt import PromptAssembler
+
+    turns = [
+        ReflectionTurn("t1", "I strongly dislike horror films and prefer light comedies.", "Ok.")
+    ]
+    args = output(
+        ["t1"],
+        [
+            {"op": "append", "path": "personality.interests", "value": "horror films"},
+            {"op": "append", "path": "preference.avoid", "value": "horror films"},
+            {"op": "append", "path": "preference.content", "value": "light comedies"},
+        ],
+    )
+    model = ToolCallingChatModel(script=[tool_answer(args)])
+    outcome = reflect_and_save(store=store, reflector=Reflector(model), user_id="ana", turns=turns)
+    (refused,) = outcome.refused
+    assert refused.operation.path == "personality.interests"
+    assert refused.reason.startswith("polarity: the user said they dislike 'horror films'")
+    persona = store.get("ana")
+    assert persona.personality.interests == [] and persona.preference.avoid == ["horror films"]
+    assert persona.preference.content == ["light comedies"]
+    refusals = store.get_version("ana").details["reflection"]["refused"]
+    assert refusals[0]["reason"] == refused.reason  # kept in the version's history
+    text = PromptAssembler().assemble(persona).text
+    assert '- Avoid (the user dislikes or must not have these): "horror films"' in text

@@ -378,6 +378,30 @@ def test_an_edit_lands_as_one_new_version_with_source_mcp(alice: Any, parts: Par
     assert '- Location: "Porto"' in got["block"] and '"fado"' in got["block"]
 
 
+def test_an_edit_that_turns_a_dislike_into_a_like_is_refused(alice: Any, parts: Parts) -> None:
+    async def session() -> tuple[str, dict[str, Any]]:
+        async with alice() as client:
+            turn = ok(
+                await client.call_tool(
+                    "record_turn", {"user_message": "I can't stand olives.", "reply": "Noted."}
+                )
+            )
+
+            def edit(path: str) -> dict[str, Any]:
+                operations = [{"op": "append", "path": path, "value": "olives"}]
+                return {"operations": operations, "reason": "olives", "turn_ids": [turn["turn_id"]]}
+
+            wrong = refused(
+                await client.call_tool("propose_persona_edit", edit("preference.content"))
+            )
+            right = ok(await client.call_tool("propose_persona_edit", edit("preference.avoid")))
+            return wrong, right
+
+    wrong, right = run(session)
+    assert "(append preference.content): polarity: the user said they can't stand 'olives'" in wrong
+    assert right["changed"] and parts.store.get("alice").preference.avoid == ["olives"]
+
+
 def test_an_edit_the_guard_refuses_writes_nothing(alice: Any, parts: Parts) -> None:
     async def session() -> list[str]:
         async with alice() as client:

@@ -27,8 +27,23 @@ cost gate in front (``gate=True``) so that only turns the gate sends cost a call
 way the run reports what the gate lets through of the history's user turns, and the
 reflection calls and seconds per item.
 
+**Choice accuracy** (``choice=True``, PrefEval's ``mcq_options``: four candidate answers, the
+first the one that follows the preference): after the same import and assembly, the options
+are shuffled (a fixed ``seed``, per item) and the system picks one with the
+persona-conditioned preference scorer (:class:`~persona_plugin.preferences.scorers.PersonaScorer`,
+through :class:`~persona_plugin.preferences.mbr.MBRSelector` with the mixture
+``{"persona": 1}``), bound to what the system holds for the user at the question: the
+persona as loaded, and the user's own messages among the recalled memories that the
+assembled prompt shows (what the budget dropped is not held; the assistant's replies are
+not the user's words). Reported beside chance (0.25) and, in the same run, an oracle: the
+same scorer given the preference verbatim as the user's only statement. An item whose
+scores are all equal (nothing held bears on the question) is a pick of the first shuffled
+option, which is chance; ``no_signal`` says how often. An mcq item whose preference or
+question differs from the explicit item of the same index is left out of the choice figures.
+
 Honesty rules: nothing reads the question or the explanation before the question is asked;
-the MCQ options are not used here; nothing is tuned per item. The embedder memoises the
+the MCQ options are read only for the choice, after the question, shuffled; nothing is
+tuned per item. The embedder memoises the
 vectors of texts it has embedded before (the same distractor turns recur in every item):
 the fast MiniLM embeds each text independently of its batch, so the vectors are the ones
 the product computes, and only the seconds differ (``cache=False`` measures them).
@@ -42,6 +57,7 @@ is a measurement of what item-level selection would change, not a product path.
 from __future__ import annotations
 
 import json
+import random
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -65,7 +81,10 @@ DEFAULT_THRESHOLD = 0.8
 INTER_TURNS = (10, 100, 300)
 REFLECTORS = ("none", "local")
 TOPICS_DIR = "explicit_preference"
+MCQ_DIR = "mcq_options"
 INTER_TURNS_FILE = "filtered_inter_turns.json"
+#: a uniform pick among PrefEval's four options
+CHANCE = 0.25
 _HINT = "Pass the PrefEval folder (explicit_preference/, filtered_inter_turns.json)."
 
 
@@ -75,6 +94,8 @@ class Item:
     index: int
     preference: str
     question: str
+    #: the mcq options (the first follows the preference), when the topic has them
+    options: tuple[str, ...] | None = None
 
 
 class CachedEmbedder(MiniLMEmbeddingFunction):
@@ -153,12 +174,37 @@ def load_items(root: str | Path, topic: str, limit: int | None = None) -> list[I
     data = _read_json(path)
     if not isinstance(data, list):
         raise PersonaValidationError(str(path), "", "not a list of items", _HINT)
+    options = load_options(root, topic)
     items = []
     for i, raw in enumerate(data[:limit] if limit is not None else data):
         if not isinstance(raw, Mapping) or not {"preference", "question"} <= set(raw):
             raise PersonaValidationError(str(path), f"[{i}]", "no preference or question", _HINT)
-        items.append(Item(topic, i, str(raw["preference"]), str(raw["question"])))
+        preference, question = str(raw["preference"]), str(raw["question"])
+        found = options.get(i)
+        # the same item in both files, or no choice for it
+        same = found is not None and found[:2] == (preference, question)
+        items.append(Item(topic, i, preference, question, found[2] if same and found else None))
     return items
+
+
+def load_options(root: str | Path, topic: str) -> dict[int, tuple[str, str, tuple[str, ...]]]:
+    """``index -> (preference, question, options)`` of the topic's mcq items (none when the
+    folder has no ``mcq_options/<topic>.json``)."""
+    path = Path(root) / MCQ_DIR / f"{topic}.json"
+    if not path.is_file():
+        return {}
+    data = _read_json(path)
+    if not isinstance(data, list):
+        raise PersonaValidationError(str(path), "", "not a list of items", _HINT)
+    found = {}
+    for i, raw in enumerate(data):
+        options = raw.get("classification_task_options") if isinstance(raw, Mapping) else None
+        if not isinstance(options, list) or len(options) < 2:
+            raise PersonaValidationError(
+                str(path), f"[{i}]", "no classification_task_options", _HINT
+            )
+        found[i] = (str(raw["preference"]), str(raw["question"]), tuple(map(str, options)))
+    return found
 
 
 def load_inter_turns(root: str | Path, turns: int) -> list[dict[str, str]]:
@@ -255,6 +301,39 @@ def fit_items(
     return assembler.assemble(persona, context={**context, "memory": kept})
 
 
+def shuffled(item: Item, seed: int) -> tuple[list[str], int]:
+    """The item's options in the order shown (fixed by ``seed``, the topic and the index),
+    and where the one that follows the preference (the file's first) went."""
+    assert item.options is not None
+    order = list(range(len(item.options)))
+    random.Random(f"{seed}:{item.topic}:{item.index}").shuffle(order)
+    return [item.options[j] for j in order], order.index(0)
+
+
+def choose(
+    scorer: Any,
+    item: Item,
+    seed: int,
+    *,
+    persona: Persona | None,
+    statements: Sequence[str],
+) -> dict[str, Any]:
+    """The option MBR picks with the persona scorer bound to ``persona`` and ``statements``,
+    and whether it is the one that follows the preference."""
+    from persona_plugin.preferences.mbr import MBRSelector
+
+    shown, correct = shuffled(item, seed)
+    result = MBRSelector({"persona": scorer}).select(
+        item.question, shown, {"persona": 1.0}, persona=persona, statements=statements
+    )
+    scores = result.scores["persona"]
+    return {
+        "chosen": result.chosen,
+        "correct": result.chosen == correct,
+        "no_signal": max(scores) - min(scores) <= 1e-12,
+    }
+
+
 def run_item(
     item: Item,
     distractors: Sequence[Mapping[str, str]],
@@ -262,10 +341,13 @@ def run_item(
     reflector: Any,
     embedder: Any,
     gate: Any = None,
+    scorer: Any = None,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """One item through import and the graph's assembly; its figures."""
+    """One item through import and the graph's assembly; its figures. ``scorer``: the
+    persona-conditioned preference scorer for the choice (None: no choice)."""
     from persona_plugin.chat_models.registry import EchoChatModel
-    from persona_plugin.graph import PersonaGraph
+    from persona_plugin.graph import PersonaGraph, recalled_user_words
     from persona_plugin.history import import_history
     from persona_plugin.memory.long_term import LongTermMemory
     from persona_plugin.store import PersonaStore
@@ -306,6 +388,16 @@ def run_item(
             figures["item_fit"] = score_prompt(
                 fitted.text, item.preference, persona, recalled, embedder
             )
+            choice = None
+            if scorer is not None and item.options is not None:
+                held = recalled_user_words([m for m in recalled if _in_prompt(m, prompt)])
+                verbatim = [item.preference]
+                choice = {
+                    "system": choose(scorer, item, seed, persona=persona, statements=held),
+                    "oracle": choose(scorer, item, seed, persona=None, statements=verbatim),
+                    "statements_held": len(held),
+                }
+            figures["choice"] = choice
         finally:
             store.close()
     user_turns = [m["content"] for m in history if m["role"] == "user"]
@@ -344,8 +436,22 @@ def summarise(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         return round(sum(float(i[key]) for i in items) / n, 4)
 
     gated = [i["gate_sends"] for i in items if i.get("gate_sends") is not None]
+    chosen = [i["choice"] for i in items if i.get("choice")]
+
+    def share(who: str, key: str) -> float | None:
+        return round(sum(c[who][key] for c in chosen) / len(chosen), 4) if chosen else None
+
     return {
         "items": len(items),
+        # the mcq options, shuffled: the persona scorer's pick, chance, the oracle's
+        "choice": {
+            "items": len(chosen),
+            "accuracy": share("system", "correct"),
+            "oracle": share("oracle", "correct"),
+            "chance": CHANCE,
+            "no_signal": share("system", "no_signal"),
+            "oracle_no_signal": share("oracle", "no_signal"),
+        },
         "retention": {
             str(t): round(sum(i["retained"][str(t)] for i in items) / n, 4) for t in THRESHOLDS
         },
@@ -389,12 +495,16 @@ def evaluate(
     gate: bool = True,
     embedder: Any = None,
     cache: bool = True,
+    choice: bool = True,
+    seed: int = 0,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Retention per inter-turn count (and per topic), with the no-persona baseline.
+    """Retention per inter-turn count (and per topic), with the no-persona baseline, and
+    (``choice``) the choice accuracy on the mcq options beside chance and the oracle.
 
     ``reflector``: ``"none"``, ``"local"`` or a reflector object (tests). ``gate``: the
-    cost gate in front of the local reflector (and, for any reflector, counted).
+    cost gate in front of the local reflector (and, for any reflector, counted). ``seed``:
+    the options' shuffle.
     """
     from persona_plugin.reflection.gate import ReflectionGate
 
@@ -418,6 +528,14 @@ def evaluate(
         )
     else:
         the_reflector, label = reflector, type(reflector).__name__
+    scorer = None
+    if choice:
+        from persona_plugin.preferences.hub import PreferenceHub
+        from persona_plugin.preferences.scorers import CandidateEmbeddings
+
+        # the bundled card alone: no user's hub, the same scorer as MBR's
+        hub = PreferenceHub(None, embedder=CandidateEmbeddings(embedder))
+        scorer = hub.scorer("persona")
     total = len(items) * len(inter_turns)
     done = 0
     results: dict[str, Any] = {}
@@ -427,7 +545,13 @@ def evaluate(
         for item in items:
             per_item.append(
                 run_item(
-                    item, distractors, reflector=the_reflector, embedder=embedder, gate=the_gate
+                    item,
+                    distractors,
+                    reflector=the_reflector,
+                    embedder=embedder,
+                    gate=the_gate,
+                    scorer=scorer,
+                    seed=seed,
                 )
             )
             done += 1
@@ -444,6 +568,7 @@ def evaluate(
         "limit": limit,
         "inter_turns": list(inter_turns),
         "thresholds": list(THRESHOLDS),
+        "choice": {"on": choice, "seed": seed, "chance": CHANCE},
         "baseline": {"retention": {str(t): 0.0 for t in THRESHOLDS}, "verbatim": 0.0},
         "results": results,
     }
