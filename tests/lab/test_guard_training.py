@@ -60,3 +60,43 @@ def test_the_guard_benchmark_runs_quick():
     done = run_quick("bench_guard.py")
     assert "injections kept out of every system prompt" in done.stdout
     assert "patterns alone" in done.stdout
+
+
+def test_each_group_of_benign_examples_keeps_its_own_budget():
+    import numpy as np
+
+    # plain chat is easy: pooled with the look-alikes, it would buy room for refusing
+    # half of them; held to its own budget, it buys nothing
+    p = np.array([0.9, 0.7, 0.6, 0.65, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1])
+    y = np.array([True, True, False, False, False, False, False, False, False, False])
+    matched = np.zeros(len(p), dtype=bool)
+    groups = np.array(["i", "i", "look", "look", *["plain"] * 6])
+    pooled, _ = pick_thresholds(p, y, matched, 0.25)
+    assert pooled <= 0.7  # one look-alike refused: 1 of 8 benign
+    grouped, _ = pick_thresholds(p, y, matched, 0.25, groups, {"plain": 0.0})
+    assert grouped > 0.65  # a quarter of two look-alikes is none of them
+    assert (p[2:4] >= grouped).sum() == 0
+
+
+def test_a_head_with_a_hidden_layer_stores_and_loads(tmp_path):
+    import numpy as np
+
+    from persona_plugin._linear import HiddenLayerHead, load_head, save_head
+
+    rng = np.random.default_rng(0)
+    head = HiddenLayerHead(
+        rng.normal(size=5),
+        0.1,
+        rng.normal(size=(5, 3)),
+        rng.normal(size=3),
+        rng.normal(size=3),
+        -0.2,
+    )
+    x = rng.normal(size=(4, 5)).astype(np.float32)
+    save_head(tmp_path / "h.npz", head, threshold=0.5)
+    loaded, fields = load_head(tmp_path / "h.npz", size=5, what="test head", rebuild="-")
+    assert isinstance(loaded, HiddenLayerHead) and fields["threshold"] == 0.5
+    # float16 on disk
+    assert np.allclose(loaded.probabilities(x), head.probabilities(x), atol=2e-3)
+    # the layer counts: without it the probabilities differ
+    assert not np.allclose(loaded.probabilities(x), 1 / (1 + np.exp(-(x @ head.weights + 0.1))))
