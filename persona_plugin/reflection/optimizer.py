@@ -140,12 +140,12 @@ def polarity_problem(op: Operation, evidence_texts: Mapping[str, str]) -> str | 
             continue
         if into_avoid:
             return (
-                f"polarity: the user said they {stance.cue} {stance.text!r}, a like; "
+                f"polarity: the user's words ({stance.cue!r}) like {stance.text!r}; "
                 f"{AVOID_PATH} holds what they avoid"
             )
         return (
-            f"polarity: the user said they {stance.cue} {stance.text!r}; the value {text!r} "
-            f"drops that negation (append what they avoid to {AVOID_PATH})"
+            f"polarity: the user's words ({stance.cue!r}) avoid {stance.text!r}; the value "
+            f"{text!r} drops that negation (append what they avoid to {AVOID_PATH})"
         )
     return None
 

@@ -524,11 +524,11 @@ def test_a_value_that_drops_the_negation_of_its_evidence_is_refused(persona: Per
     assert not result.applied
     reasons = [r.reason for r in result.refused]
     assert reasons[0] == (
-        "polarity: the user said they dislike 'horror films'; the value 'horror films' "
-        "drops that negation (append what they avoid to preference.avoid)"
+        "polarity: the user's words ('dislike') avoid 'horror films'; the value 'horror "
+        "films' drops that negation (append what they avoid to preference.avoid)"
     )
-    assert reasons[1].startswith("polarity: the user said they allergic to 'peanuts'")
-    assert reasons[2].startswith("polarity: the user said they dislike 'horror films'")
+    assert reasons[1].startswith("polarity: the user's words ('allergic to') avoid 'peanuts'")
+    assert reasons[2].startswith("polarity: the user's words ('dislike') avoid 'horror films'")
     assert "horror films" not in result.persona.personality.interests
 
 
@@ -553,7 +553,7 @@ def test_a_like_is_not_stored_as_something_to_avoid(persona: Persona) -> None:
     result = run(persona, op("append", "preference.avoid", "light comedies"), evidence_texts=SAID)
     (refused,) = result.refused
     assert refused.reason == (
-        "polarity: the user said they prefer 'light comedies', a like; preference.avoid "
+        "polarity: the user's words ('prefer') like 'light comedies'; preference.avoid "
         "holds what they avoid"
     )
 

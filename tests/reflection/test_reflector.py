@@ -461,7 +461,7 @@ def test_a_dislike_is_kept_as_something_to_avoid_not_as_a_like(store: PersonaSto
     outcome = reflect_and_save(store=store, reflector=Reflector(model), user_id="ana", turns=turns)
     (refused,) = outcome.refused
     assert refused.operation.path == "personality.interests"
-    assert refused.reason.startswith("polarity: the user said they dislike 'horror films'")
+    assert refused.reason.startswith("polarity: the user's words ('dislike') avoid 'horror films'")
     persona = store.get("ana")
     assert persona.personality.interests == [] and persona.preference.avoid == ["horror films"]
     assert persona.preference.content == ["light comedies"]

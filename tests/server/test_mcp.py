@@ -398,7 +398,10 @@ def test_an_edit_that_turns_a_dislike_into_a_like_is_refused(alice: Any, parts: 
             return wrong, right
 
     wrong, right = run(session)
-    assert "(append preference.content): polarity: the user said they can't stand 'olives'" in wrong
+    assert (
+        "(append preference.content): polarity: the user's words (\"can't stand\") avoid "
+        "'olives'" in wrong
+    )
     assert right["changed"] and parts.store.get("alice").preference.avoid == ["olives"]
 
 
