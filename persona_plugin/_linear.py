@@ -4,9 +4,7 @@ The reflection cost gate and the injection guard both read a sentence embedding 
 the guard, a few pattern flags) and answer a yes/no question in microseconds. They share
 :class:`LogisticHead`: fitted by full-batch gradient descent with the classes balanced,
 stored as a few KB of JSON that ships in the package. The feedback reader picks one of
-several answers: :class:`SoftmaxHead`, the same fit with one weight column per class. The
-guard, whose errors cost most, adds a small hidden layer to its logistic head:
-:class:`HiddenLayerHead` (fitted by the guard's trainer).
+several answers: :class:`SoftmaxHead`, the same fit with one weight column per class.
 """
 
 from __future__ import annotations
@@ -69,53 +67,6 @@ class LogisticHead:
         }
 
 
-class HiddenLayerHead(LogisticHead):
-    """A logistic head plus one small tanh layer over the same features:
-    ``P(yes) = sigmoid(x · weights + bias + tanh(x @ hidden + hidden_bias) · out + out_bias)``.
-    The layer lets features count together (a mention of the assistant's rules weighs
-    differently beside an override than beside a question about one's own bot), which
-    the linear part alone cannot."""
-
-    def __init__(
-        self,
-        weights: Sequence[float],
-        bias: float,
-        hidden: np.ndarray,
-        hidden_bias: Sequence[float],
-        out: Sequence[float],
-        out_bias: float,
-    ) -> None:
-        super().__init__(weights, bias)
-        self.hidden = np.asarray(hidden, dtype=np.float32)
-        self.hidden_bias = np.asarray(hidden_bias, dtype=np.float32)
-        self.out = np.asarray(out, dtype=np.float32)
-        self.out_bias = float(out_bias)
-        if self.hidden.shape != (len(self.weights), len(self.hidden_bias)) or len(self.out) != len(
-            self.hidden_bias
-        ):
-            raise ValueError(
-                f"a hidden layer of shape {self.hidden.shape} does not fit {len(self.weights)} "
-                f"features and {len(self.hidden_bias)} units"
-            )
-
-    def probabilities(self, features: np.ndarray) -> np.ndarray:
-        if len(features) == 0:
-            return np.zeros(0, dtype=np.float32)
-        x = np.asarray(features, dtype=np.float32)
-        layer = np.tanh(x @ self.hidden + self.hidden_bias)
-        logits = x @ self.weights + self.bias + layer @ self.out + self.out_bias
-        return 1.0 / (1.0 + np.exp(-logits))
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        """What a ``.npz`` file stores besides ``weights`` and ``bias``."""
-        return {
-            "hidden": self.hidden,
-            "hidden_bias": self.hidden_bias,
-            "out": self.out,
-            "out_bias": np.asarray(self.out_bias),
-        }
-
-
 class SoftmaxHead:
     """``P(class) = softmax(x @ weights + bias)`` for each row ``x``: one column per class."""
 
@@ -161,26 +112,20 @@ class SoftmaxHead:
         return head
 
 
-def save_head(
-    path: str | Path, head: LogisticHead | HiddenLayerHead | SoftmaxHead, **fields: Any
-) -> Path:
+def save_head(path: str | Path, head: LogisticHead | SoftmaxHead, **fields: Any) -> Path:
     """Write ``head`` and ``fields`` (model name, threshold, ...) as one file, atomically:
     JSON for a small head, ``.npz`` (float16 weights, the fields as JSON) for a large one."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".tmp")
     if target.suffix == ".npz":
-        extra = head.arrays() if isinstance(head, HiddenLayerHead) else {}
         with tmp.open("wb") as out:
             np.savez_compressed(
                 out,
                 weights=head.weights.astype(np.float16),
                 bias=np.asarray(head.bias, dtype=np.float64),
                 fields=np.array(json.dumps(fields)),
-                **{name: array.astype(np.float16) for name, array in extra.items()},
             )
-    elif isinstance(head, HiddenLayerHead):
-        raise ValueError("a head with a hidden layer is stored as .npz")
     else:
         tmp.write_text(json.dumps({**fields, **head.to_dict()}) + "\n")
     tmp.replace(target)
@@ -194,9 +139,6 @@ def _read(file: Path) -> dict[str, Any]:
             data["weights"] = stored["weights"].astype(np.float32)
             bias = stored["bias"]
             data["bias"] = float(bias) if bias.ndim == 0 else bias.astype(np.float32)
-            for name in ("hidden", "hidden_bias", "out", "out_bias"):
-                if name in stored:
-                    data[name] = stored[name].astype(np.float32)
         return data
     return json.loads(file.read_text("utf-8"))
 
@@ -205,8 +147,7 @@ def load_head(
     path: str | Path, *, size: int, what: str, rebuild: str, classes: int | None = None
 ) -> tuple[Any, dict[str, Any]]:
     """The head stored at ``path`` and the file's other fields; ``size`` weights expected
-    (a :class:`LogisticHead`, or a :class:`HiddenLayerHead` when the file has its hidden
-    layer), or ``size`` rows of ``classes`` columns (a
+    (a :class:`LogisticHead`), or ``size`` rows of ``classes`` columns (a
     :class:`SoftmaxHead`).
 
     A missing, unreadable or wrong-sized file is a :class:`PersonaConfigError` naming the
@@ -220,17 +161,7 @@ def load_head(
         if classes is None:
             if len(weights) != size:
                 raise ValueError(f"{len(weights)} weights, not {size}")
-            if "hidden" in data:
-                head = HiddenLayerHead(
-                    weights,
-                    bias,
-                    data.pop("hidden"),
-                    data.pop("hidden_bias"),
-                    data.pop("out"),
-                    float(data.pop("out_bias")),
-                )
-            else:
-                head = LogisticHead(weights, bias)
+            head = LogisticHead(weights, bias)
         else:
             shape = np.shape(weights)
             if shape != (size, classes) or np.shape(bias) != (classes,):

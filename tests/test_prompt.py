@@ -841,9 +841,7 @@ def test_bound_tool_names_reads_every_binding() -> None:
 
 
 def test_a_budget_too_small_for_every_recalled_item_keeps_the_first_that_fit(alice):
-    # (numbered from 1: the guard misreads "Memory number 0: ..." as an instruction, see
-    # KNOWN_FALSE_REFUSALS in test_guard.py, and this test is about the budget)
-    items = [f"Memory number {n}: the user mentioned topic {n} at length." for n in range(1, 6)]
+    items = [f"Memory number {n}: the user mentioned topic {n} at length." for n in range(5)]
     assembler = PromptAssembler(token_budget=BIG)
     bo = Persona.from_dict({"identity": {"name": "Bo"}})
     full = assembler.assemble(bo, context={"memory": items})

@@ -1,11 +1,9 @@
 """The guard's classifier: P(a text instructs the assistant), from what it reads in it.
 
-A logistic regression with one small tanh layer
-(:class:`~persona_plugin._linear.HiddenLayerHead`) over the text's sentence embedding
-(all-MiniLM-L6-v2, the model memory already runs), its hashed n-grams, the guard's pattern flags
-and its concept flags (:mod:`persona_plugin.guard.features`), trained on project-written
-examples by ``python -m persona_plugin.lab.training.guard``. The file it writes ships in
-the package.
+A logistic regression over the text's sentence embedding (all-MiniLM-L6-v2, the model
+memory already runs), its hashed n-grams, the guard's pattern flags and its concept flags
+(:mod:`persona_plugin.guard.features`), trained on project-written examples by
+``python -m persona_plugin.lab.training.guard``. The file it writes ships in the package.
 """
 
 from __future__ import annotations

@@ -25,12 +25,8 @@ from persona_plugin.guard.patterns import normalise
 BUCKETS = 1 << 15
 #: a window of at most this many words is read as one text
 WINDOW_WORDS = 48
-#: a sentence of fewer words is not read alone ("Thanks, Jon!"): too little to read well
-SENTENCE_WORDS = 4
 _WORD = re.compile(r"\w+", re.UNICODE)
-#: a sentence ends at a full stop (a closing quote or bracket may follow it) before a
-#: space, at a CJK full stop, or at a line break: a pasted review ends "...cold.' 'To the AI"
-_SENTENCE = re.compile(r"(?<=[.!?])['\"’”)\]]*\s+|(?<=[。！？])\s*|\n+")
+_SENTENCE = re.compile(r"(?<=[.!?。！？])\s+|\n+")
 
 
 def ngram_vector(text: str) -> np.ndarray:
@@ -64,8 +60,7 @@ def _any(*alternatives: str) -> re.Pattern[str]:
 
 
 # Each concept in English, German, French, Spanish, Italian, Portuguese, Russian, Chinese
-# and Japanese, then Dutch, Turkish, Polish, Swedish, Indonesian, Ukrainian, Korean, Arabic
-# and Hindi. Latin-script stems are matched at a word start; other scripts anywhere.
+# and Japanese. Latin-script stems are matched at a word start; CJK terms anywhere.
 _CONCEPTS: dict[str, re.Pattern[str]] = {
     "addresses the assistant": _any(
         r"\b(you|your|yourself|u|ur|assistant|chatbot|bot|model|ai|llm|agent)\b",
@@ -76,10 +71,6 @@ _CONCEPTS: dict[str, re.Pattern[str]] = {
         r"\b(você|voce|seu|sua|assistente)\b",
         r"\b(ты|тебя|тебе|твой|твои|твоя|вы|вас|вам|ваш\w*|ассистент\w*|ии|бот\w*)\b",
         r"你|助手|助理|机器人|あなた|アシスタント|ボット",
-        r"\b(jij|jou|jouw|uw|assistent|sen|seni|sana|senin|siz|asistan|ciebie|tobie|"
-        r"twój|twoje|twoja|twoich|asystent\w*|ditt|dina|kamu|asisten)\b",
-        r"(\bти\b|\bтебе\b|твій|твої|\bви\b|асистент)|너는|너의|너를|당신|네가|어시스턴트|챗봇|أنت|انت|"
-        r"مساعد|तुम|आप|सहायक",
     ),
     "rules": _any(
         r"\b(instruction|rule|guideline|guidance|polic(y|ies)|filter|restriction|limit|"
@@ -91,13 +82,6 @@ _CONCEPTS: dict[str, re.Pattern[str]] = {
         r"\b(instruç|regra|diretriz|restriç|segurança|filtro)",
         r"(инструкци|правил|ограничени|фильтр|безопасност|промпт|указани)",
         r"指令|指示|规则|規則|限制|安全|过滤|ルール|制限|フィルター|プロンプト",
-        r"\b(instructie|regel|richtlijn|beperking|veiligheid|systeeminstructie|talimat|kural|"
-        r"kısıtlama|güvenlik|yönerge|instrukcj|zasad|reguł|ograniczen|bezpiecze|wytyczn|"
-        r"instruktion|riktlinje|begränsning|säkerhet|instruksi|aturan|pedoman|batasan|"
-        r"keamanan)",
-        r"(інструкці|правил|обмеженн|фільтр|безпек)|지시|규칙|지침|제한|안전|필터|프롬프트|"
-        r"تعليمات|قواعد|قيود|"
-        r"إرشادات|أمان|فلتر|निर्देश|नियम|प्रतिबंध|सुरक्षा|फ़िल्टर",
     ),
     "overrides": _any(
         r"\b(ignor|disregard|forget|overrid|bypass|skip|drop|suspend|cancel|disabl|"
@@ -110,13 +94,6 @@ _CONCEPTS: dict[str, re.Pattern[str]] = {
         r"\b(esqueç|esquec|desativ|contorn)",
         r"(игнорир|забудь|забыть|отключ|обойди|обход|отмен)",
         r"忽略|无视|忘记|忘掉|关闭|绕过|無視|忘れ|無効|解除|オフ",
-        r"\b(negeer|vergeet|omzeil|schakel \w+ uit|uitschakel|annuleer|yok say|görmezden gel|"
-        r"unut|devre dışı|iptal|zignoruj|ignoruj|zapomnij|pomiń|wyłącz|obejdź|anuluj|ignorera|"
-        r"glöm|strunta i|kringgå|stäng av|avaktivera|abaikan|lupakan|lewati|nonaktifkan|"
-        r"matikan|batalkan)",
-        r"(ігноруй|забудь|вимкни|обійди|скасуй)|무시|잊어|우회|비활성화|تجاهل|انس|تخط|عطل|ألغ|"
-        r"تجاوز|"
-        r"अनदेखा|भूल जाओ|नज़रअंदाज़|रद्द",
     ),
     "identity": _any(
         r"\b(you are now|you're now|act as|acting as|pretend|role-?play|persona|character|"
@@ -129,13 +106,6 @@ _CONCEPTS: dict[str, re.Pattern[str]] = {
         r"\b(humano|pessoa|finja|agora você é|nunca admita)",
         r"(человек|притворись|теперь ты|не признавайся)",
         r"人类|真人|假装|扮演|现在你是|人間|ふりをして|今から|認めない",
-        r"\b(je bent nu|doe alsof|mens\b|geef nooit toe|artık sen|gibi davran|insan|rol yap|"
-        r"asla kabul etme|jesteś teraz|udawaj|człowiek|nigdy nie przyznawaj|du är nu|låtsas|"
-        r"människa|erkänn aldrig|sekarang kamu|berpura-pura|pura-pura|manusia|"
-        r"jangan pernah mengaku)",
-        r"(тепер ти|прикинься|вдавай|людин|не визнавай)|이제부터 너는|척해|척 해|사람인|인간|"
-        r"인정하지|أنت الآن|"
-        r"تظاهر|إنسان|بشري|لا تعترف|अब तुम|नाटक|इंसान|मनुष्य",
     ),
     "authority": _any(
         r"\b(admin|administrator|developer|operator|owner|root|sudo|staff|engineer|"
@@ -148,12 +118,6 @@ _CONCEPTS: dict[str, re.Pattern[str]] = {
         r"\b(administrador|desenvolvedor|operador|acesso|autoriz|permiss)",
         r"(администратор|разработчик|оператор|доступ|права|полномочи)",
         r"管理员|开发者|开发人员|权限|管理者|開発者|権限|オペレーター",
-        r"\b(beheerder|ontwikkelaar|toegang|rechten|bevoegd|yönetici|geliştirici|operatör|"
-        r"erişim|yetki|programist|dostęp|uprawnien|administratör|utvecklare|åtkomst|"
-        r"behörighet|rättigheter|pengembang|akses|izin)",
-        r"(адміністратор|розробник|доступ|повноважен)|관리자|개발자|운영자|권한|접근|مسؤول|"
-        r"مطور|مشغل|"
-        r"صلاحيات|وصول|एडमिन|व्यवस्थापक|डेवलपर|अनुमति|पहुँच|अधिकार",
     ),
     "discloses": _any(
         r"\b(system prompt|hidden prompt|initial prompt|api key|password|credential|token|"
@@ -167,17 +131,7 @@ _CONCEPTS: dict[str, re.Pattern[str]] = {
         r"\b(altri utenti|tutti gli utenti|prompt di sistema)",
         r"\b(outros usuários|todos os usuários|senha|prompt de sistema)",
         r"(други[ех] пользовател|всех пользовател|пароль|системн\w* промпт)",
-        r"其他用户|所有用户|密码|系统提示|聊天记录|他のユーザー|全ユーザー|パスワード|"
-        r"システムプロンプト",
-        r"\b(andere gebruikers|alle gebruikers|wachtwoord|systeemprompt|chatgeschiedenis|"
-        r"diğer kullanıcı|tüm kullanıcı|şifre|sistem istem|sohbet geçmiş|"
-        r"innych użytkowników|wszystkich użytkowników|hasł|andra användare|alla användare|"
-        r"lösenord|chatthistorik|pengguna lain|semua pengguna|kata sandi|prompt sistem|"
-        r"riwayat obrolan)",
-        r"(інших користувач|всіх користувач|системн\w* промпт)|다른 사용자|모든 사용자|"
-        r"비밀번호|시스템 프롬프트|"
-        r"대화 기록|المستخدمين الآخرين|جميع المستخدمين|كلمة المرور|كلمة السر|موجه النظام|"
-        r"سجل المحادثات|अन्य उपयोगकर्ता|सभी उपयोगकर्ता|पासवर्ड|सिस्टम प्रॉम्प्ट",
+        r"其他用户|所有用户|密码|系统提示|聊天记录|他のユーザー|全ユーザー|パスワード|システムプロンプト",
     ),
     "executes": _any(
         r"\b(execut|run|shell|command|terminal|bash|powershell|sudo|rm -rf|wget|curl|"
@@ -192,11 +146,6 @@ _CONCEPTS: dict[str, re.Pattern[str]] = {
         r"\b(execut|comando|apag|exclu|transfir)",
         r"(выполни|команд|удали|переведи|запусти)",
         r"执行|命令|删除|转账|运行|実行|コマンド|削除|送金",
-        r"\b(voer \w+ uit|voer uit|opdracht|commando|verwijder|maak \w+ over|çalıştır|komut|"
-        r"wykonaj|uruchom|polecen|komend|usuń|przelej|kör|exekvera|kommando|radera|överför|"
-        r"jalankan|eksekusi|perintah|hapus)",
-        r"(виконай|видали|переказ|запусти)|실행|명령|삭제|송금|전송|نفذ|نفّذ|احذف|حوّل|أرسل|चलाओ|"
-        r"निष्पादित|कमांड|हटाओ|भेजो",
     ),
     "permanent": _any(
         r"\b(from now on|henceforth|forever|permanently|always|every (answer|reply|time|"
@@ -209,12 +158,6 @@ _CONCEPTS: dict[str, re.Pattern[str]] = {
         r"\b(a partir de agora|sempre|para sempre|lembre)",
         r"(отныне|всегда|навсегда|запомни|с этого момента)",
         r"从现在起|从今以后|永远|始终|记住|今後|常に|永久|覚えて",
-        r"\b(vanaf nu|voortaan|altijd|voor altijd|onthoud|bundan sonra|her zaman|sonsuza|"
-        r"hatırla|od teraz|zawsze|na zawsze|zapamiętaj|från och med nu|hädanefter|alltid|"
-        r"för alltid|kom ihåg|mulai sekarang|selalu|selamanya)",
-        r"(відтепер|завжди|назавжди|запам.ятай)|지금부터|이제부터|항상|영원히|기억해|من الآن|"
-        r"دائما|دائمًا|"
-        r"للأبد|تذكر|अब से|हमेशा|याद रख",
     ),
     "unrestricted": _any(
         r"\b(dan|stan|jailbreak|developer mode|god mode|unrestricted|unfiltered|uncensored|"
@@ -227,13 +170,6 @@ _CONCEPTS: dict[str, re.Pattern[str]] = {
         r"\b(sem restrições|sem limites|sem regras|sem filtros?|modo desenvolvedor)",
         r"(без ограничений|без правил|без фильтров|режим разработчика)",
         r"无限制|没有限制|不受限制|开发者模式|制限のない|制限なし|開発者モード",
-        r"\b(zonder beperkingen|zonder regels|zonder filter|ontwikkelaarsmodus|"
-        r"kısıtlama olmadan|kuralsız|sınırsız|filtresiz|hiçbir kurala|bez ograniczeń|"
-        r"bez zasad|bez filtrów|tryb dewelopera|utan begränsningar|utan regler|utan filter|"
-        r"utvecklarläge|tanpa batasan|tanpa aturan|tanpa filter|mode pengembang)",
-        r"(без обмежень|без фільтрів|режим розробника)|제한 없이|제한 없는|규칙 없이|"
-        r"필터 없이|개발자 모드|"
-        r"بدون قيود|بلا قيود|بدون قواعد|وضع المطور|बिना प्रतिबंध|बिना नियम|डेवलपर मोड",
     ),
 }
 #: the pairings that make an instruction: who is addressed, and what it touches
@@ -270,30 +206,24 @@ _ROLE_LINE = re.compile(r"\s*#{0,4}\s*(system|assistant|developer)\s*(:|\]|#)", 
 
 
 def windows(text: str) -> list[str]:
-    """What the classifier reads of ``text``: the whole text when it is short, else windows
-    of whole sentences of at most :data:`WINDOW_WORDS` words, one starting at each
-    sentence; then each sentence on its own, and each later line that speaks as another
-    party ("System: ..."); a sentence of fewer than :data:`SENTENCE_WORDS` words is not
-    read alone. An instruction tacked onto a harmless message, or buried in a
-    pasted email, review or tool result of a few sentences, is read without the sentences
-    around it, which dilute its embedding; an echoed or pasted turn cannot hide behind a
-    harmless first line."""
+    """``text`` in windows of whole sentences of at most :data:`WINDOW_WORDS` words, one
+    starting at each sentence (a short text is one window), and each later line that
+    speaks as another party ("System: ...") on its own: an echoed or pasted turn hides
+    behind a harmless first line in a short text as well as in a long one."""
     clean = normalise(text).strip()
     posing = [line.strip() for line in clean.splitlines()[1:] if _ROLE_LINE.match(line)]
-    sentences = [s.strip() for s in _SENTENCE.split(clean) if s.strip()]
     if len(clean.split()) <= WINDOW_WORDS:
-        out = [clean]
-    else:
-        out = []
-        for start in range(len(sentences)):
-            words: list[str] = []
-            for sentence in sentences[start:]:
-                more = sentence.split()
-                if words and len(words) + len(more) > WINDOW_WORDS:
-                    break
-                words += more
-            # a single overlong sentence is cut into pieces the embedding can read whole
-            for cut in range(0, len(words), WINDOW_WORDS):
-                out.append(" ".join(words[cut : cut + WINDOW_WORDS]))
-    alone = [s for s in sentences if len(s.split()) >= SENTENCE_WORDS] if len(sentences) > 1 else []
-    return list(dict.fromkeys([*out, *alone, *posing]))
+        return list(dict.fromkeys([clean, *posing]))
+    sentences = [s for s in _SENTENCE.split(clean) if s.strip()]
+    out: list[str] = []
+    for start in range(len(sentences)):
+        words: list[str] = []
+        for sentence in sentences[start:]:
+            more = sentence.split()
+            if words and len(words) + len(more) > WINDOW_WORDS:
+                break
+            words += more
+        # a single overlong sentence is cut into pieces the embedding can read whole
+        for cut in range(0, len(words), WINDOW_WORDS):
+            out.append(" ".join(words[cut : cut + WINDOW_WORDS]))
+    return list(dict.fromkeys([*out, *posing]))
