@@ -18,6 +18,7 @@ from persona_plugin.lab.eval.prefeval import (
     fit_items,
     load_inter_turns,
     load_items,
+    load_options,
     score_prompt,
     shuffled,
 )
@@ -217,3 +218,17 @@ def test_the_options_are_shuffled_by_the_seed_and_mismatched_items_have_none(
     assert len(positions) > 1  # the right option is not always first
     shown, correct = shuffled(first, 3)
     assert shown[correct] == OPTIONS["snacks"][0][0] and shuffled(first, 3) == (shown, correct)
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        {"preference": "p", "question": "q"},  # no options
+        {"question": "q", "classification_task_options": ["a", "b"]},  # no preference
+    ],
+)
+def test_a_malformed_mcq_item_is_a_clear_error(tmp_path: Path, item: dict) -> None:
+    (tmp_path / "mcq_options").mkdir()
+    (tmp_path / "mcq_options" / "t.json").write_text(json.dumps([item]))
+    with pytest.raises(PersonaValidationError, match=r"\[0\]"):
+        load_options(tmp_path, "t")

@@ -203,6 +203,8 @@ def load_options(root: str | Path, topic: str) -> dict[int, tuple[str, str, tupl
             raise PersonaValidationError(
                 str(path), f"[{i}]", "no classification_task_options", _HINT
             )
+        if not {"preference", "question"} <= set(raw):
+            raise PersonaValidationError(str(path), f"[{i}]", "no preference or question", _HINT)
         found[i] = (str(raw["preference"]), str(raw["question"]), tuple(map(str, options)))
     return found
 
