@@ -20,6 +20,17 @@ import numpy as np
 from persona_plugin.errors import PersonaConfigError
 
 
+def _rows(
+    features: np.ndarray, labels: Sequence[Any], label_type: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """A fit's feature rows and labels as arrays, one label per row and at least one row."""
+    x = np.asarray(features, dtype=np.float32)
+    y = np.asarray(labels, dtype=label_type)
+    if len(x) != len(y) or not len(x):
+        raise ValueError("fit needs as many labels as rows, and at least one row")
+    return x, y
+
+
 class LogisticHead:
     """``P(yes) = sigmoid(x · weights + bias)`` for each row ``x`` of a feature matrix."""
 
@@ -44,10 +55,7 @@ class LogisticHead:
         l2: float = 1e-3,
     ) -> LogisticHead:
         """Fit by full-batch gradient descent; each class weighs half, whatever its size."""
-        x = np.asarray(features, dtype=np.float32)
-        y = np.asarray(labels, dtype=np.float32)
-        if len(x) != len(y) or not len(x):
-            raise ValueError("fit needs as many labels as rows, and at least one row")
+        x, y = _rows(features, labels, np.float32)
         if y.min() == y.max():
             raise ValueError("fit needs both positive and negative examples")
         sample = np.where(y == 1, 0.5 / y.sum(), 0.5 / (1 - y).sum()).astype(np.float32)
@@ -95,10 +103,7 @@ class SoftmaxHead:
         l2: float = 3e-4,
     ) -> SoftmaxHead:
         """Fit by full-batch gradient descent; each class weighs the same, whatever its size."""
-        x = np.asarray(features, dtype=np.float32)
-        y = np.asarray(labels, dtype=np.int64)
-        if len(x) != len(y) or not len(x):
-            raise ValueError("fit needs as many labels as rows, and at least one row")
+        x, y = _rows(features, labels, np.int64)
         counts = np.bincount(y, minlength=classes)
         if len(counts) != classes or counts.min() == 0:
             raise ValueError(f"fit needs examples of each of the {classes} classes")

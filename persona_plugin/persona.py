@@ -198,6 +198,10 @@ class Pattern(Section):
     _wrap_pattern = field_validator("items", mode="before")(_wrap_items("description"))
 
 
+#: the preference section's list fields: a bare string is one item, duplicates are dropped
+_PREFERENCE_LISTS = ("style", "content", "format", "reasoning", "models", "avoid")
+
+
 class Preference(Section):
     style: list[str] = Field(default_factory=list)
     content: list[str] = Field(default_factory=list)
@@ -210,10 +214,8 @@ class Preference(Section):
         "'never'): each item is a thing to avoid, not a wish",
     )
 
-    _wrap = field_validator(
-        "style", "content", "format", "reasoning", "models", "avoid", mode="before"
-    )(_wrap_str)
-    _dedupe = field_validator("style", "content", "format", "reasoning", "models", "avoid")(_unique)
+    _wrap = field_validator(*_PREFERENCE_LISTS, mode="before")(_wrap_str)
+    _dedupe = field_validator(*_PREFERENCE_LISTS)(_unique)
 
 
 class ToolAnnotation(_Model):

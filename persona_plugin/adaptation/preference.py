@@ -219,31 +219,27 @@ class _Gate:
 
     def accuracy(self, held: list[LoggedPair], candidate: PreferenceScorer | None) -> float:
         selector = MBRSelector(self.hub)
+        persona = self.persona if isinstance(self.persona, Persona) else None
         scores = []
         for pair in held:
             mixture = self._mixture(pair.prompt, candidate)
             if not mixture:
                 scores.append([0.0, 0.0])  # nothing serves: a coin toss
                 continue
+            chooser = selector
             if candidate is not None:
-                scorers = {
-                    m: candidate if m == "candidate" else selector.scorer(m, self.user_id)
-                    for m, _ in mixture
-                }
-                result = MBRSelector(scorers).select(
-                    pair.prompt,
-                    [pair.chosen, pair.rejected],
-                    mixture,
-                    user_id=self.user_id,
-                    persona=self.persona if isinstance(self.persona, Persona) else None,
+                chooser = MBRSelector(
+                    {
+                        m: candidate if m == "candidate" else selector.scorer(m, self.user_id)
+                        for m, _ in mixture
+                    }
                 )
-            else:
-                result = selector.select(
-                    pair.prompt,
-                    [pair.chosen, pair.rejected],
-                    mixture,
-                    user_id=self.user_id,
-                    persona=self.persona if isinstance(self.persona, Persona) else None,
-                )
+            result = chooser.select(
+                pair.prompt,
+                [pair.chosen, pair.rejected],
+                mixture,
+                user_id=self.user_id,
+                persona=persona,
+            )
             scores.append(list(result.utility))
         return _accuracy(scores)

@@ -416,8 +416,6 @@ class LocalReflector:
                     ops=[(reading.path, reading.value)],
                     called=False,
                     turn_text=reading.read_from,
-                    evidence=cite,
-                    feedback=True,
                     reason=(
                         f"feedback {note.id} on turn {turn.turn_id} asks for it: "
                         f"{reading.read_from!r} (feedback reader, p={reading.probability:.2f})"
